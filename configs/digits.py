@@ -1,0 +1,141 @@
+"""The embedded default: 8x8 handwritten digits (scikit-learn, no download) as 64 tokens.
+
+Teacher:  python -m dimo_jax.main --config=configs/digits.py --workdir=/tmp/digits_teacher --config.mode=teacher
+Distill:  python -m dimo_jax.main --config=configs/digits.py --workdir=/tmp/digits_dimo
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.mode = "distill"  # teacher | distill | sample | evaluate | benchmark
+  c.seed = 3407
+
+  # ---------------------------------------------------------------- data
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"  # digits | npy | tfds
+  c.data.path = ""  # npy: tokens [N, L]
+  c.data.labels = ""  # npy: labels [N] (optional)
+  c.data.vocab_size = 0  # 0: infer (digits: levels)
+  c.data.num_classes = -1  # -1: infer from labels (0 = unconditional)
+  c.data.levels = 17  # grey levels for digits / tfds
+  c.data.val_fraction = 0.1
+  c.data.seed = 0
+  c.data.tfds_name = "mnist"
+  c.data.tfds_data_dir = ""
+  c.data.image_shape = (8, 8)  # (H, W) when tokens are a grey image raster, else None
+  c.data.max_examples = 0
+
+  # ---------------------------------------------------------------- model (teacher, generator and
+  # auxiliary share the architecture: both students start from the teacher's weights)
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "preln"  # preln (valeoai MaskGIT) | bert (Google MaskGIT)
+  c.model.width = 128
+  c.model.depth = 3
+  c.model.heads = 4
+  c.model.mlp_dim = 512
+  c.model.dropout = 0.1
+  c.model.class_token = "last"
+  c.model.gelu_approximate = False
+  c.model.ln_eps = 1e-5
+  c.model.ln_eps_io = 1e-12
+  c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
+  c.model.param_dtype = "float32"
+  c.model.logits_dtype = "float32"
+  c.model.scan = True
+  c.model.remat = "none"  # none | full | dots | dots_no_batch
+  c.model.attention_impl = ""  # '' (XLA) | cudnn
+
+  # ---------------------------------------------------------------- teacher training (mode=teacher)
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 4000
+  c.train.batch_size = 128  # global
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 200
+  c.train.lr_schedule = "cosine"  # constant | cosine
+  c.train.weight_decay = 0.01
+  c.train.b1 = 0.9
+  c.train.b2 = 0.99
+  c.train.grad_clip = 1.0
+  c.train.ema_decay = 0.999
+  c.train.label_dropout = 0.1  # replace labels by the null class for guidance
+  c.train.mask_schedule = "arccos"
+  c.train.exact_mask = False  # True: exact-count masking; False: Bernoulli
+  c.train.loss_on = "all"  # masked | all (the MaskGIT teacher copies visible tokens)
+  c.train.label_smoothing = 0.1
+  c.train.log_every = 100
+  c.train.eval_every = 500
+  c.train.checkpoint_every = 1000
+  c.train.sample_every = 2000
+  c.train.keep_checkpoints = 2
+
+  # ---------------------------------------------------------------- teacher used by distill / sample
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.checkpoint = "pretrained/digits_teacher"  # a teacher workdir or converted checkpoint
+  c.teacher.use_ema = True
+  c.teacher.guidance = 1.0  # classifier-free guidance weight w (1 = conditional, no guidance)
+  c.teacher.guidance_schedule = "constant"  # constant | linear (adaptive: ramps 0 -> w over ratio)
+
+  # ---------------------------------------------------------------- Di[M]O distillation (mode=distill)
+  c.distill = ml_collections.ConfigDict()
+  c.distill.steps = 1500
+  c.distill.batch_size = 128  # global
+  c.distill.r_init = "fix_0.6"  # 'fix_R' | 'random_LO_HI' | a number
+  c.distill.sigma = 0.1  # embedding noise on the generator's visual tokens
+  c.distill.sigma_warmup_steps = 0  # >0: ramp sigma linearly from 0
+  c.distill.gen_temp = 1.0
+  c.distill.top_k = 0
+  c.distill.top_p = 1.0
+  c.distill.mask_schedule = "arccos"
+  c.distill.divergence = "fkl"  # fkl | rkl | jeffreys | tv | js | hellinger (f-divergences by autodiff)
+  c.distill.beta = 0.0  # generalised Jeffreys weight: (1-beta) FKL + beta RKL
+  c.distill.normalization = "batch"  # batch (code: sum / B) | masked (paper: mean over masked tokens)
+  c.distill.dmd_weight = False  # paper's DMD-style per-sample weight
+  c.distill.grad_input = "init"  # init (x_init) | sample (x_theta with x_init's mask)
+  c.distill.gen_lr = 1e-4
+  c.distill.aux_lr = 1e-4
+  c.distill.warmup_steps = 100
+  c.distill.b1 = 0.9
+  c.distill.b2 = 0.999
+  c.distill.eps = 1e-8
+  c.distill.gen_grad_clip = 1.0
+  c.distill.aux_grad_clip = 0.0  # 0: none
+  c.distill.freeze = ("tok_emb", "pos_emb", "out_bias")
+  c.distill.aux_updates = 1
+  c.distill.aux_label_smoothing = 0.1
+  c.distill.aux_soft_target = False
+  c.distill.teacher_dropout = False
+  c.distill.gen_dropout = False
+  c.distill.aux_dropout = False
+  c.distill.ema_decay = 0.999
+  c.distill.log_every = 100
+  c.distill.checkpoint_every = 500
+  c.distill.sample_every = 1000
+  c.distill.keep_checkpoints = 2
+
+  # ---------------------------------------------------------------- sampling (mode=sample)
+  c.sample = ml_collections.ConfigDict()
+  c.sample.checkpoint = ""  # workdir to sample from ('' = --workdir)
+  c.sample.model = "teacher"  # teacher | generator
+  c.sample.sampler = "confidence"  # confidence | ancestral
+  c.sample.num = 100
+  c.sample.batch_size = 100
+  c.sample.steps = 16
+  c.sample.schedule = "arccos"
+  c.sample.temperature = 1.0
+  c.sample.r_temp = 4.5  # Gumbel noise scale on the confidence, annealed to 0
+  c.sample.guidance = 1.0
+  c.sample.guidance_schedule = "constant"  # constant | linear
+  c.sample.top_k = 0
+  c.sample.top_p = 1.0
+  c.sample.labels = ""  # '' = balanced over classes, or '3,3,7'
+  c.sample.r_init = 0.6  # generator inputs
+  c.sample.sigma = 0.1
+  c.sample.output = ""  # '' = <workdir>/samples.npy
+  c.sample.seed = 0
+
+  # ---------------------------------------------------------------- devices
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by fsdp
+  c.mesh.fsdp = 1
+  return c

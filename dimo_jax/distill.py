@@ -1,0 +1,335 @@
+"""Di[M]O: the three-model distillation state and its update step.
+
+Teacher phi (frozen), one-step generator theta and auxiliary psi (which tracks the generator's
+own conditionals) all start from the teacher's weights. One step is one generator update and
+``aux_updates`` auxiliary updates, each on a fresh batch drawn inside the step:
+
+generator: x_init (random codes, round(L r_init) masks) -> z = f_theta(x_init) through
+``jax.vjp`` -> x_theta ~ softmax(z / T) -> x_t = exact-count forward masking of x_theta ->
+teacher (with guidance) and auxiliary logits at x_t -> closed-form token gradient g of D(p||q),
+zero where x_t is not masked -> ONE vjp with cotangent g / normaliser -> optax update.
+
+auxiliary: fresh x_init -> x_theta from the (updated) generator -> fresh masking ->
+cross-entropy of psi against x_theta at the masked positions (label smoothing) -> optax update.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from flax.training import train_state
+
+from dimo_jax import divergences, masking, models, sharding
+from dimo_jax.losses import aux_loss
+from dimo_jax.samplers import filter_logits, sample_categorical
+
+TrainState = train_state.TrainState
+
+
+@struct.dataclass
+class DistillState:
+  step: jax.Array
+  teacher_params: Any
+  gen: TrainState
+  aux: TrainState
+  ema_params: Any
+  rng: jax.Array  # raw uint32 key data (checkpoint friendly)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+  """The options of one Di[M]O run (read from ``config.distill`` and ``config.teacher``)."""
+  batch_size: int = 64
+  r_init: Any = "fix_0.6"
+  sigma: float = 0.1
+  sigma_warmup_steps: int = 0
+  gen_temp: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  mask_schedule: str = "arccos"
+  divergence: str = "fkl"
+  beta: float = 0.0
+  normalization: str = "batch"
+  dmd_weight: bool = False
+  grad_input: str = "init"
+  guidance: float = 1.0
+  guidance_schedule: str = "constant"
+  aux_updates: int = 1
+  aux_label_smoothing: float = 0.1
+  aux_soft_target: bool = False
+  teacher_dropout: bool = False
+  gen_dropout: bool = False
+  aux_dropout: bool = False
+  ema_decay: float = 0.9999
+
+  def __post_init__(self):
+    checks = {
+        "normalization": (self.normalization, ("batch", "masked")),
+        "grad_input": (self.grad_input, ("init", "sample")),
+        "guidance_schedule": (self.guidance_schedule, ("constant", "linear")),
+        "mask_schedule": (self.mask_schedule, masking.SCHEDULES),
+        "divergence": (self.divergence, (*divergences.PER_TOKEN, "jeffreys")),
+    }
+    for key, (value, allowed) in checks.items():
+      if value not in allowed:
+        raise ValueError(f"config.distill.{key}={value!r} is not valid; choose one of {list(allowed)}")
+    if self.aux_updates < 1:
+      raise ValueError(f"config.distill.aux_updates must be >= 1, got {self.aux_updates}")
+    masking.parse_r_init(self.r_init)
+
+  @classmethod
+  def from_config(cls, config) -> "DistillSettings":
+    d, t = config.distill, config.teacher
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: d[k] for k in d.keys() if k in names}
+    kwargs["guidance"] = float(t.get("guidance", 1.0))
+    kwargs["guidance_schedule"] = t.get("guidance_schedule", "constant")
+    return cls(**kwargs)
+
+
+def make_optimizer(lr: float, *, warmup_steps: int = 0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=0.0,
+                   frozen: Optional[Any] = None) -> optax.GradientTransformation:
+  """Adam with linear warm-up then constant rate, optional global-norm clipping, NaN/inf
+  gradients zeroed, and ``frozen`` (a pytree of bools, True = frozen) parameters left unchanged."""
+  schedule = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else lr
+  parts = [optax.zero_nans()]
+  if grad_clip and grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(grad_clip))
+  parts.append(optax.adam(schedule, b1=b1, b2=b2, eps=eps))
+  tx = optax.chain(*parts)
+  if frozen is not None:
+    labels = jax.tree_util.tree_map(lambda f: "frozen" if f else "train", frozen)
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx
+
+
+def ema_update(ema, params, step, decay):
+  """EMA with the warm-up rate min(decay, (1 + t) / (10 + t))."""
+  t = step.astype(jnp.float32)
+  rate = jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+  return jax.tree_util.tree_map(lambda e, p: (rate * e + (1.0 - rate) * p).astype(e.dtype), ema, params)
+
+
+class Distiller:
+  """Holds the static parts of a run (networks, settings, optimizers) and builds the pure step.
+
+  ``model`` is the generator's and auxiliary's architecture, also the teacher's unless
+  ``teacher_model`` (any module with the same calling convention) is given. Labels are drawn
+  uniformly over ``model.num_classes`` classes; an unconditional teacher (0 classes) always
+  gets the null label.
+  """
+
+  def __init__(self, model, settings: DistillSettings, gen_tx, aux_tx, teacher_model=None):
+    self.model = model
+    self.s = settings
+    self.gen_tx = gen_tx
+    self.aux_tx = aux_tx
+    self.r_init_fn = masking.parse_r_init(settings.r_init)
+    self.codebook = model.codebook_size
+    self.seq_len = model.seq_len
+    self.num_classes = model.num_classes
+    teacher_model = model if teacher_model is None else teacher_model
+    if settings.guidance != 1.0 and not teacher_model.has_null_class:
+      raise ValueError(
+          f"config.teacher.guidance={settings.guidance} needs a null class, which the "
+          f"{type(teacher_model).__name__} "
+          "architecture lacks; set --config.teacher.guidance=1.0")
+    self.teacher_model = models.with_dropout(
+        teacher_model, teacher_model.dropout if settings.teacher_dropout else 0.0)
+    self.gen_model = models.with_dropout(model, model.dropout if settings.gen_dropout else 0.0)
+    self.aux_model = models.with_dropout(model, model.dropout if settings.aux_dropout else 0.0)
+    self.batch_sharding = None  # set by ``jit_step`` when a mesh is given
+
+  # ------------------------------------------------------------------ state
+  def init_state(self, teacher_params, seed: int, student_params=None) -> DistillState:
+    """Generator, auxiliary and EMA start from ``student_params`` (default: the teacher's)."""
+    copy = lambda t: jax.tree_util.tree_map(jnp.array, t)
+    student_params = teacher_params if student_params is None else student_params
+    gen = TrainState.create(apply_fn=self.gen_model.apply, params=copy(student_params), tx=self.gen_tx)
+    aux = TrainState.create(apply_fn=self.aux_model.apply, params=copy(student_params), tx=self.aux_tx)
+    return DistillState(step=jnp.zeros((), jnp.int32), teacher_params=copy(teacher_params), gen=gen, aux=aux,
+                        ema_params=copy(student_params),
+                        rng=jax.random.key_data(jax.random.key(seed)))
+
+  # ------------------------------------------------------------------ pieces
+  def sigma_at(self, step):
+    s = self.s
+    if s.sigma_warmup_steps > 0:
+      return jnp.float32(s.sigma) * jnp.minimum(1.0, step.astype(jnp.float32) / s.sigma_warmup_steps)
+    return s.sigma
+
+  def draw_inputs(self, key, batch: int):
+    """Labels and x_init for one batch."""
+    k_lab, k_r, k_x = jax.random.split(key, 3)
+    if self.num_classes > 0:
+      labels = jax.random.randint(k_lab, (batch,), 0, self.num_classes, jnp.int32)
+    else:
+      labels = jnp.zeros((batch,), jnp.int32)
+    r_init = self.r_init_fn(k_r)
+    x_init = masking.make_x_init(k_x, batch, self.seq_len, self.codebook, r_init)
+    if self.batch_sharding is not None:
+      labels = jax.lax.with_sharding_constraint(labels, self.batch_sharding)
+      x_init = jax.lax.with_sharding_constraint(x_init, self.batch_sharding)
+    return labels, x_init
+
+  def gen_logits(self, params, x, labels, key, sigma):
+    k_drop, k_noise = jax.random.split(key)
+    return self.gen_model.apply({"params": params}, x, labels, deterministic=not self.s.gen_dropout,
+                                noise_sigma=sigma, rngs={"dropout": k_drop, "noise": k_noise})
+
+  def sample_tokens(self, key, logits):
+    s = self.s
+    z = filter_logits(logits[..., : self.codebook], s.gen_temp, s.top_k, s.top_p)
+    return sample_categorical(key, z)
+
+  def teacher_logits(self, params, x_t, labels, ratio, key):
+    """Teacher logits with classifier-free guidance; both branches in one batched call."""
+    s = self.s
+    apply = lambda xx, ll: self.teacher_model.apply(
+        {"params": params}, xx, ll, deterministic=not s.teacher_dropout, rngs={"dropout": key})
+    if s.guidance == 1.0 and s.guidance_schedule == "constant":
+      return apply(x_t, labels)
+    batch = x_t.shape[0]
+    null = jnp.full_like(labels, self.num_classes)
+    both = apply(jnp.concatenate([x_t, x_t]), jnp.concatenate([labels, null]))
+    cond, uncond = both[:batch], both[batch:]
+    w = jnp.float32(s.guidance)
+    if s.guidance_schedule == "linear":  # the sampler's ramp read off the mask ratio: w (1 - r)
+      w = w * (1.0 - ratio)[:, None, None]
+    return uncond + w * (cond - uncond)
+
+  def aux_logits(self, params, x_t, labels, key):
+    return self.aux_model.apply({"params": params}, x_t, labels, deterministic=not self.s.aux_dropout,
+                                rngs={"dropout": key})
+
+  def cotangent(self, t_logits, a_logits, mask):
+    """Token gradient g (zero outside ``mask``, NaN-free) scaled by the configured normaliser."""
+    s = self.s
+    g = divergences.token_gradient(s.divergence, t_logits, a_logits, s.beta)
+    g = jnp.where(mask[..., None], g, 0.0)
+    nan_count = jnp.sum(~jnp.isfinite(g))
+    g = jnp.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    batch = g.shape[0]
+    n_masked = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.float32), 1.0)
+    if s.normalization == "batch":
+      scale = jnp.full((batch,), 1.0 / batch)
+    else:
+      scale = 1.0 / (batch * n_masked)
+    if s.dmd_weight:
+      # DMD-style weight: the inverse of the mean L1 gap between teacher and auxiliary over the
+      # masked tokens of each sample (a stop-gradient normaliser).
+      p = jax.nn.softmax(t_logits.astype(jnp.float32), -1)
+      q = jax.nn.softmax(a_logits.astype(jnp.float32), -1)
+      gap = jnp.sum(jnp.where(mask, jnp.sum(jnp.abs(p - q), -1), 0.0), 1) / n_masked
+      scale = scale / jnp.maximum(gap, 1e-6)
+    return g * scale[:, None, None], nan_count
+
+  # ------------------------------------------------------------------ updates
+  def generator_update(self, state: DistillState, key):
+    s = self.s
+    keys = jax.random.split(key, 7)
+    labels, x_init = self.draw_inputs(keys[0], s.batch_size)
+    sigma = self.sigma_at(state.step)
+    fwd = lambda p, x: self.gen_logits(p, x, labels, keys[1], sigma)
+    z, vjp_fn = jax.vjp(lambda p: fwd(p, x_init), state.gen.params)
+    x_theta = self.sample_tokens(keys[2], z)
+    x_t, mask, ratio = masking.forward_mask(keys[3], x_theta, self.codebook, s.mask_schedule, exact=True)
+    t_logits = self.teacher_logits(state.teacher_params, x_t, labels, ratio, keys[4])
+    a_logits = self.aux_logits(state.aux.params, x_t, labels, keys[5])
+    g, nan_count = self.cotangent(t_logits, a_logits, mask)
+    if s.grad_input == "sample":
+      # The paper's alternative: the Jacobian at the generated sample with x_init's mask re-applied.
+      x_alt = jnp.where(x_init == self.codebook, x_init, x_theta)
+      _, vjp_fn = jax.vjp(lambda p: fwd(p, x_alt), state.gen.params)
+    (grads,) = vjp_fn(g.astype(z.dtype))
+    gen = state.gen.apply_gradients(grads=grads)
+
+    tok_div = divergences.divergence(s.divergence, t_logits, a_logits, s.beta)
+    n_masked = jnp.maximum(jnp.sum(mask), 1)
+    metrics = {
+        "gen/surrogate_loss": 0.5 * jnp.sum(jnp.square(g)) * s.batch_size,
+        "gen/grad_norm": optax.tree.norm(grads),
+        "gen/token_divergence": jnp.sum(jnp.where(mask, tok_div, 0.0)) / n_masked,
+        "gen/entropy": jnp.mean(divergences.entropy(z[..., : self.codebook])),
+        "gen/nan_count": nan_count.astype(jnp.float32),
+        "gen/mask_ratio": jnp.mean(ratio),
+    }
+    return gen, metrics
+
+  def auxiliary_update(self, aux: TrainState, gen_params, step, key):
+    s = self.s
+    keys = jax.random.split(key, 5)
+    labels, x_init = self.draw_inputs(keys[0], s.batch_size)
+    z = jax.lax.stop_gradient(self.gen_logits(gen_params, x_init, labels, keys[1], self.sigma_at(step)))
+    x_theta = self.sample_tokens(keys[2], z)
+    x_t, mask, _ = masking.forward_mask(keys[3], x_theta, self.codebook, s.mask_schedule, exact=True)
+    soft = None
+    if s.aux_soft_target:
+      soft = jax.nn.softmax(filter_logits(z[..., : self.codebook], s.gen_temp, s.top_k, s.top_p), -1)
+
+    def loss_fn(p):
+      logits = self.aux_logits(p, x_t, labels, keys[4])
+      return aux_loss(logits, x_theta, mask, s.aux_label_smoothing, soft)
+
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(aux.params)
+    aux = aux.apply_gradients(grads=grads)
+    return aux, {"aux/loss": loss, "aux/grad_norm": optax.tree.norm(grads)}
+
+  def step(self, state: DistillState):
+    """One Di[M]O iteration: generator update, then the auxiliary update(s), then the EMA."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    k_gen, k_aux = jax.random.split(key)
+    gen, metrics = self.generator_update(state, k_gen)
+
+    def body(i, carry):
+      aux, _ = carry
+      return self.auxiliary_update(aux, gen.params, state.step, jax.random.fold_in(k_aux, i))
+
+    aux_metrics0 = {"aux/loss": jnp.float32(0), "aux/grad_norm": jnp.float32(0)}
+    aux, aux_metrics = jax.lax.fori_loop(0, self.s.aux_updates, body, (state.aux, aux_metrics0))
+    ema = ema_update(state.ema_params, gen.params, state.step, self.s.ema_decay)
+    new_state = state.replace(step=state.step + 1, gen=gen, aux=aux, ema_params=ema)
+    return new_state, {**metrics, **aux_metrics}
+
+  def jit_step(self, state: DistillState, mesh=None, min_shard_size: int = 2**14):
+    """The compiled step and the state placed for it. With a mesh: the batch over
+    ('data', 'fsdp'), parameters and optimizer states over 'fsdp', the state donated."""
+    if mesh is None:
+      self.batch_sharding = None
+      return jax.jit(self.step, donate_argnums=0), state
+    sharding.check_batch(self.s.batch_size, mesh, "config.distill.batch_size")
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    shardings = sharding.fsdp_shardings(state, mesh, min_shard_size)
+    fn = jax.jit(self.step, in_shardings=(shardings,), out_shardings=(shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)
+    return fn, jax.device_put(state, shardings)
+
+
+def build_distiller(config, model, teacher_model=None) -> Distiller:
+  """A ``Distiller`` from a full config (``config.distill``, ``config.teacher``) and the model."""
+  settings = DistillSettings.from_config(config)
+  d = config.distill
+  shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+  frozen = models.frozen_mask(shapes, tuple(d.get("freeze", ())))
+  gen_tx = make_optimizer(d.gen_lr, warmup_steps=d.warmup_steps, b1=d.b1, b2=d.b2, eps=d.eps,
+                          grad_clip=d.gen_grad_clip, frozen=frozen)
+  aux_tx = make_optimizer(d.aux_lr, warmup_steps=d.warmup_steps, b1=d.b1, b2=d.b2, eps=d.eps,
+                          grad_clip=d.get("aux_grad_clip", 0.0), frozen=frozen)
+  return Distiller(model, settings, gen_tx, aux_tx, teacher_model=teacher_model)
+
+
+def one_step_generate(model, params, key, labels, *, r_init=0.6, sigma=0.1, temperature=1.0,
+                      top_k=0, top_p=1.0):
+  """One-step samples from a generator: x_init -> one forward (with embedding noise) -> draw."""
+  k_x, k_noise, k_draw = jax.random.split(key, 3)
+  batch = labels.shape[0]
+  x_init = masking.make_x_init(k_x, batch, model.seq_len, model.codebook_size, r_init)
+  logits = model.apply({"params": params}, x_init, labels, deterministic=True, noise_sigma=sigma,
+                       rngs={"noise": k_noise})
+  z = filter_logits(logits[..., : model.codebook_size], temperature, top_k, top_p)
+  return sample_categorical(k_draw, z)
+

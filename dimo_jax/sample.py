@@ -1,0 +1,284 @@
+"""Sampling from a trained model (``mode=sample``).
+
+``run_sample`` loads the teacher stored in ``config.sample.checkpoint`` (or the workdir): its
+parameters (EMA by default) and the ``config.json`` written beside them, draws
+``config.sample.num`` token sequences in batches with the confidence or ancestral sampler and
+writes ``<output>.npy`` (tokens ``[N, L]``), ``<output>_labels.npy`` (labels ``[N]``) and, when
+the tokens are grey-level images, ``<output>.png``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from dimo_jax import checkpoints, models
+
+SAMPLERS = ("confidence", "ancestral")
+SAMPLE_MODELS = ("teacher", "generator")
+_COMPUTE_FIELDS = ("dtype", "logits_dtype", "attention_impl")
+
+
+# ---------------------------------------------------------------------------- labels
+def balanced_labels(num: int, num_classes: int) -> np.ndarray:
+  """``0, 1, ..., C-1, 0, 1, ...`` (length ``num``); all null labels (0) when unconditional."""
+  if num_classes <= 0:
+    return np.zeros((num,), np.int32)
+  return (np.arange(num) % num_classes).astype(np.int32)
+
+
+def parse_labels(spec: str, num: int, num_classes: int) -> np.ndarray:
+  """Labels from ``config.sample.labels``: '' = balanced, or a comma list like '3,3,7' that is
+  repeated cyclically to ``num`` entries."""
+  spec = (spec or "").strip()
+  if not spec:
+    return balanced_labels(num, num_classes)
+  if num_classes <= 0:
+    raise ValueError(f"config.sample.labels={spec!r} but the model is unconditional (no classes); "
+                     "leave config.sample.labels empty")
+  values = []
+  for part in spec.split(","):
+    part = part.strip()
+    try:
+      value = int(part)
+    except ValueError:
+      raise ValueError(f"config.sample.labels={spec!r}: {part!r} is not an integer class; use a comma list "
+                       f"of classes in [0, {num_classes}), e.g. '3,3,7'") from None
+    if not 0 <= value < num_classes:
+      raise ValueError(f"config.sample.labels={spec!r}: class {value} is outside [0, {num_classes}) "
+                       f"(the model has {num_classes} classes)")
+    values.append(value)
+  return np.resize(np.asarray(values, np.int32), num).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------- loading
+def _sizes(stored: dict, path) -> dict:
+  sizes = stored.get("dataset") or stored.get("data") or {}
+  missing = [k for k in ("vocab_size", "seq_len", "num_classes") if sizes.get(k) is None]
+  if missing:
+    raise ValueError(f"config.json in {os.fspath(path)!r} lacks the data sizes {missing} under 'dataset'; "
+                     "it was not written by teacher training or the converter")
+  return sizes
+
+
+def model_from_stored(stored: dict, path="", overrides: Optional[dict] = None):
+  """Builds the network described by a stored ``config.json`` dict (``model`` + ``dataset``)."""
+  if not stored or "model" not in stored:
+    raise ValueError(f"no model config in {os.fspath(path)!r}/config.json; the checkpoint folder needs the "
+                     "config.json written by `--config.mode=teacher` (or the converter)")
+  model_cfg = dict(stored["model"])
+  model_cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+  sizes = _sizes(stored, path)
+  return models.build_model(ml_collections.ConfigDict(model_cfg), codebook_size=int(sizes["vocab_size"]),
+                            seq_len=int(sizes["seq_len"]), num_classes=int(sizes["num_classes"]))
+
+
+def load_teacher(path, *, use_ema: bool = True, overrides: Optional[dict] = None):
+  """``(model, params, stored_config)`` of a teacher workdir (EMA parameters when present and
+  ``use_ema``). ``overrides`` replaces compute-only model fields (e.g. ``dtype``)."""
+  if not path:
+    raise ValueError("no teacher checkpoint given: set --config.sample.checkpoint=<teacher workdir> "
+                     "(or --workdir)")
+  params, ema, stored = checkpoints.load_params(path)
+  if stored is None:
+    raise FileNotFoundError(f"no config.json beside the checkpoints in {os.fspath(path)!r}; it is written "
+                            "by `--config.mode=teacher` (or the converter) and is needed to rebuild the model")
+  model = model_from_stored(stored, path, overrides)
+  if use_ema and ema is not None:
+    return model, ema, stored
+  if use_ema:
+    logging.info("%s has no EMA parameters; sampling with the raw parameters.", path)
+  return model, params, stored
+
+
+# ---------------------------------------------------------------------------- output
+def _atomic_save_npy(path: str, array: np.ndarray):
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".npy")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, array)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def output_paths(output: str, workdir: str) -> dict:
+  """``{'tokens', 'labels', 'image'}`` paths for ``config.sample.output`` (default
+  ``<workdir>/samples.npy``)."""
+  path = output or os.path.join(workdir, "samples.npy")
+  if not path.endswith(".npy"):
+    raise ValueError(f"config.sample.output={output!r} must name a .npy file, e.g. /tmp/samples.npy")
+  stem = path[: -len(".npy")]
+  return {"tokens": path, "labels": stem + "_labels.npy", "image": stem + ".png"}
+
+
+def write_outputs(tokens: np.ndarray, labels: np.ndarray, paths: dict, *, vocab_size: int,
+                  image_shape=None) -> dict:
+  """Writes tokens, labels and (when ``image_shape`` is set) a PNG grid; returns what was written."""
+  written = {"tokens": paths["tokens"], "labels": paths["labels"], "image": None}
+  if jax.process_index() != 0:
+    return written
+  _atomic_save_npy(paths["tokens"], np.asarray(tokens, np.int32))
+  _atomic_save_npy(paths["labels"], np.asarray(labels, np.int32))
+  if image_shape is not None:
+    from dimo_jax import data  # pylint: disable=import-outside-toplevel
+    images = data.tokens_to_images(tokens, vocab_size, image_shape)
+    data.save_image_grid(images, paths["image"])
+    written["image"] = paths["image"]
+  return written
+
+
+def _image_shape(stored: dict):
+  """Grey-level image shape of the stored data (None for code tokens of converted models)."""
+  if "converted" in stored:
+    return None
+  shape = (stored.get("dataset") or {}).get("image_shape")
+  return None if shape is None else tuple(int(s) for s in shape)
+
+
+# ---------------------------------------------------------------------------- sampling
+def _check_common(sc, seq_len: int) -> int:
+  num = int(sc.num)
+  if num < 1:
+    raise ValueError(f"config.sample.num must be >= 1, got {num}")
+  if int(sc.get("batch_size", num)) < 1:
+    raise ValueError(f"config.sample.batch_size must be >= 1, got {sc.batch_size}")
+  return num
+
+
+def host_array(x) -> np.ndarray:
+  from dimo_jax import train  # pylint: disable=import-outside-toplevel
+  return train.host_array(x)
+
+
+def _batched(fn, labels: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
+  """Runs ``fn(key, labels_batch)`` over fixed-size batches (the last one padded); batch i uses
+  ``fold_in(key(seed), i)``."""
+  num = labels.shape[0]
+  batch_size = int(min(batch_size, num))
+  base = jax.random.key(int(seed))
+  out = []
+  for i in range(math.ceil(num / batch_size)):
+    lab = labels[i * batch_size:(i + 1) * batch_size]
+    n = lab.shape[0]
+    if n < batch_size:
+      lab = np.concatenate([lab, np.resize(lab, batch_size - n)])
+    tokens = fn(jax.random.fold_in(base, i), jnp.asarray(lab))
+    out.append(host_array(tokens)[:n])
+  return np.concatenate(out).astype(np.int32)
+
+
+def sample_teacher(model, params, labels: np.ndarray, sample_cfg) -> np.ndarray:
+  """Draws one sequence per label with the configured iterative sampler."""
+  from dimo_jax import samplers, train  # pylint: disable=import-outside-toplevel
+  sc = sample_cfg
+  name = sc.get("sampler", "confidence")
+  if name not in SAMPLERS:
+    raise ValueError(f"config.sample.sampler={name!r} is not known; choose one of {SAMPLERS}")
+  steps = int(sc.get("steps", 16))
+  if not 1 <= steps <= model.seq_len:
+    raise ValueError(f"config.sample.steps={steps} must be in [1, {model.seq_len}] (the sequence length)")
+  guidance = float(sc.get("guidance", 1.0))
+  if guidance != 1.0 and not model.has_null_class:
+    raise ValueError(f"config.sample.guidance={guidance} needs a null class, which model.arch='bert' lacks; "
+                     "use --config.sample.guidance=1")
+  if guidance != 1.0 and model.num_classes == 0:
+    raise ValueError(f"config.sample.guidance={guidance} needs a class-conditional model, but this one is "
+                     "unconditional; use --config.sample.guidance=1")
+  kwargs = dict(seq_len=model.seq_len, codebook_size=model.codebook_size, steps=steps,
+                schedule=sc.get("schedule", "arccos"), temperature=float(sc.get("temperature", 1.0)),
+                guidance=guidance, guidance_schedule=sc.get("guidance_schedule", "constant"),
+                null_label=model.null_label if model.has_null_class else None,
+                top_k=int(sc.get("top_k", 0)), top_p=float(sc.get("top_p", 1.0)))
+  apply_fn = train.make_apply_fn(model)
+  if name == "confidence":
+    sampler = functools.partial(samplers.confidence_sampler, r_temp=float(sc.get("r_temp", 4.5)), **kwargs)
+  else:
+    sampler = functools.partial(samplers.ancestral_sampler, **kwargs)
+  return _batched(lambda key, lab: sampler(apply_fn, params, key, lab), labels,
+                  int(sc.get("batch_size", labels.shape[0])), int(sc.get("seed", 0)))
+
+
+def _source(config, workdir: str) -> str:
+  return config.sample.get("checkpoint", "") or workdir
+
+
+def _run_sample_teacher(config, workdir: str) -> dict:
+  sc = config.sample
+  path = _source(config, workdir)
+  overrides = {k: config.model.get(k) for k in _COMPUTE_FIELDS} if "model" in config else None
+  use_ema = bool(sc.get("use_ema", config.teacher.get("use_ema", True) if "teacher" in config else True))
+  model, params, stored = load_teacher(path, use_ema=use_ema, overrides=overrides)
+  num = _check_common(sc, model.seq_len)
+  labels = parse_labels(sc.get("labels", ""), num, model.num_classes)
+  paths = output_paths(sc.get("output", ""), workdir or path)
+  tokens = sample_teacher(model, params, labels, sc)
+  written = write_outputs(tokens, labels, paths, vocab_size=model.codebook_size, image_shape=_image_shape(stored))
+  logging.info("Wrote %d samples from %s to %s", num, path, written)
+  return dict(written, num=num)
+
+
+# ---------------------------------------------------------------------------- generator (distilled)
+def _run_sample_generator(config, workdir: str) -> dict:
+  """One-step samples from a distilled generator (``dimo_jax.distill.load_generator``).
+
+  Expects ``load_generator(path) -> (model, params, stored_config)`` and
+  ``distill.one_step_generate(model, params, key, labels, r_init=, sigma=, temperature=,
+  top_k=, top_p=)``.
+  """
+  try:
+    from dimo_jax import distill  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise NotImplementedError(
+        "config.sample.model='generator' needs dimo_jax.distill, which could not be imported "
+        f"({e}); sample a teacher with --config.sample.model=teacher") from e
+  load_generator = getattr(distill, "load_generator", None)
+  generate = getattr(distill, "one_step_generate", None)
+  if load_generator is None or generate is None:
+    raise NotImplementedError(
+        "config.sample.model='generator' needs dimo_jax.distill.load_generator, which this version does "
+        "not provide yet; sample a teacher with --config.sample.model=teacher")
+  sc = config.sample
+  path = _source(config, workdir)
+  model, params, stored = load_generator(path)
+  num = _check_common(sc, model.seq_len)
+  labels = parse_labels(sc.get("labels", ""), num, model.num_classes)
+  paths = output_paths(sc.get("output", ""), workdir or path)
+  gen = jax.jit(functools.partial(
+      generate, model, r_init=float(sc.get("r_init", 0.6)), sigma=float(sc.get("sigma", 0.1)),
+      temperature=float(sc.get("temperature", 1.0)), top_k=int(sc.get("top_k", 0)),
+      top_p=float(sc.get("top_p", 1.0))))
+  tokens = _batched(lambda key, lab: gen(params, key, lab), labels, int(sc.get("batch_size", num)),
+                    int(sc.get("seed", 0)))
+  written = write_outputs(tokens, labels, paths, vocab_size=model.codebook_size,
+                          image_shape=_image_shape(stored or {}))
+  return dict(written, num=num)
+
+
+def run_sample(config, workdir: str) -> dict:
+  """``mode=sample``: writes samples; returns the written paths (``tokens``, ``labels``, ``image``)
+  and ``num``."""
+  kind = config.sample.get("model", "teacher")
+  if kind == "teacher":
+    return _run_sample_teacher(config, workdir)
+  if kind == "generator":
+    return _run_sample_generator(config, workdir)
+  raise ValueError(f"config.sample.model={kind!r} is not known; choose one of {SAMPLE_MODELS}")
+
+
+__all__ = [
+    "SAMPLERS", "SAMPLE_MODELS", "balanced_labels", "parse_labels", "model_from_stored", "load_teacher",
+    "output_paths", "write_outputs", "sample_teacher", "run_sample",
+]

@@ -1,0 +1,118 @@
+"""Known joint distributions for checking one-step distillation exactly.
+
+- ``copy_pair``: two positions that are always equal, (x, x) with x uniform over V values, and
+  ``ExactConditionalTeacher``, the exact conditional p(x_i | visible tokens) of any enumerable
+  joint as a parameter-free Linen module with the models' calling convention.
+- ``markov_mixture``: a mixture of Markov chains over V values and L positions, whose
+  dependence between positions parallel sampling cannot capture.
+- ``tv_distance``: the exact total-variation distance of a sample to an enumerable joint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Joint:
+  """An enumerable joint over ``V ** L`` sequences: ``support`` [S, L] and ``probs`` [S]."""
+  support: np.ndarray
+  probs: np.ndarray
+  vocab_size: int
+
+  @property
+  def seq_len(self) -> int:
+    return self.support.shape[1]
+
+  def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    idx = rng.choice(len(self.probs), size=n, p=self.probs)
+    return self.support[idx].astype(np.int32)
+
+  def index(self, tokens: np.ndarray) -> np.ndarray:
+    """Row index of each sequence in the full enumeration (tokens must lie in the vocabulary)."""
+    weights = self.vocab_size ** np.arange(self.seq_len - 1, -1, -1)
+    return np.asarray(tokens, np.int64) @ weights
+
+
+def _all_sequences(vocab_size: int, seq_len: int) -> np.ndarray:
+  return np.array(list(itertools.product(range(vocab_size), repeat=seq_len)), np.int32)
+
+
+def copy_pair(vocab_size: int = 8) -> Joint:
+  support = _all_sequences(vocab_size, 2)
+  probs = (support[:, 0] == support[:, 1]).astype(np.float64)
+  return Joint(support, probs / probs.sum(), vocab_size)
+
+
+def markov_mixture(vocab_size: int = 4, seq_len: int = 7, num_chains: int = 3, concentration: float = 0.3,
+                   seed: int = 0) -> Joint:
+  """Mixture of ``num_chains`` Markov chains with sparse (Dirichlet) initial and transition laws."""
+  rng = np.random.default_rng(seed)
+  weights = rng.dirichlet(np.ones(num_chains))
+  support = _all_sequences(vocab_size, seq_len)
+  probs = np.zeros(len(support))
+  for c in range(num_chains):
+    init = rng.dirichlet(np.full(vocab_size, concentration))
+    trans = rng.dirichlet(np.full(vocab_size, concentration), size=vocab_size)
+    p = init[support[:, 0]]
+    for i in range(1, seq_len):
+      p = p * trans[support[:, i - 1], support[:, i]]
+    probs += weights[c] * p
+  return Joint(support, probs / probs.sum(), vocab_size)
+
+
+def tv_distance(joint: Joint, samples: np.ndarray) -> float:
+  """0.5 * sum |p_hat - p| over the whole support (exact for the empirical law of ``samples``)."""
+  counts = np.bincount(joint.index(samples), minlength=len(joint.probs)).astype(np.float64)
+  return 0.5 * float(np.abs(counts / counts.sum() - joint.probs).sum())
+
+
+def sampling_floor(joint: Joint, n: int, seed: int = 0) -> float:
+  """TV of an i.i.d. sample of size ``n`` from the truth itself: the best a sampler can show."""
+  return tv_distance(joint, joint.sample(np.random.default_rng(seed), n))
+
+
+class ExactConditionalTeacher(nn.Module):
+  """p(x_i | visible tokens) of an enumerable joint, per position, by summing over the support.
+
+  Inputs follow the models' convention (mask id = V, ``[B, L]``); the output is ``[B, L, V + 1]``
+  log-probabilities with the mask column at -1e9. At visible positions it predicts the visible
+  token (the behaviour of a teacher trained with the loss on all positions).
+  """
+  support: np.ndarray
+  probs: np.ndarray
+  codebook_size: int
+  num_classes: int = 0
+  dropout: float = 0.0
+
+  @property
+  def seq_len(self) -> int:
+    return int(self.support.shape[1])
+
+  @property
+  def has_null_class(self) -> bool:
+    return True
+
+  @nn.compact
+  def __call__(self, tokens, labels, *, deterministic: bool = True, noise_sigma=0.0):
+    v = self.codebook_size
+    support = jnp.asarray(self.support)  # [S, L]
+    log_p = jnp.log(jnp.maximum(jnp.asarray(self.probs, jnp.float32), 1e-30))  # [S]
+    visible = tokens < v  # [B, L]
+    agree = (support[None] == tokens[:, None]) | ~visible[:, None]  # [B, S, L]
+    consistent = jnp.all(agree, axis=-1)  # [B, S]
+    w = jnp.where(consistent, log_p[None], -jnp.inf)  # [B, S]
+    w = w - jax.scipy.special.logsumexp(w, axis=-1, keepdims=True)
+    onehot = jax.nn.one_hot(support, v)  # [S, L, V]
+    probs = jnp.einsum("bs,slv->blv", jnp.exp(w), onehot)
+    logits = jnp.log(jnp.maximum(probs, 1e-30))
+    return jnp.concatenate([logits, jnp.full(logits.shape[:-1] + (1,), -1e9)], axis=-1)
+
+
+def exact_teacher(joint: Joint) -> ExactConditionalTeacher:
+  return ExactConditionalTeacher(support=joint.support, probs=joint.probs, codebook_size=joint.vocab_size)

@@ -1,0 +1,171 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits
+from dimo_jax import distill, divergences, masking, models
+
+K, L, C = 8, 6, 3
+
+
+def tiny_setup(**overrides):
+  cfg = digits.get_config()
+  cfg.distill.batch_size = 8
+  cfg.distill.warmup_steps = 0
+  cfg.distill.gen_lr = 1e-2
+  cfg.distill.aux_lr = 1e-2
+  cfg.teacher.guidance = overrides.pop("guidance", 1.0)
+  for k, v in overrides.items():
+    cfg.distill[k] = v
+  model = models.MaskTransformer(codebook_size=K, seq_len=L, num_classes=C, width=16, depth=1, heads=2,
+                                 mlp_dim=32, dropout=0.1)
+  teacher_params = models.init_params(model, jax.random.key(0))
+  dist = distill.build_distiller(cfg, model)
+  return cfg, model, dist, dist.init_state(teacher_params, seed=1)
+
+
+def test_vjp_gradient_equals_surrogate_loss_gradient():
+  """One vjp with cotangent g/B equals jax.grad of 0.5 * sum((z - sg(z - g))^2) / B."""
+  _, model, dist, state = tiny_setup()
+  key = jax.random.key(3)
+  labels, x_init = dist.draw_inputs(key, 8)
+  fwd = lambda p: dist.gen_logits(p, x_init, labels, key, 0.1)
+  z, vjp_fn = jax.vjp(fwd, state.gen.params)
+  x_t, mask, ratio = masking.forward_mask(key, dist.sample_tokens(key, z), K, "arccos")
+  t_logits = dist.teacher_logits(state.teacher_params, x_t, labels, ratio, key)
+  a_logits = dist.aux_logits(jax.tree_util.tree_map(lambda a: a * 1.1, state.aux.params), x_t, labels, key)
+  g_scaled, _ = dist.cotangent(t_logits, a_logits, mask)
+  (g_vjp,) = vjp_fn(g_scaled)
+  g_raw = jnp.where(mask[..., None], divergences.token_gradient("fkl", t_logits, a_logits), 0.0)
+
+  def surrogate(p):
+    zz = fwd(p)
+    return 0.5 * jnp.sum(jnp.square(zz - jax.lax.stop_gradient(zz - g_raw))) / 8
+
+  g_auto = jax.grad(surrogate)(state.gen.params)
+  for a, b in zip(jax.tree_util.tree_leaves(g_vjp), jax.tree_util.tree_leaves(g_auto)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert float(sum(jnp.sum(jnp.abs(x)) for x in jax.tree_util.tree_leaves(g_vjp))) > 0
+
+
+def test_cotangent_zero_outside_mask_and_normalisations():
+  _, _, dist, _ = tiny_setup()
+  t = jax.random.normal(jax.random.key(1), (4, L, K + 1))
+  a = jax.random.normal(jax.random.key(2), (4, L, K + 1))
+  mask = jnp.array([[1, 0, 0, 1, 0, 0]] * 2 + [[1, 1, 1, 1, 1, 1]] * 2, bool)
+  g, nans = dist.cotangent(t, a, mask)
+  assert float(nans) == 0
+  assert np.all(np.asarray(g)[~np.asarray(mask)] == 0)
+  np.testing.assert_allclose(g, jnp.where(mask[..., None], (jax.nn.softmax(a) - jax.nn.softmax(t)) / 4, 0), atol=1e-6)
+  _, _, dist_m, _ = tiny_setup(normalization="masked")
+  gm, _ = dist_m.cotangent(t, a, mask)
+  np.testing.assert_allclose(gm[0], g[0] / 2, atol=1e-7)  # 2 masked tokens in row 0
+  np.testing.assert_allclose(gm[2], g[2] / 6, atol=1e-7)
+  # NaN guard
+  g_nan, nans = dist.cotangent(t.at[0, 0, 0].set(jnp.nan), a, mask)
+  assert float(nans) > 0 and np.all(np.isfinite(np.asarray(g_nan)))
+
+
+def test_step_updates_trainable_only_and_ema():
+  _, _, dist, state = tiny_setup(aux_updates=2)
+  step, state = dist.jit_step(state)
+  before = jax.tree_util.tree_map(np.asarray, (state.gen.params, state.aux.params, state.teacher_params))
+  state, metrics = step(state)
+  state, metrics = step(state)
+  assert int(state.step) == 2 and int(state.gen.step) == 2 and int(state.aux.step) == 4
+  for k in ("gen/surrogate_loss", "gen/grad_norm", "gen/token_divergence", "gen/entropy", "aux/loss"):
+    assert np.isfinite(float(metrics[k])), k
+  gen0, aux0, teach0 = before
+  for name in ("tok_emb", "pos_emb", "out_bias"):  # frozen in both students
+    for new, old in ((state.gen.params, gen0), (state.aux.params, aux0)):
+      for x, y in zip(jax.tree_util.tree_leaves(new[name]), jax.tree_util.tree_leaves(old[name])):
+        np.testing.assert_array_equal(x, y)
+  assert not np.allclose(state.gen.params["blocks"]["fc1"]["kernel"], gen0["blocks"]["fc1"]["kernel"])
+  assert not np.allclose(state.aux.params["blocks"]["fc1"]["kernel"], aux0["blocks"]["fc1"]["kernel"])
+  for x, y in zip(jax.tree_util.tree_leaves(state.teacher_params), jax.tree_util.tree_leaves(teach0)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_ema_warmup_rate():
+  ema = {"w": jnp.zeros(())}
+  out = distill.ema_update(ema, {"w": jnp.ones(())}, jnp.int32(0), 0.9999)
+  assert float(out["w"]) == pytest.approx(1 - 0.1)  # rate (1+0)/(10+0) = 0.1
+  out = distill.ema_update(ema, {"w": jnp.ones(())}, jnp.int32(10**7), 0.9)
+  assert float(out["w"]) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(guidance=2.0, guidance_schedule="linear", divergence="jeffreys", beta=-0.2, grad_input="sample",
+         teacher_dropout=True, gen_dropout=True, aux_dropout=True),
+    dict(divergence="js", dmd_weight=True, aux_soft_target=True, normalization="masked",
+         r_init="random_0.4_0.8", sigma_warmup_steps=5, top_k=4, top_p=0.9, gen_temp=1.5),
+])
+def test_step_options_run_and_are_deterministic(overrides):
+  schedule = overrides.pop("guidance_schedule", None)
+  cfg, model, _, _ = tiny_setup(**overrides)
+  if schedule:
+    cfg.teacher.guidance_schedule = schedule
+  dist = distill.build_distiller(cfg, model)
+  state = dist.init_state(models.init_params(model, jax.random.key(0)), seed=1)
+  step = jax.jit(dist.step)
+  s1, m1 = step(state)
+  s2, m2 = step(state)
+  assert all(np.isfinite(float(v)) for v in m1.values())
+  np.testing.assert_array_equal(s1.gen.params["blocks"]["fc1"]["kernel"], s2.gen.params["blocks"]["fc1"]["kernel"])
+
+
+def test_bad_settings_fail_clearly():
+  with pytest.raises(ValueError, match="config.distill.normalization='mean'"):
+    tiny_setup(normalization="mean")
+  with pytest.raises(ValueError, match="r_init"):
+    tiny_setup(r_init="sometimes")
+  with pytest.raises(ValueError, match="config.distill.aux_updates"):
+    tiny_setup(aux_updates=0)
+  cfg = digits.get_config()
+  cfg.teacher.guidance = 2.0
+  bert = models.BertMaskTransformer(codebook_size=K, seq_len=L, num_classes=C, width=16, depth=1, heads=2, mlp_dim=32)
+  with pytest.raises(ValueError, match="guidance=2.0 needs a null class"):
+    distill.build_distiller(cfg, bert)
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from configs import digits
+    from dimo_jax import distill, models, sharding
+    assert jax.device_count() == 8
+    cfg = digits.get_config()
+    cfg.distill.batch_size = 16
+    cfg.distill.warmup_steps = 0
+    cfg.teacher.guidance = 2.0
+    model = models.MaskTransformer(codebook_size=8, seq_len=6, num_classes=3, width=16, depth=2, heads=2, mlp_dim=32)
+    params = models.init_params(model, jax.random.key(0))
+    results = []
+    for mesh in (None, sharding.make_mesh(data=4, fsdp=2)):
+      dist = distill.build_distiller(cfg, model)
+      step, state = dist.jit_step(dist.init_state(params, seed=1), mesh, min_shard_size=1)
+      for _ in range(3):
+        state, metrics = step(state)
+      if mesh is not None:
+        spec = state.gen.params["blocks"]["fc1"]["kernel"].sharding.spec
+        assert "fsdp" in tuple(spec), spec
+      results.append((jax.device_get(state.gen.params), jax.device_get(state.aux.params), float(metrics["gen/grad_norm"])))
+    (g1, a1, n1), (g2, a2, n2) = results
+    for x, y in zip(jax.tree_util.tree_leaves((g1, a1)), jax.tree_util.tree_leaves((g2, a2))):
+      np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+    assert abs(n1 - n2) < 1e-3 * max(1.0, n1)
+    print("SHARDED_OK")
+""")
+
+
+def test_sharded_step_matches_single_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]

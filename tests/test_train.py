@@ -1,0 +1,161 @@
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits
+from dimo_jax import checkpoints, train
+
+
+def tiny_config(steps=60):
+  c = digits.get_config()
+  c.mode = "teacher"
+  c.model.width = 32
+  c.model.depth = 1
+  c.model.heads = 2
+  c.model.mlp_dim = 64
+  c.model.dropout = 0.1  # dropout randomness must also be reproduced on resume
+  c.train.steps = steps
+  c.train.batch_size = 16
+  c.train.lr = 3e-3
+  c.train.warmup_steps = 5
+  c.train.checkpoint_every = 20
+  c.train.keep_checkpoints = 2
+  c.train.log_every = 10
+  c.train.eval_every = 0
+  c.train.sample_every = 0
+  c.train.eval_batch_size = 200
+  c.sample.steps = 4
+  return c
+
+
+def _leaves_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+STEPS = 100
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  """One uninterrupted teacher run on digits (shared: the compiled step is reused)."""
+  workdir = tmp_path_factory.mktemp("full")
+  cfg = tiny_config(STEPS)
+  cfg.train.eval_every = 1000  # > 0: the untrained model is evaluated too
+  cfg.train.sample_every = STEPS
+  out = train.train_teacher(cfg, str(workdir))
+  return cfg, workdir, out
+
+
+def test_teacher_on_digits_lowers_val_loss(full_run):
+  _, workdir, out = full_run
+  assert out["step"] == STEPS
+  assert out["val_loss_initial"] > 2.5  # about log(18) for a fresh model
+  assert out["val_loss"] < out["val_loss_initial"] - 0.8, out
+  assert out["val_acc"] > 0.3
+  assert os.path.isfile(workdir / "samples" / f"step_{STEPS:07d}.png")
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+
+
+def test_resume_after_kill_equals_uninterrupted(full_run, tmp_path):
+  cfg, full_dir, full = full_run
+  cfg = tiny_config(STEPS)  # same run settings (no sampling / initial evaluation needed)
+  # Killed at step 90: the latest checkpoint is step 80, so steps 81..90 are done twice.
+  part = train.train_teacher(cfg, str(tmp_path / "resumed"), stop_after=90)
+  assert part["step"] == 90 and "val_loss" not in part
+  ckpt_dir = checkpoints.checkpoint_dir(tmp_path / "resumed")
+  assert sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit()) == [60, 80]
+  resumed = train.train_teacher(cfg, str(tmp_path / "resumed"))
+  assert resumed["step"] == STEPS
+  p_full, e_full, _ = checkpoints.load_params(full_dir)
+  p_res, e_res, cfg_res = checkpoints.load_params(tmp_path / "resumed")
+  assert _leaves_equal(p_full, p_res)
+  assert _leaves_equal(e_full, e_res)
+  assert resumed["val_loss"] == full["val_loss"]
+  # Training moves the parameters: the step-80 checkpoint differs (the comparison above can fail).
+  p_80, _, _ = checkpoints.load_params(full_dir, step=80)
+  assert not _leaves_equal(p_full, p_80)
+  # The stored config carries the data sizes for sampling.
+  assert cfg_res["dataset"] == {"name": "digits", "vocab_size": 17, "seq_len": 64, "num_classes": 10,
+                                "image_shape": [8, 8]}
+  assert cfg_res["model"]["width"] == 32
+  # Running a finished workdir again does no step and reports the same validation loss.
+  again = train.train_teacher(cfg, str(tmp_path / "resumed"))
+  assert again["step"] == STEPS and again["val_loss"] == full["val_loss"]
+
+
+def test_lr_schedule_known_values():
+  s = train.make_lr_schedule(1.0, steps=10, warmup_steps=4, kind="cosine")
+  np.testing.assert_allclose([float(s(i)) for i in range(4)], [0.25, 0.5, 0.75, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(float(s(4)), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(float(s(7)), 0.5, rtol=1e-6)  # halfway through the cosine
+  np.testing.assert_allclose(float(s(10)), 0.0, atol=1e-7)
+  c = train.make_lr_schedule(2.0, steps=10, warmup_steps=0, kind="constant")
+  assert [float(c(i)) for i in (0, 5, 9)] == [2.0, 2.0, 2.0]
+  with pytest.raises(ValueError, match="lr_schedule"):
+    train.make_lr_schedule(1.0, 10, 0, "linear")
+
+
+def test_ema_and_weight_decay_mask():
+  ema = {"w": jnp.zeros(2)}
+  params = {"w": jnp.ones(2)}
+  # Step 0: rate min(0.999, 1/10) = 0.1, so the EMA moves 90% of the way.
+  np.testing.assert_allclose(train.ema_update(ema, params, 0, 0.999)["w"], 0.9, rtol=1e-6)
+  # Late steps: the configured decay.
+  np.testing.assert_allclose(train.ema_update(ema, params, 10**6, 0.9)["w"], 0.1, rtol=1e-5)
+  mask = train.weight_decay_mask({"dense": {"kernel": 1, "bias": 2}, "tok_emb": {"embedding": 3},
+                                  "pos_emb": 4, "ln": {"scale": 5}})
+  assert mask == {"dense": {"kernel": True, "bias": False}, "tok_emb": {"embedding": True},
+                  "pos_emb": False, "ln": {"scale": False}}
+
+
+def test_evaluate_val_loss_padding_and_determinism():
+  from dimo_jax import models
+  model = models.MaskTransformer(codebook_size=5, seq_len=6, num_classes=2, width=16, depth=1, heads=2, mlp_dim=32)
+  params = jax.jit(lambda k: models.init_params(model, k))(jax.random.key(0))
+  apply_fn = train.make_apply_fn(model)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 5, (10, 6)).astype(np.int32)
+  labels = rng.integers(0, 2, (10,)).astype(np.int32)
+  key = jax.random.key(3)
+  kw = dict(mask_id=5, null_label=2, key=key, schedule="linear")
+  a = train.evaluate_val_loss(apply_fn, params, tokens, labels, batch_size=4, **kw)
+  b = train.evaluate_val_loss(apply_fn, params, tokens, labels, batch_size=4, **kw)
+  assert a == b
+  # Known answer: the same sum computed batch by batch by hand (masks from fold_in(key, i)).
+  from dimo_jax import losses, masking
+
+  @jax.jit
+  def batch_ce(tok, lab, k):
+    x_t, mask, _ = masking.forward_mask(k, tok, 5, "linear", exact=True)
+    return losses.token_cross_entropy(apply_fn(params, x_t, lab), jax.nn.one_hot(tok, 6)), mask
+
+  total, count = 0.0, 0.0
+  for i, start in enumerate(range(0, 10, 4)):
+    tok = np.zeros((4, 6), np.int32)
+    lab = np.full((4,), 2, np.int32)
+    n = min(4, 10 - start)
+    tok[:n], lab[:n] = tokens[start:start + n], labels[start:start + n]
+    ce, mask = batch_ce(tok, lab, jax.random.fold_in(key, i))
+    m = np.asarray(mask)[:n]
+    total += float(np.sum(np.asarray(ce)[:n] * m))
+    count += m.sum()
+  np.testing.assert_allclose(a["val_loss"], total / count, rtol=1e-5)
+  c = train.evaluate_val_loss(apply_fn, params, tokens, labels, batch_size=4, mask_id=5, null_label=2,
+                              key=jax.random.key(4), schedule="linear")
+  assert c["val_loss"] != a["val_loss"]
+
+
+def test_bad_config_errors(tmp_path):
+  cfg = tiny_config(steps=5)
+  cfg.train.batch_size = 5000
+  with pytest.raises(ValueError, match="fewer than one global batch"):
+    train.train_teacher(cfg, str(tmp_path / "big"))
+  cfg = tiny_config(steps=5)
+  cfg.model.arch = "bert"
+  with pytest.raises(ValueError, match="label_dropout"):
+    train.train_teacher(cfg, str(tmp_path / "bert"))
