@@ -30,10 +30,10 @@ def get_config():
   # auxiliary share the architecture: both students start from the teacher's weights)
   c.model = ml_collections.ConfigDict()
   c.model.arch = "preln"  # preln (valeoai MaskGIT) | bert (Google MaskGIT)
-  c.model.width = 128
+  c.model.width = 64
   c.model.depth = 3
   c.model.heads = 4
-  c.model.mlp_dim = 512
+  c.model.mlp_dim = 256
   c.model.dropout = 0.1
   c.model.class_token = "last"
   c.model.gelu_approximate = False
@@ -48,8 +48,8 @@ def get_config():
 
   # ---------------------------------------------------------------- teacher training (mode=teacher)
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 4000
-  c.train.batch_size = 128  # global
+  c.train.steps = 3000
+  c.train.batch_size = 64  # global
   c.train.lr = 1e-3
   c.train.warmup_steps = 200
   c.train.lr_schedule = "cosine"  # constant | cosine
@@ -79,7 +79,7 @@ def get_config():
   # ---------------------------------------------------------------- Di[M]O distillation (mode=distill)
   c.distill = ml_collections.ConfigDict()
   c.distill.steps = 1500
-  c.distill.batch_size = 128  # global
+  c.distill.batch_size = 64  # global
   c.distill.r_init = "fix_0.6"  # 'fix_R' | 'random_LO_HI' | a number
   c.distill.sigma = 0.1  # embedding noise on the generator's visual tokens
   c.distill.sigma_warmup_steps = 0  # >0: ramp sigma linearly from 0

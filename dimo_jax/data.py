@@ -244,7 +244,7 @@ def load_npy(path: str, labels_path: Optional[str] = None,
                        f'{int(labels[where])} at index {where}; labels must be '
                        f'in [0, num_classes).')
     max_label = int(labels.max())
-    if not num_classes:
+    if not num_classes or num_classes < 0:
       num_classes = max_label + 1
     num_classes = int(num_classes)
     if max_label >= num_classes:
@@ -255,7 +255,7 @@ def load_npy(path: str, labels_path: Optional[str] = None,
           f'num_classes to at least {max_label + 1} (0 infers it).')
     labels = labels.astype(np.int32)
   else:
-    if num_classes:
+    if num_classes and num_classes > 0:
       raise ValueError(
           f'num_classes={num_classes} was given for {path!r} but no labels '
           f'file; give a labels file or set num_classes to 0 (unconditional).')

@@ -15,6 +15,7 @@ cross-entropy of psi against x_theta at the masked positions (label smoothing) -
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional
 
 import jax
@@ -333,3 +334,28 @@ def one_step_generate(model, params, key, labels, *, r_init=0.6, sigma=0.1, temp
   z = filter_logits(logits[..., : model.codebook_size], temperature, top_k, top_p)
   return sample_categorical(k_draw, z)
 
+
+
+GENERATOR_SUBDIR = "generator"
+
+
+def generator_dir(workdir) -> str:
+  """Where a distillation workdir keeps its params-only generator checkpoint."""
+  return os.path.join(os.fspath(workdir), GENERATOR_SUBDIR)
+
+
+def load_generator(path, *, use_ema: bool = True, overrides: Optional[dict] = None):
+  """``(model, params, stored_config)`` of a one-step generator: a distillation workdir (its
+  ``generator/`` folder) or a converted generator folder. EMA parameters when present."""
+  from dimo_jax import checkpoints, sample  # pylint: disable=import-outside-toplevel
+  path = os.fspath(path)
+  source = generator_dir(path) if os.path.isdir(generator_dir(path)) else path
+  if not os.path.isdir(source):
+    raise FileNotFoundError(
+        f"no generator at {path!r}: pass a distillation workdir (made by --config.mode=distill) or a "
+        "folder written by `python -m dimo_jax.convert dimo-generator`")
+  params, ema, stored = checkpoints.load_params(source)
+  if stored is None:
+    raise FileNotFoundError(f"no config.json in {source!r}; it is written by distillation or the converter")
+  model = sample.model_from_stored(stored, source, overrides)
+  return model, (ema if use_ema and ema is not None else params), stored

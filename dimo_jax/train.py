@@ -399,91 +399,94 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   if batch_size % n_proc:
     raise ValueError(f"config.train.batch_size={batch_size} must be a multiple of the {n_proc} processes")
 
-  settings = TeacherSettings.from_config(tc, steps)
-  fns = compile_teacher(model, mesh, settings, mask_id, ds.num_classes)
-  state = fns.init(jnp.int32(int(config.seed)))
-  batch_shard = fns.batch_sharding
-
   ckpt_every = int(tc.get("checkpoint_every", 0) or 0)
   ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir),
                                   max_to_keep=int(tc.get("keep_checkpoints", 2)),
                                   save_interval=ckpt_every if ckpt_every > 0 else steps)
-  start = ckpt.latest_step() or 0
-  if start > steps:
-    raise ValueError(f"{ckpt.directory!r} holds a checkpoint at step {start}, beyond "
-                     f"config.train.steps={steps}; use another --workdir or raise the step count")
-  if start:
-    state = ckpt.restore(start, state)
-    logging.info("Resumed from %s at step %d.", ckpt.directory, start)
-  if proc == 0:
-    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    checkpoints.write_config(workdir, dict(cfg, dataset=info))
-  train_step = fns.step
-
-  apply_fn = make_apply_fn(model)
-  val_key = jax.random.fold_in(jax.random.key(int(config.seed)), 2)
-  sample_key = jax.random.fold_in(jax.random.key(int(config.seed)), 3)
-
-  def validate():
-    return evaluate_val_loss(apply_fn, state.ema_params, ds.val_tokens, ds.val_labels, mask_id=mask_id,
-                             null_label=null_label, key=val_key,
-                             batch_size=int(tc.get("eval_batch_size", 0) or batch_size),
-                             schedule=tc.get("mask_schedule", "arccos"), exact=True)
-
-  def write_samples(step):
-    if ds.image_shape is None:
-      return
-    path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-    write_sample_grid(path, apply_fn, state.ema_params, jax.random.fold_in(sample_key, step),
-                      num_classes=ds.num_classes, seq_len=ds.seq_len, vocab_size=ds.vocab_size,
-                      image_shape=ds.image_shape, sample_cfg=config.sample, has_null_class=model.has_null_class)
-    if proc == 0:
-      logging.info("Wrote %s", path)
-
-  writer = create_writer(workdir)
-  log_every = max(int(tc.get("log_every", 100)), 1)
-  eval_every = int(tc.get("eval_every", 0) or 0)
-  sample_every = int(tc.get("sample_every", 0) or 0)
-  progress = create_progress(steps, writer, every_steps=log_every)
-  local_bs = batch_size // n_proc
-  batches = data.batch_iterator(ds.train_tokens, ds.train_labels, local_bs, int(tc.get("data_seed", config.seed)),
-                                shard_index=proc, num_shards=n_proc, start_step=start)
-  logging.info("Teacher: %s, %d parameters, %d train / %d val sequences of length %d, vocabulary %d, %d classes.",
-               type(model).__name__, models.count_params(state.params), ds.num_train, ds.num_val,
-               ds.seq_len, ds.vocab_size, ds.num_classes)
-
-  final = {"step": start, "train_loss": float("nan")}
-  history = []
-  step = start
-  t0 = time.time()
+  writer = None
   try:
+    start = ckpt.latest_step() or 0
+    if start > steps:
+      raise ValueError(f"{ckpt.directory!r} holds a checkpoint at step {start}, beyond "
+                       f"config.train.steps={steps}; use another --workdir or raise the step count")
+    # Batch k of the run is a pure function of (seed, k): a resumed run continues the stream.
+    batches = data.batch_iterator(ds.train_tokens, ds.train_labels, batch_size // n_proc,
+                                  int(tc.get("data_seed", config.seed)), shard_index=proc, num_shards=n_proc,
+                                  start_step=start)
+
+    settings = TeacherSettings.from_config(tc, steps)
+    fns = compile_teacher(model, mesh, settings, mask_id, ds.num_classes)
+    state = fns.init(jnp.int32(int(config.seed)))
+    batch_shard = fns.batch_sharding
+    if start:
+      state = ckpt.restore(start, state)
+      logging.info("Resumed from %s at step %d.", ckpt.directory, start)
+    if proc == 0:
+      cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+      checkpoints.write_config(workdir, dict(cfg, dataset=info))
+    train_step = fns.step
+
+    apply_fn = make_apply_fn(model)
+    val_key = jax.random.fold_in(jax.random.key(int(config.seed)), 2)
+    sample_key = jax.random.fold_in(jax.random.key(int(config.seed)), 3)
+
+    def validate():
+      return evaluate_val_loss(apply_fn, state.ema_params, ds.val_tokens, ds.val_labels, mask_id=mask_id,
+                               null_label=null_label, key=val_key,
+                               batch_size=int(tc.get("eval_batch_size", 0) or batch_size),
+                               schedule=tc.get("mask_schedule", "arccos"), exact=True)
+
+    def write_samples(step):
+      if ds.image_shape is None:
+        return
+      path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+      write_sample_grid(path, apply_fn, state.ema_params, jax.random.fold_in(sample_key, step),
+                        num_classes=ds.num_classes, seq_len=ds.seq_len, vocab_size=ds.vocab_size,
+                        image_shape=ds.image_shape, sample_cfg=config.sample, has_null_class=model.has_null_class)
+      if proc == 0:
+        logging.info("Wrote %s", path)
+
+    writer = create_writer(workdir)
+    log_every = max(int(tc.get("log_every", 100)), 1)
+    eval_every = int(tc.get("eval_every", 0) or 0)
+    sample_every = int(tc.get("sample_every", 0) or 0)
+    progress = create_progress(steps, writer, every_steps=log_every)
+    logging.info("Teacher: %s, %d parameters, %d train / %d val sequences of length %d, vocabulary %d, %d classes.",
+                 type(model).__name__, models.count_params(state.params), ds.num_train, ds.num_val,
+                 ds.seq_len, ds.vocab_size, ds.num_classes)
+
+    final = {"step": start, "train_loss": float("nan")}
+    history = []
+    step = start
+    t0 = time.time()
     if start == 0 and eval_every:
       val = validate()
       writer.write_scalars(0, {f"val/{k[4:]}": v for k, v in val.items()})
       final["val_loss_initial"] = val["val_loss"]
-    while step < steps:
-      tokens, labels = next(batches)
-      if labels is None:
-        labels = null_labels(tokens.shape[0], null_label)
-      state, metrics = train_step(state, _global_batch(tokens, batch_shard), _global_batch(labels, batch_shard))
-      step += 1
-      history.append(metrics)
-      progress(step)
-      if step % log_every == 0 or step == steps:
-        summary = mean_metrics(history)
-        history = []
-        if not all(math.isfinite(v) for v in summary.values()):
-          raise FloatingPointError(f"non-finite training metrics at step {step}: {summary}")
-        writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-        final["train_loss"] = summary["loss"]
-      ckpt.save(step, state, force=step == steps)
-      if eval_every and step % eval_every == 0 and step != steps:
-        writer.write_scalars(step, {f"val/{k[4:]}": v for k, v in validate().items()})
-      if sample_every and step % sample_every == 0:
-        write_samples(step)
-      if stop_after and step >= stop_after and step < steps:
-        logging.info("Stopping at step %d (stop_after).", step)
-        break
+    with PreemptionGuard() as guard:
+      while step < steps:
+        tokens, labels = next(batches)
+        if labels is None:
+          labels = null_labels(tokens.shape[0], null_label)
+        state, metrics = train_step(state, _global_batch(tokens, batch_shard), _global_batch(labels, batch_shard))
+        step += 1
+        history.append(metrics)
+        progress(step)
+        if step % log_every == 0 or step == steps:
+          summary = mean_metrics(history)
+          history = []
+          if not all(math.isfinite(v) for v in summary.values()):
+            raise FloatingPointError(f"non-finite training metrics at step {step}: {summary}")
+          writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
+          final["train_loss"] = summary["loss"]
+        ckpt.save(step, state, force=step == steps or guard.requested)
+        if eval_every and step % eval_every == 0 and step != steps:
+          writer.write_scalars(step, {f"val/{k[4:]}": v for k, v in validate().items()})
+        if sample_every and step % sample_every == 0:
+          write_samples(step)
+        if guard.requested or (stop_after and step >= stop_after and step < steps):
+          logging.info("Stopping at step %d.", step)
+          break
     final["step"] = step
     if step == steps:
       ckpt.save(step, state, force=True)
@@ -495,12 +498,155 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
     writer.flush()
   finally:
     ckpt.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
   logging.info("Teacher training finished at step %d after %.1fs: %s", step, time.time() - t0, final)
   return final
 
 
+# ---------------------------------------------------------------------------- preemption
+class PreemptionGuard:
+  """Turns SIGTERM (a preempted TPU VM or a killed job) into a flag the loop checks: the loop
+  then writes a final checkpoint and returns, and a rerun resumes from it."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: writing a checkpoint and stopping.")
+    self.requested = True
+
+  def __enter__(self):
+    import signal  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    import signal  # pylint: disable=import-outside-toplevel
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---------------------------------------------------------------------------- mode=distill
+COMPUTE_FIELDS = ("dtype", "param_dtype", "logits_dtype", "remat", "attention_impl", "scan", "dropout")
+
+
+def compute_overrides(model_cfg) -> dict:
+  """Compute-only model fields of ``config.model`` that apply to a stored teacher."""
+  return {k: model_cfg.get(k) for k in COMPUTE_FIELDS if model_cfg.get(k) not in (None, "")}
+
+
+def _generator_grid(path, model, params, key, *, vocab_size, image_shape, r_init, sigma):
+  from dimo_jax import data, distill  # pylint: disable=import-outside-toplevel
+  labels = jnp.asarray(sample_label_grid(model.num_classes))
+  tokens = host_array(distill.one_step_generate(model, params, key, labels, r_init=r_init, sigma=sigma))
+  if jax.process_index() == 0:
+    data.save_image_grid(data.tokens_to_images(tokens, vocab_size, image_shape), path,
+                         ncols=model.num_classes if model.num_classes > 0 else None)
+
+
+def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
+  """Di[M]O distillation (``mode=distill``) of ``config.teacher.checkpoint`` into a one-step
+  generator. The whole state is checkpointed in ``<workdir>/checkpoints`` (a rerun resumes);
+  the finished EMA generator is written to ``<workdir>/generator`` for ``mode=sample`` /
+  ``mode=evaluate``. Returns the last logged metrics."""
+  from dimo_jax import distill, sample  # pylint: disable=import-outside-toplevel
+  if not workdir:
+    raise ValueError("train_distill needs a workdir (--workdir=<dir>)")
+  dc = config.distill
+  steps = int(dc.steps)
+  if steps < 1:
+    raise ValueError(f"config.distill.steps must be >= 1, got {steps}")
+  if stop_after is None:
+    stop_after = int(dc.get("stop_after", 0) or 0) or None
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+
+  teacher_path = config.teacher.checkpoint
+  model, teacher_params, stored = sample.load_teacher(
+      teacher_path, use_ema=bool(config.teacher.get("use_ema", True)),
+      overrides=compute_overrides(config.model))
+  info = stored.get("dataset") or {}
+  image_shape = info.get("image_shape")
+  mesh = sharding.make_mesh(int(config.mesh.get("data", -1)), int(config.mesh.get("fsdp", 1)))
+  dist = distill.build_distiller(config, model)
+  state = dist.init_state(teacher_params, int(config.seed))
+
+  ckpt_every = int(dc.get("checkpoint_every", 0) or 0)
+  ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir), max_to_keep=int(dc.get("keep_checkpoints", 2)),
+                                  save_interval=ckpt_every if ckpt_every > 0 else steps)
+  writer = None
+  final = {}
+  try:
+    start = ckpt.latest_step() or 0
+    if start > steps:
+      raise ValueError(f"{ckpt.directory!r} holds a checkpoint at step {start}, beyond "
+                       f"config.distill.steps={steps}; use another --workdir or raise the step count")
+    if start:
+      state = ckpt.restore(start, state)
+      logging.info("Resumed distillation from %s at step %d.", ckpt.directory, start)
+    step_fn, state = dist.jit_step(state, mesh)
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    stored_model = dict(stored.get("model", {}), **compute_overrides(config.model))
+    run_config = dict(cfg, model=stored_model, dataset=info, role="distill")
+    if jax.process_index() == 0:
+      checkpoints.write_config(workdir, run_config)
+
+    writer = create_writer(workdir)
+    log_every = max(int(dc.get("log_every", 100)), 1)
+    sample_every = int(dc.get("sample_every", 0) or 0)
+    progress = create_progress(steps, writer, every_steps=log_every)
+    sample_key = jax.random.fold_in(jax.random.key(int(config.seed)), 3)
+    grid_kw = dict(vocab_size=model.codebook_size, image_shape=image_shape, r_init=float(config.sample.r_init),
+                   sigma=float(config.sample.sigma))
+    if image_shape and start == 0 and sample_every:
+      write_sample_grid(os.path.join(workdir, "samples", "teacher.png"), make_apply_fn(model), teacher_params,
+                        sample_key, num_classes=model.num_classes, seq_len=model.seq_len,
+                        vocab_size=model.codebook_size, image_shape=image_shape, sample_cfg=config.sample,
+                        has_null_class=model.has_null_class)
+    logging.info("Di[M]O: %s teacher with %d parameters from %s; %d steps at batch %d on %d devices.",
+                 type(model).__name__, models.count_params(teacher_params), teacher_path, steps,
+                 dist.s.batch_size, mesh.size)
+    history, step, t0 = [], start, time.time()
+    with PreemptionGuard() as guard:
+      while step < steps:
+        state, metrics = step_fn(state)
+        step += 1
+        history.append(metrics)
+        progress(step)
+        if step % log_every == 0 or step == steps:
+          final = mean_metrics(history)
+          history = []
+          writer.write_scalars(step, final)
+          if not all(math.isfinite(v) for v in final.values()):
+            raise FloatingPointError(f"non-finite distillation metrics at step {step}: {final}")
+        ckpt.save(step, state, force=step == steps or guard.requested)
+        if image_shape and sample_every and (step % sample_every == 0 or step == steps):
+          _generator_grid(os.path.join(workdir, "samples", f"generator_{step:07d}.png"), model, state.ema_params,
+                          jax.random.fold_in(sample_key, step), **grid_kw)
+        if guard.requested or (stop_after and step >= stop_after and step < steps):
+          logging.info("Stopping at step %d.", step)
+          break
+    ckpt.wait()
+    if step == steps:
+      gen_config = dict(run_config, role="generator")
+      checkpoints.save_params(distill.generator_dir(workdir), jax.device_get(state.gen.params), gen_config,
+                              ema_params=jax.device_get(state.ema_params), step=step)
+    writer.flush()
+    final["step"] = step
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+  logging.info("Distillation stopped at step %d after %.1fs: %s", step, time.time() - t0, final)
+  return final
+
+
 __all__ = [
+    "PreemptionGuard", "train_distill", "compute_overrides",
     "TrainState", "LR_SCHEDULES", "make_lr_schedule", "weight_decay_mask", "make_optimizer", "ema_update",
     "create_writer", "create_progress", "mean_metrics", "make_apply_fn", "dataset_info", "null_labels",
     "evaluate_val_loss", "sample_label_grid", "host_array", "write_sample_grid", "make_train_step", "init_train_state",

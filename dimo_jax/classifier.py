@@ -1,0 +1,365 @@
+"""A small token classifier trained on the project's data: features, logits and accuracy for
+sample-quality metrics on datasets without an Inception network (digits, ``npy`` tokens).
+
+Tokens [B, L] are embedded (a learned table over the vocabulary); an MLP reads the flattened
+embeddings (``arch='mlp'``, the default: fast on CPUs) or, for a grey image raster
+(``image_shape``), a small conv net reads the [H, W, E] grid (``arch='conv'``). The penultimate
+layer (after its ReLU) gives the features, a final dense layer the class logits.
+
+``train_classifier`` fits it with AdamW on the training split; ``load_or_train_classifier``
+caches the result in a folder (``classifier.msgpack`` with the parameters, ``classifier.json``
+with the architecture, training settings, a fingerprint of the data and the validation
+accuracy) and reuses it when all of these match.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import serialization
+
+Dtype = Any
+PARAMS_FILE = "classifier.msgpack"
+META_FILE = "classifier.json"
+FORMAT_VERSION = 1
+
+
+class TokenClassifier(nn.Module):
+  """Token sequences [B, L] -> (features [B, feature_dim], logits [B, num_classes]), float32.
+
+  Attributes:
+    vocab_size: number of token values (inputs are clipped to [0, vocab_size)).
+    seq_len: sequence length L.
+    num_classes: number of classes.
+    image_shape: (H, W) with H * W = L; the raster the conv net reads.
+    arch: 'mlp' (flattened embeddings) or 'conv' (needs image_shape).
+    embed_dim: token embedding width.
+    channels: MLP hidden widths, or conv channels (every second conv has stride 2).
+    feature_dim: width of the penultimate (feature) layer.
+    dropout: dropout rate on the features during training.
+    dtype: compute dtype; param_dtype: parameter dtype.
+  """
+  vocab_size: int
+  seq_len: int
+  num_classes: int
+  image_shape: Optional[Tuple[int, int]] = None
+  arch: str = "mlp"
+  embed_dim: int = 16
+  channels: Tuple[int, ...] = (256,)
+  feature_dim: int = 128
+  dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, *, deterministic: bool = True):
+    if tokens.ndim != 2 or tokens.shape[1] != self.seq_len:
+      raise ValueError(f"tokens must be [B, {self.seq_len}], got shape {tokens.shape}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    tokens = jnp.clip(tokens.astype(jnp.int32), 0, self.vocab_size - 1)
+    x = nn.Embed(self.vocab_size, self.embed_dim, name="embed", **kw)(tokens)  # [B, L, E]
+    batch = tokens.shape[0]
+    if self.arch == "conv":
+      if self.image_shape is None:
+        raise ValueError("arch='conv' needs image_shape (H, W); use arch='mlp' for other token data")
+      h, w = self.image_shape
+      x = x.reshape(batch, h, w, self.embed_dim)
+      for i, ch in enumerate(self.channels):
+        stride = 2 if i % 2 == 1 else 1
+        x = nn.relu(nn.Conv(ch, (3, 3), strides=(stride, stride), padding="SAME", name=f"conv_{i}", **kw)(x))
+      x = x.reshape(batch, -1)
+    elif self.arch == "mlp":
+      x = x.reshape(batch, -1)
+      for i, ch in enumerate(self.channels):
+        x = nn.relu(nn.Dense(ch, name=f"hidden_{i}", **kw)(x))
+    else:
+      raise ValueError(f"classifier arch must be 'mlp' or 'conv', got {self.arch!r}")
+    feats = nn.relu(nn.Dense(self.feature_dim, name="features", **kw)(x))
+    h = nn.Dropout(self.dropout, deterministic=deterministic)(feats)
+    logits = nn.Dense(self.num_classes, name="head", **kw)(h)
+    return feats.astype(jnp.float32), logits.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierSettings:
+  """Architecture and training settings (stored in ``classifier.json``)."""
+  arch: str = "mlp"
+  embed_dim: int = 16
+  channels: Tuple[int, ...] = (256,)
+  feature_dim: int = 128
+  dropout: float = 0.1
+  steps: int = 400
+  batch_size: int = 128
+  lr: float = 3e-3
+  weight_decay: float = 1e-4
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("embed_dim", "feature_dim", "steps", "batch_size"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"classifier setting {name} must be >= 1, got {getattr(self, name)!r}")
+    if not self.channels or any(int(c) < 1 for c in self.channels):
+      raise ValueError(f"classifier setting channels must be a non-empty list of positive ints, "
+                       f"got {self.channels!r}")
+    if self.arch not in ("mlp", "conv"):
+      raise ValueError(f"classifier setting arch must be 'mlp' or 'conv', got {self.arch!r}")
+    if not 0.0 <= float(self.dropout) < 1.0:
+      raise ValueError(f"classifier setting dropout must be in [0, 1), got {self.dropout!r}")
+    if float(self.lr) <= 0:
+      raise ValueError(f"classifier setting lr must be > 0, got {self.lr!r}")
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["channels"] = [int(c) for c in self.channels]
+    return d
+
+
+def build_classifier(vocab_size: int, seq_len: int, num_classes: int, image_shape=None,
+                     settings: Optional[ClassifierSettings] = None) -> TokenClassifier:
+  """The classifier module for the given data sizes and settings."""
+  s = settings or ClassifierSettings()
+  if image_shape is not None:
+    image_shape = tuple(int(v) for v in image_shape)
+    if len(image_shape) != 2 or image_shape[0] * image_shape[1] != seq_len:
+      raise ValueError(f"image_shape {image_shape} must be (H, W) with H * W = seq_len = {seq_len}")
+  if s.arch == "conv" and image_shape is None:
+    raise ValueError("classifier arch='conv' needs data with an image_shape; use arch='mlp'")
+  if num_classes < 2:
+    raise ValueError(f"the classifier needs labelled data with at least 2 classes, got num_classes={num_classes}")
+  return TokenClassifier(vocab_size=int(vocab_size), seq_len=int(seq_len), num_classes=int(num_classes),
+                         image_shape=image_shape, arch=s.arch, embed_dim=int(s.embed_dim),
+                         channels=tuple(int(c) for c in s.channels), feature_dim=int(s.feature_dim),
+                         dropout=float(s.dropout))
+
+
+def make_apply_fn(model: TokenClassifier) -> Callable:
+  """``apply_fn(params, tokens) -> (features, logits)`` in eval mode, jitted."""
+  return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens, deterministic=True))
+
+
+def _check_dataset(dataset):
+  for name in ("train_tokens", "train_labels", "val_tokens", "val_labels", "vocab_size", "num_classes"):
+    if not hasattr(dataset, name):
+      raise ValueError(f"dataset must be a dimo_jax.data.TokenDataset (missing attribute {name!r})")
+  if dataset.train_labels is None or dataset.num_classes < 2:
+    raise ValueError(f"dataset {getattr(dataset, 'name', '')!r} has no class labels (num_classes="
+                     f"{dataset.num_classes}); the classifier needs labelled data (data.labels for npy)")
+
+
+def predict(apply_fn: Callable, params, tokens, batch_size: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
+  """Features [N, D] and logits [N, C] (NumPy float32) in batches of ``batch_size``."""
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 2 or tokens.shape[0] == 0:
+    raise ValueError(f"tokens must be a non-empty [N, L] array, got shape {tokens.shape}")
+  feats, logits = [], []
+  for start in range(0, tokens.shape[0], batch_size):
+    chunk = tokens[start:start + batch_size]
+    n = chunk.shape[0]
+    if n < batch_size and tokens.shape[0] > batch_size:  # pad to keep one compiled shape
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+    f, l = apply_fn(params, jnp.asarray(chunk, jnp.int32))
+    feats.append(np.asarray(f)[:n])
+    logits.append(np.asarray(l)[:n])
+  return np.concatenate(feats), np.concatenate(logits)
+
+
+def accuracy(apply_fn: Callable, params, tokens, labels, batch_size: int = 1024) -> float:
+  """Fraction of ``tokens`` whose argmax logit equals ``labels``."""
+  labels = np.asarray(labels)
+  _, logits = predict(apply_fn, params, tokens, batch_size)
+  if labels.shape != (logits.shape[0],):
+    raise ValueError(f"labels must have shape ({logits.shape[0]},), got {labels.shape}")
+  return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def train_classifier(dataset, steps: Optional[int] = None, seed: Optional[int] = None, *,
+                     settings: Optional[ClassifierSettings] = None) -> Tuple[Callable, Any]:
+  """Fits the classifier on ``dataset``'s training split (a ``data.TokenDataset`` with labels).
+
+  AdamW with a cosine-decayed rate over ``steps`` (default ``settings.steps``), batches drawn
+  with replacement by ``seed``. Returns ``(apply_fn, params)`` with ``apply_fn(params, tokens)
+  -> (features, logits)``.
+  """
+  _check_dataset(dataset)
+  s = settings or ClassifierSettings()
+  if steps is not None or seed is not None:
+    s = dataclasses.replace(s, steps=int(s.steps if steps is None else steps),
+                            seed=int(s.seed if seed is None else seed))
+  model = build_classifier(dataset.vocab_size, dataset.train_tokens.shape[1], dataset.num_classes,
+                           getattr(dataset, "image_shape", None), s)
+  tokens = jnp.asarray(dataset.train_tokens, jnp.int32)
+  labels = jnp.asarray(dataset.train_labels, jnp.int32)
+  n = tokens.shape[0]
+  batch = min(int(s.batch_size), n)
+  key = jax.random.key(int(s.seed))
+  params = model.init(key, tokens[:1])["params"]
+  schedule = optax.cosine_decay_schedule(float(s.lr), int(s.steps))
+  tx = optax.adamw(schedule, weight_decay=float(s.weight_decay))
+  opt_state = tx.init(params)
+
+  def loss_fn(p, x, y, k):
+    _, logits = model.apply({"params": p}, x, deterministic=False, rngs={"dropout": k})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def step(carry, i):
+    p, o = carry
+    k = jax.random.fold_in(key, i)
+    k_idx, k_drop = jax.random.split(k)
+    idx = jax.random.randint(k_idx, (batch,), 0, n)
+    loss, grads = jax.value_and_grad(loss_fn)(p, tokens[idx], labels[idx], k_drop)
+    updates, o = tx.update(grads, o, p)
+    return (optax.apply_updates(p, updates), o), loss
+
+  run = jax.jit(lambda p, o: jax.lax.scan(step, (p, o), jnp.arange(int(s.steps))))
+  start = time.time()
+  (params, _), losses = run(params, opt_state)
+  losses = np.asarray(losses)
+  logging.info("Classifier trained: %d steps in %.1f s, final loss %.4f", s.steps, time.time() - start,
+               float(losses[-20:].mean()))
+  return make_apply_fn(model), params
+
+
+# ---------------------------------------------------------------------------- cache
+def dataset_fingerprint(dataset) -> str:
+  """SHA-1 of the training and validation tokens and labels (and the vocabulary size)."""
+  h = hashlib.sha1()
+  h.update(f"vocab={int(dataset.vocab_size)};classes={int(dataset.num_classes)};".encode())
+  for arr in (dataset.train_tokens, dataset.train_labels, dataset.val_tokens, dataset.val_labels):
+    if arr is None:
+      h.update(b"none")
+      continue
+    arr = np.ascontiguousarray(np.asarray(arr, np.int32))
+    h.update(str(arr.shape).encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()
+
+
+def _atomic_write(path: str, data: bytes):
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _meta(dataset, settings: ClassifierSettings) -> dict:
+  shape = getattr(dataset, "image_shape", None)
+  return {"format_version": FORMAT_VERSION, "vocab_size": int(dataset.vocab_size),
+          "seq_len": int(dataset.train_tokens.shape[1]), "num_classes": int(dataset.num_classes),
+          "image_shape": None if shape is None else [int(v) for v in shape],
+          "data_fingerprint": dataset_fingerprint(dataset), "settings": settings.to_json()}
+
+
+def save_classifier(folder, params, meta: dict) -> str:
+  """Writes ``classifier.msgpack`` and ``classifier.json`` (atomically) into ``folder``."""
+  folder = os.fspath(folder)
+  _atomic_write(os.path.join(folder, PARAMS_FILE), serialization.to_bytes(jax.device_get(params)))
+  _atomic_write(os.path.join(folder, META_FILE), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+  return folder
+
+
+def load_classifier(folder) -> Tuple[Callable, Any, dict]:
+  """``(apply_fn, params, meta)`` of a classifier written by ``save_classifier``."""
+  folder = os.fspath(folder)
+  meta_path, params_path = os.path.join(folder, META_FILE), os.path.join(folder, PARAMS_FILE)
+  for p in (meta_path, params_path):
+    if not os.path.isfile(p):
+      raise FileNotFoundError(f"classifier file not found: {p}; train one with "
+                              "dimo_jax.classifier.load_or_train_classifier(dataset, folder)")
+  with open(meta_path) as f:
+    try:
+      meta = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{meta_path} is not valid JSON ({e}); delete the folder to retrain") from e
+  fields = {f.name for f in dataclasses.fields(ClassifierSettings)}
+  settings = ClassifierSettings(**{k: (tuple(v) if k == "channels" else v)
+                                   for k, v in meta.get("settings", {}).items() if k in fields})
+  model = build_classifier(meta["vocab_size"], meta["seq_len"], meta["num_classes"], meta.get("image_shape"),
+                           settings)
+  target = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, meta["seq_len"]), jnp.int32)))
+  target = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), target["params"])
+  with open(params_path, "rb") as f:
+    try:
+      params = serialization.from_bytes(target, f.read())
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"{params_path} does not match the classifier described in {meta_path} ({e}); "
+                       "delete the folder to retrain") from e
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  return make_apply_fn(model), params, meta
+
+
+def load_or_train_classifier(dataset, folder, *, settings: Optional[ClassifierSettings] = None
+                             ) -> Tuple[Callable, Any, dict]:
+  """The cached classifier in ``folder`` if it was trained on the same data with the same
+  settings; else trains one, measures its validation accuracy and caches it.
+
+  Returns ``(apply_fn, params, meta)``; ``meta`` holds ``val_accuracy``, ``train_accuracy``,
+  ``train_seconds`` and ``cached`` (True when read from the folder).
+  """
+  _check_dataset(dataset)
+  settings = settings or ClassifierSettings()
+  want = _meta(dataset, settings)
+  folder = os.fspath(folder)
+  if os.path.isfile(os.path.join(folder, META_FILE)) and os.path.isfile(os.path.join(folder, PARAMS_FILE)):
+    try:
+      apply_fn, params, meta = load_classifier(folder)
+    except (ValueError, KeyError, TypeError) as e:
+      logging.warning("Ignoring the classifier cached in %s (%s); retraining.", folder, e)
+    else:
+      if all(meta.get(k) == v for k, v in want.items()):
+        logging.info("Using the classifier cached in %s (val accuracy %.4f).", folder,
+                     meta.get("val_accuracy", float("nan")))
+        return apply_fn, params, dict(meta, cached=True)
+      logging.info("The classifier cached in %s was trained on other data or settings; retraining.", folder)
+  start = time.time()
+  apply_fn, params = train_classifier(dataset, settings=settings)
+  seconds = time.time() - start
+  meta = dict(want, train_seconds=round(seconds, 3),
+              train_accuracy=accuracy(apply_fn, params, dataset.train_tokens, dataset.train_labels))
+  if dataset.val_labels is not None and dataset.val_tokens.shape[0] > 0:
+    meta["val_accuracy"] = accuracy(apply_fn, params, dataset.val_tokens, dataset.val_labels)
+  else:
+    meta["val_accuracy"] = None
+  if jax.process_index() == 0:
+    save_classifier(folder, params, meta)
+  logging.info("Classifier: train accuracy %.4f, val accuracy %s (%.1f s); cached in %s",
+               meta["train_accuracy"], meta["val_accuracy"], seconds, folder)
+  return apply_fn, params, dict(meta, cached=False)
+
+
+def settings_from_config(cfg) -> ClassifierSettings:
+  """``ClassifierSettings`` from a mapping (e.g. ``config.evaluate.classifier``); unknown keys fail."""
+  if cfg is None:
+    return ClassifierSettings()
+  items = dict(cfg.items()) if hasattr(cfg, "items") else {}
+  fields = {f.name for f in dataclasses.fields(ClassifierSettings)}
+  unknown = sorted(set(items) - fields)
+  if unknown:
+    raise ValueError(f"config.evaluate.classifier has unknown field(s) {unknown}; known: {sorted(fields)}")
+  if "channels" in items:
+    items["channels"] = tuple(int(c) for c in items["channels"])
+  return ClassifierSettings(**items)
+
+
+__all__ = [
+    "TokenClassifier", "ClassifierSettings", "build_classifier", "make_apply_fn", "train_classifier",
+    "predict", "accuracy", "dataset_fingerprint", "save_classifier", "load_classifier",
+    "load_or_train_classifier", "settings_from_config",
+]
