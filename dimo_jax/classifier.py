@@ -14,12 +14,13 @@ accuracy) and reuses it when all of these match.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -143,8 +144,9 @@ def build_classifier(vocab_size: int, seq_len: int, num_classes: int, image_shap
                          dropout=float(s.dropout))
 
 
+@functools.lru_cache(maxsize=16)
 def make_apply_fn(model: TokenClassifier) -> Callable:
-  """``apply_fn(params, tokens) -> (features, logits)`` in eval mode, jitted."""
+  """``apply_fn(params, tokens) -> (features, logits)`` in eval mode, jitted (cached per model)."""
   return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens, deterministic=True))
 
 
@@ -157,8 +159,9 @@ def _check_dataset(dataset):
                      f"{dataset.num_classes}); the classifier needs labelled data (data.labels for npy)")
 
 
-def predict(apply_fn: Callable, params, tokens, batch_size: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
-  """Features [N, D] and logits [N, C] (NumPy float32) in batches of ``batch_size``."""
+def predict(apply_fn: Callable, params, tokens, batch_size: int = 256) -> Tuple[np.ndarray, np.ndarray]:
+  """Features [N, D] and logits [N, C] (NumPy float32) in batches of ``batch_size`` (the last
+  one padded, so one compiled program serves every call)."""
   tokens = np.asarray(tokens)
   if tokens.ndim != 2 or tokens.shape[0] == 0:
     raise ValueError(f"tokens must be a non-empty [N, L] array, got shape {tokens.shape}")
@@ -166,7 +169,7 @@ def predict(apply_fn: Callable, params, tokens, batch_size: int = 1024) -> Tuple
   for start in range(0, tokens.shape[0], batch_size):
     chunk = tokens[start:start + batch_size]
     n = chunk.shape[0]
-    if n < batch_size and tokens.shape[0] > batch_size:  # pad to keep one compiled shape
+    if n < batch_size:  # one compiled shape
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
     f, l = apply_fn(params, jnp.asarray(chunk, jnp.int32))
     feats.append(np.asarray(f)[:n])
@@ -174,7 +177,7 @@ def predict(apply_fn: Callable, params, tokens, batch_size: int = 1024) -> Tuple
   return np.concatenate(feats), np.concatenate(logits)
 
 
-def accuracy(apply_fn: Callable, params, tokens, labels, batch_size: int = 1024) -> float:
+def accuracy(apply_fn: Callable, params, tokens, labels, batch_size: int = 256) -> float:
   """Fraction of ``tokens`` whose argmax logit equals ``labels``."""
   labels = np.asarray(labels)
   _, logits = predict(apply_fn, params, tokens, batch_size)

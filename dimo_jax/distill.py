@@ -112,7 +112,8 @@ def ema_update(ema, params, step, decay):
   """EMA with the warm-up rate min(decay, (1 + t) / (10 + t))."""
   t = step.astype(jnp.float32)
   rate = jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
-  return jax.tree_util.tree_map(lambda e, p: (rate * e + (1.0 - rate) * p).astype(e.dtype), ema, params)
+  # e + (1 - rate)(p - e): frozen parameters (p == e) stay bit-exact.
+  return jax.tree_util.tree_map(lambda e, p: (e + (1.0 - rate) * (p - e)).astype(e.dtype), ema, params)
 
 
 class Distiller:

@@ -311,10 +311,12 @@ def compiled_memory(compiled) -> Optional[Dict[str, int]]:
                "temp_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes"):
     if hasattr(m, name):
       out[name] = int(getattr(m, name))
-  if "peak_memory_in_bytes" not in out and "temp_size_in_bytes" in out:
-    out["peak_memory_in_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                                   - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
-  return out
+  sizes = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
+  if all(k in out for k in sizes):
+    # Live at once at worst: arguments, outputs not aliased to them, and the temporaries.
+    out["estimated_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                              - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+  return out or None
 
 
 # ---------------------------------------------------------------------------- timing
@@ -470,8 +472,9 @@ def bench_sampling(cfg, model, params, opts: BenchmarkOptions) -> Dict[str, Any]
     dtype = models.to_dtype(cfg.model.get("dtype", "float32"))
     vmodel = vqgan.TamingVQGAN(vcfg, dtype=dtype)
     tokens = jax.block_until_ready(compiled["generator"](params, key, labels))
-    variables = jax.jit(lambda k: vmodel.init(k, tokens[:1], method="decode_tokens"))(
-        jax.random.key(opts.seed + 2))
+    init, _, _ = _aot(lambda k: vmodel.init(k, tokens[:1], method="decode_tokens"),
+                      (jax.random.key(opts.seed + 2),), opts)
+    variables = init(jax.random.key(opts.seed + 2))
     variables = jax.device_put(variables, dev)
     decode, lower_s, compile_s = _aot(
         lambda v, t: vqgan.decode_tokens(v, t, config=vcfg, dtype=dtype), (variables, tokens), opts)
@@ -505,6 +508,7 @@ def run_benchmark(config, opts: BenchmarkOptions) -> Dict[str, Any]:
   """Runs every measurement; writes ``<opts.out>/benchmark.{json,md}`` when ``opts.out`` is set.
   Returns the JSON record (a dict of plain Python values)."""
   opts.validate()
+  load_start = _load_average()
   cfg = prepare_config(config, opts)
   sizes = data_sizes(cfg)
   info = device_info()
@@ -513,8 +517,8 @@ def run_benchmark(config, opts: BenchmarkOptions) -> Dict[str, Any]:
                      "use --attention=xla")
   model = models.build_model(cfg.model, **sizes)
   t0 = time.perf_counter()
-  teacher_params = jax.block_until_ready(
-      jax.jit(lambda k: models.init_params(model, k))(jax.random.key(opts.seed)))
+  init, _, _ = _aot(lambda k: models.init_params(model, k), (jax.random.key(opts.seed),), opts)
+  teacher_params = jax.block_until_ready(init(jax.random.key(opts.seed)))
   init_s = time.perf_counter() - t0
   n_params = models.count_params(teacher_params)
 
@@ -570,6 +574,7 @@ def run_benchmark(config, opts: BenchmarkOptions) -> Dict[str, Any]:
       "options": dataclasses.asdict(opts),
       "step": step, "memory": memory, "flops": flop_record, "sampling": sampling,
       "comparable_to_reference": comparable, "reference": REFERENCE, "goals": GOALS,
+      "host_load_average": {"start": load_start, "end": _load_average()},
   }
   record = _plain(record)
   if opts.out:
@@ -579,6 +584,14 @@ def run_benchmark(config, opts: BenchmarkOptions) -> Dict[str, Any]:
     with open(os.path.join(opts.out, "benchmark.md"), "w") as f:
       f.write(markdown(record))
   return record
+
+
+def _load_average() -> Optional[list]:
+  """The host's 1, 5 and 15 minute load averages (timings on a shared host are noisy)."""
+  try:
+    return [round(v, 2) for v in os.getloadavg()]
+  except OSError:
+    return None
 
 
 def _plain(x):
@@ -617,7 +630,8 @@ def markdown(r: Dict[str, Any]) -> str:
     return f" ({ref_value / ours:.2f}x)"
 
   peak_gb = None if mem["peak_device_bytes_after_step"] is None else mem["peak_device_bytes_after_step"] / 1e9
-  est = (mem["compiled_step"] or {}).get("peak_memory_in_bytes")
+  est = (mem["compiled_step"] or {}).get("estimated_bytes")
+  xla_peak = (mem["compiled_step"] or {}).get("peak_memory_in_bytes")
   rows = [
       ("distillation step, median (s)", _fmt(s["median_s"], digits=4) + ratio(ref["step_s"], s["median_s"]),
        f"{ref['step_s']} (plain JAX {ref['step_s_plain_jax']})", f"<= {goal['step_s']}"),
@@ -627,7 +641,8 @@ def markdown(r: Dict[str, Any]) -> str:
        f"{ref['compile_s_plain_jax']} (plain JAX)", f"<= {goal['compile_s']}"),
       ("peak device memory after step (GB)", _fmt(peak_gb, digits=4), f"{ref['peak_memory_gb']}",
        f"<= {goal['peak_memory_gb']}"),
-      ("XLA memory estimate of the step (GB)", _fmt(est, 1e-9, 4), "", ""),
+      ("XLA estimate: arguments + outputs - aliased + temporaries (GB)", _fmt(est, 1e-9, 4), "", ""),
+      ("XLA peak_memory_in_bytes of the step (GB)", _fmt(xla_peak, 1e-9, 4), "", ""),
       ("host peak RSS (GB)", _fmt(mem["host_peak_rss_bytes"], 1e-9, 4), "", ""),
       ("FLOPs per step, analytic (TFLOP)",
        f"{_fmt(fl['analytic_per_step'], 1e-12, 4)} ({fl['forward_equivalents']} fwd-eq)",
@@ -640,7 +655,7 @@ def markdown(r: Dict[str, Any]) -> str:
        "", ""),
       ("MFU (analytic / unrolled count)", f"{_fmt(fl['mfu_analytic'])} / {_fmt(fl['mfu_counted'])}",
        f"floor 0.075 s at {ref['measured_bf16_peak_tflops']:g} TFLOP/s", ""),
-      ("peak FLOP/s per device", f"{_fmt(fl['peak_flops_per_device'], 1e-12, 4)} T ({fl['peak_source']})",
+      ("peak FLOP/s per device", f"{_fmt(fl['peak_flops_per_device'], 1e-12, 4, ' T')} ({fl['peak_source']})",
        "", ""),
   ]
   sp = r.get("sampling")
@@ -671,7 +686,9 @@ def markdown(r: Dict[str, Any]) -> str:
       "# Di[M]O benchmark", "",
       f"- command: `{r['command']}`",
       f"- device: {r['device_kind']} x {r['device_count']} ({r['backend']}), date {r['date']}, "
-      f"jax {r['jax_version']}",
+      f"jax {r['jax_version']}"
+      + (f", host load average {r['host_load_average']['start']} at the start"
+         if r.get("host_load_average", {}).get("start") and r["platform"] == "cpu" else ""),
       f"- model: {m['arch']} {m['depth']} x {m['width']}, {m['heads']} heads, {r['params']:,} parameters, "
       f"{m['seq_len']} tokens, codebook {m['codebook_size']}, {m['num_classes']} classes; compute "
       f"{m['dtype']}, params {m['param_dtype']}, logits {m['logits_dtype']}; attention {m['attention']}, "

@@ -12,7 +12,7 @@ equally large i.i.d. sample from the truth itself.
 
 Each variant is a dict of ``config.distill`` overrides (plus ``name``); all variants start from
 the same teacher. Prints a markdown table and writes ``results.json`` and ``results.md`` to
-``--out`` (the teacher parameters are cached in ``--out/teacher.msgpack``).
+``--out`` (the teacher parameters and its rows are cached there, keyed by the teacher settings).
 """
 from __future__ import annotations
 
@@ -90,15 +90,6 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------- scoring
-def diversity(joint: toys.Joint, samples: np.ndarray) -> dict:
-  """Distinct sequences, plug-in entropy (nats) of the sequences, and the top sequence's share."""
-  idx = joint.index(samples)
-  counts = np.bincount(idx, minlength=len(joint.probs)).astype(np.float64)
-  f = counts[counts > 0] / counts.sum()
-  return {"distinct": int((counts > 0).sum()), "entropy": float(-(f * np.log(f)).sum()),
-          "top_share": float(f.max())}
-
-
 def draw(fn, n: int, batch: int, key) -> np.ndarray:
   out = []
   for i in range(-(-n // batch)):
@@ -133,12 +124,15 @@ def train_teacher(args, joint, model):
   return state.ema_params
 
 
-def load_or_train_teacher(args, joint, model):
-  from flax import serialization  # pylint: disable=import-outside-toplevel
-  tag = (f"v{args.vocab}_l{args.seq_len}_c{args.chains}_j{args.joint_seed}_w{args.width}_d{args.depth}_"
+def teacher_tag(args) -> str:
+  return (f"v{args.vocab}_l{args.seq_len}_c{args.chains}_j{args.joint_seed}_w{args.width}_d{args.depth}_"
          f"s{args.teacher_steps}_b{args.teacher_batch}_lr{args.teacher_lr}_{args.teacher_loss_on}_"
          f"ls{args.teacher_label_smoothing}_seed{args.seed}")
-  path = os.path.join(args.out, f"teacher_{tag}.msgpack")
+
+
+def load_or_train_teacher(args, joint, model):
+  from flax import serialization  # pylint: disable=import-outside-toplevel
+  path = os.path.join(args.out, f"teacher_{teacher_tag(args)}.msgpack")
   template = models.init_params(model, jax.random.key(0))
   if os.path.exists(path):
     with open(path, "rb") as f:
@@ -158,6 +152,11 @@ def teacher_rows(args, joint, model, params, floor):
   rows = []
   if args.teacher_rows == "none":
     return rows
+  cache = os.path.join(args.out, f"teacher_rows_{teacher_tag(args)}_n{args.num_samples}_{args.teacher_rows}.json")
+  if os.path.exists(cache):
+    with open(cache) as f:
+      print(f"teacher rows: loaded {cache}", flush=True)
+      return json.load(f)
   step_list = [1, joint.seq_len] if args.teacher_rows == "ends" else list(range(1, joint.seq_len + 1))
   for name in ("confidence", "ancestral"):
     for steps in step_list:
@@ -171,8 +170,10 @@ def teacher_rows(args, joint, model, params, floor):
       x = draw(fn, args.num_samples, 10000, jax.random.key(100 + steps))
       tv = toys.tv_distance(joint, x)
       rows.append({"model": f"teacher {name}", "steps": steps, "tv": tv, "tv_over_floor": tv / floor,
-                   **diversity(joint, x[: args.diversity_samples])})
+                   **toys.diversity(joint, x[: args.diversity_samples])})
       print(f"  teacher {name} {steps} steps: TV {tv:.4f}", flush=True)
+  with open(cache, "w") as f:
+    json.dump(rows, f, indent=1)
   return rows
 
 
@@ -211,7 +212,7 @@ def distill_variant(args, joint, model, teacher_params, variant, floor):
   for which, params in (("generator", state.gen.params), ("generator EMA", state.ema_params)):
     tv, x = score(params, args.num_samples, seed=11)
     rows.append({"model": f"Di[M]O {which} [{variant.get('name')}]", "steps": 1, "tv": tv,
-                 "tv_over_floor": tv / floor, **diversity(joint, x[: args.diversity_samples])})
+                 "tv_over_floor": tv / floor, **toys.diversity(joint, x[: args.diversity_samples])})
   return rows, {"name": variant.get("name"), "settings": opts, "curve": curve,
                 "seconds": time.time() - t0}
 
@@ -233,7 +234,7 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   joint = toys.markov_mixture(args.vocab, args.seq_len, args.chains, seed=args.joint_seed)
   floor = toys.sampling_floor(joint, args.num_samples, seed=args.seed + 5)
-  truth_div = diversity(joint, joint.sample(np.random.default_rng(args.seed + 6), args.diversity_samples))
+  truth_div = toys.diversity(joint, joint.sample(np.random.default_rng(args.seed + 6), args.diversity_samples))
   print(f"truth: {len(joint.probs)} sequences, floor TV at n={args.num_samples}: {floor:.4f}", flush=True)
   model = models.MaskTransformer(codebook_size=args.vocab, seq_len=args.seq_len, num_classes=0,
                                  width=args.width, depth=args.depth, heads=4, mlp_dim=4 * args.width)

@@ -159,3 +159,54 @@ def test_bad_config_errors(tmp_path):
   cfg.model.arch = "bert"
   with pytest.raises(ValueError, match="label_dropout"):
     train.train_teacher(cfg, str(tmp_path / "bert"))
+
+
+# ---------------------------------------------------------------------------- mode=distill
+DISTILL_STEPS = 12
+
+
+def distill_config(teacher_dir, steps=DISTILL_STEPS):
+  c = tiny_config()
+  c.mode = "distill"
+  c.teacher.checkpoint = str(teacher_dir)
+  c.teacher.guidance = 2.0
+  c.distill.steps = steps
+  c.distill.batch_size = 8
+  c.distill.warmup_steps = 2
+  c.distill.gen_lr = 1e-3
+  c.distill.aux_lr = 1e-3
+  c.distill.checkpoint_every = 4
+  c.distill.log_every = 4
+  c.distill.sample_every = steps
+  c.distill.gen_dropout = True  # dropout randomness must also be reproduced on resume
+  return c
+
+
+def test_distill_resume_equals_uninterrupted_and_writes_generator(full_run, tmp_path):
+  from dimo_jax import distill, sample
+  _, teacher_dir, _ = full_run
+  cfg = distill_config(teacher_dir)
+  out = train.train_distill(cfg, str(tmp_path / "full"))
+  assert out["step"] == DISTILL_STEPS and np.isfinite(out["gen/grad_norm"]) and out["gen/nan_count"] == 0
+  assert os.path.isfile(tmp_path / "full" / "samples" / "teacher.png")
+  assert os.path.isfile(tmp_path / "full" / "samples" / f"generator_{DISTILL_STEPS:07d}.png")
+  # Killed after step 10 (latest checkpoint 8), then rerun to the end.
+  part = train.train_distill(cfg, str(tmp_path / "resumed"), stop_after=10)
+  assert part["step"] == 10
+  assert not os.path.isdir(distill.generator_dir(tmp_path / "resumed"))  # only a finished run writes it
+  train.train_distill(cfg, str(tmp_path / "resumed"))
+  m1, g1, stored = distill.load_generator(tmp_path / "full")
+  m2, g2, _ = distill.load_generator(tmp_path / "resumed")
+  assert stored["role"] == "generator" and m1 == m2
+  assert _leaves_equal(g1, g2)
+  # The generator moved away from the teacher.
+  _, t_params, _ = sample.load_teacher(teacher_dir)
+  assert not _leaves_equal(g1["blocks"], t_params["blocks"])
+  # Frozen parameters stayed at the teacher's values.
+  assert _leaves_equal(g1["tok_emb"], t_params["tok_emb"])
+
+
+def test_distill_missing_teacher_fails_clearly(tmp_path):
+  cfg = distill_config(tmp_path / "no_such_teacher")
+  with pytest.raises(FileNotFoundError, match="no_such_teacher"):
+    train.train_distill(cfg, str(tmp_path / "run"))
