@@ -112,6 +112,7 @@ def get_config():
   c.distill.checkpoint_every = 500
   c.distill.sample_every = 1000
   c.distill.keep_checkpoints = 2
+  c.distill.evaluate_at_end = True  # run mode=evaluate on the finished generator and print the table
 
   # ---------------------------------------------------------------- sampling (mode=sample)
   c.sample = ml_collections.ConfigDict()
@@ -133,6 +134,36 @@ def get_config():
   c.sample.sigma = 0.1
   c.sample.output = ""  # '' = <workdir>/samples.npy
   c.sample.seed = 0
+
+  # ---------------------------------------------------------------- evaluation (mode=evaluate)
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.teacher_checkpoint = ""  # '' = config.teacher.checkpoint
+  c.evaluate.generator = ""  # '' = the workdir (its generator/ folder)
+  c.evaluate.teacher_steps = (1, 2, 4, 8, 16)
+  c.evaluate.generator_temperatures = (1.0,)
+  c.evaluate.r_init = 0.6
+  c.evaluate.sigma = 0.1
+  c.evaluate.per_class = 100
+  c.evaluate.num_samples = 0  # 0 = per_class x classes
+  c.evaluate.batch_size = 250
+  c.evaluate.seed = 0
+  c.evaluate.use_ema = True
+  c.evaluate.reference_split = "val"  # val | train | all
+  c.evaluate.real_rows = True
+  c.evaluate.inception_path = ""  # FID Inception weights (pt_inception-2015-12-05-6726825d.pth)
+  c.evaluate.reference_stats = ""  # .npz with mu / sigma
+  c.evaluate.reference_images = ""
+  c.evaluate.reference_image_size = 256
+  c.evaluate.classifier_dir = ""  # '' = <workdir>/eval/classifier
+  c.evaluate.classifier = ml_collections.ConfigDict()
+  c.evaluate.prdc_k = 3
+  c.evaluate.is_splits = 10
+  c.evaluate.entropy_samples = 256
+  c.evaluate.entropy_threshold = 0.01  # 17 levels and label smoothing: 1e-3 counts every level
+  c.evaluate.timing_repeats = 3
+  c.evaluate.grid_steps = (1, 4, 16)
+  c.evaluate.grid_columns = 10
+  c.evaluate.output_dir = ""  # '' = <workdir>/eval
 
   # ---------------------------------------------------------------- devices
   c.mesh = ml_collections.ConfigDict()

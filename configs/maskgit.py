@@ -121,4 +121,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sample.sigma = 0.1
   c.sample.num = 50_000  # 50 per class
   c.sample.batch_size = PER_DEVICE_BATCH * devices
+
+  # ---------------------------------------------------------------- evaluation (paper Table 1)
+  c.distill.evaluate_at_end = False  # 50k samples: run --config.mode=evaluate separately
+  c.evaluate.teacher_steps = (2, 4, 8, 16)
+  c.evaluate.generator_temperatures = (1.0, 3.0, 7.0)  # FID is best near 7, IS at low temperature
+  c.evaluate.per_class = 50
+  c.evaluate.batch_size = PER_DEVICE_BATCH * devices
+  c.evaluate.inception_path = "pretrained/pt_inception-2015-12-05-6726825d.pth"
+  c.evaluate.reference_stats = "pretrained/fid_stats_imagenet256_guided_diffusion.npz"
+  c.evaluate.entropy_threshold = 1e-3
+  c.evaluate.grid_columns = 8
   return c

@@ -7,6 +7,7 @@ diffusion model, ``sample`` draws samples from a trained one, ``distill`` runs D
 from __future__ import annotations
 
 import importlib
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -106,9 +107,17 @@ def define_flags(flag_values=flags.FLAGS, sys_argv=None):
 _CONFIG, _WORKDIR = define_flags()
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops the checkpoint library's routine INFO lines (warnings and errors still show)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "orbax" not in (record.pathname or "")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  std_logging.getLogger("absl").addFilter(_QuietLibraries())
   result = run(_CONFIG.value, _WORKDIR.value)
   if isinstance(result, dict):
     logging.info("Result: %s", {k: v for k, v in result.items() if not hasattr(v, "shape")})

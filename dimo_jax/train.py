@@ -642,6 +642,13 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
     if writer is not None:
       writer.close()
   logging.info("Distillation stopped at step %d after %.1fs: %s", step, time.time() - t0, final)
+  if step == steps and dc.get("evaluate_at_end", False):
+    from dimo_jax import evaluate  # pylint: disable=import-outside-toplevel
+    results = evaluate.run_evaluate(config, workdir)
+    table = evaluate.format_table(results)
+    if jax.process_index() == 0:
+      print(table, flush=True)
+    final["table"] = table
   return final
 
 

@@ -50,7 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dimo_jax import distill, masking, models, samplers, sharding, vqgan  # noqa: E402
+from dimo_jax import distill, models, samplers, sharding, vqgan  # noqa: E402
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity), matched in order against
 # ``device.device_kind`` (lower case). Our H200 reference measured about 790 TFLOP/s in a bf16
@@ -338,6 +338,12 @@ def _timed(fn: Callable[[], Any], reps: int, warmup: int) -> Dict[str, Any]:
           "times_s": times}
 
 
+def _compile(lowered, opts: BenchmarkOptions):
+  if opts.fast_compile:
+    return lowered.compile(compiler_options=FAST_COMPILE_OPTIONS)
+  return lowered.compile()
+
+
 def _compile_step(dist: distill.Distiller, state, mesh, donate: bool):
   """(jitted step, placed state): ``Distiller.jit_step``, or the same without donation."""
   fn, placed = dist.jit_step(state, mesh)
@@ -363,10 +369,7 @@ def bench_step(cfg, model, teacher_params, opts: BenchmarkOptions) -> Dict[str, 
   lowered = fn.lower(state)
   lower_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  if opts.fast_compile:
-    compiled = lowered.compile(compiler_options=FAST_COMPILE_OPTIONS)
-  else:
-    compiled = lowered.compile()
+  compiled = _compile(lowered, opts)
   compile_s = time.perf_counter() - t0
   try:
     counted = _cost(compiled.cost_analysis())
@@ -425,7 +428,7 @@ def _aot(fn: Callable, args, opts: BenchmarkOptions):
   lowered = jax.jit(fn).lower(*args)
   lower_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  compiled = lowered.compile(compiler_options=FAST_COMPILE_OPTIONS) if opts.fast_compile else lowered.compile()
+  compiled = _compile(lowered, opts)
   return compiled, lower_s, time.perf_counter() - t0
 
 
@@ -663,7 +666,8 @@ def markdown(r: Dict[str, Any]) -> str:
     n = sp["batch"]
     t, g = sp["teacher"], sp["generator"]
     rows += [
-        (f"teacher {sp['teacher_steps']} steps, w={sp['guidance']:g} {sp['guidance_schedule']}, {n} images (s)",
+        (f"teacher {sp['teacher_steps']} steps, w={sp['guidance']:g} {sp['guidance_schedule']}, "
+         f"{n} images (s)",
          _fmt(t["median_s"], digits=4) + ratio(ref["teacher_16_steps_64_images_s"], t["median_s"]),
          f"{ref['teacher_16_steps_64_images_s']}", ""),
         (f"generator 1 step, {n} images (ms)",

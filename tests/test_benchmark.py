@@ -62,7 +62,7 @@ def test_smoke_writes_json_and_markdown_with_every_field(smoke):
   assert loaded == record
   for key in ("command", "date", "jax_version", "backend", "device_kind", "device_count", "model",
               "params", "step", "memory", "flops", "sampling", "reference", "goals",
-              "comparable_to_reference"):
+              "comparable_to_reference", "host_load_average"):
     assert key in loaded, key
   assert loaded["device_count"] == jax.device_count() >= 1
   assert loaded["jax_version"] == jax.__version__
@@ -192,7 +192,8 @@ def test_flags_parse_into_options():
   bm.define_flags(fv, sys_argv=argv)
   fv(argv)
   opts = bm.options_from_flags(fv, argv)
-  assert (opts.steps, opts.attention, opts.remat, opts.donate, opts.skip_vqgan) == (3, "xla", "dots", False, True)
+  got = (opts.steps, opts.attention, opts.remat, opts.donate, opts.skip_vqgan)
+  assert got == (3, "xla", "dots", False, True)
   assert opts.config_file.endswith("maskgit.py") and "--steps=3" in opts.command
   cfg = bm.prepare_config(fv.config, opts)
   assert cfg.model.depth == 2 and cfg.model.remat == "dots" and cfg.model.attention_impl == "xla"
