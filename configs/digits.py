@@ -8,7 +8,7 @@ import ml_collections
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.mode = "distill"  # teacher | distill | sample | evaluate | benchmark
+  c.mode = "distill"  # teacher | distill | sample | evaluate
   c.seed = 3407
 
   # ---------------------------------------------------------------- data

@@ -19,7 +19,6 @@ MODES = {
     "sample": ("dimo_jax.sample", "run_sample"),
     "distill": ("dimo_jax.train", "train_distill"),
     "evaluate": ("dimo_jax.evaluate", "run_evaluate"),
-    "benchmark": ("dimo_jax.benchmark", "run_benchmark"),
 }
 
 _MULTI_PROCESS_VARS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")

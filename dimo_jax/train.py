@@ -358,6 +358,35 @@ def _global_batch(local, batch_shard):
   return jax.make_array_from_process_local_data(batch_shard, local)
 
 
+# ---------------------------------------------------------------------------- loop setup
+def _loop_setup(section, name: str, workdir: str, stop_after: Optional[int]):
+  """Checks the common loop fields of ``config.<name>``; returns (steps, stop_after, workdir)."""
+  if not workdir:
+    raise ValueError(f"config.{name}: the run needs a workdir (--workdir=<dir>)")
+  steps = int(section.steps)
+  if steps < 1:
+    raise ValueError(f"config.{name}.steps must be >= 1, got {steps}")
+  if stop_after is None:
+    stop_after = int(section.get("stop_after", 0) or 0) or None
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  return steps, stop_after, workdir
+
+
+def _checkpointer(section, name: str, workdir: str, steps: int):
+  """The loop's Checkpointer and the step to start from (its latest checkpoint, or 0)."""
+  every = int(section.get("checkpoint_every", 0) or 0)
+  ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir),
+                                  max_to_keep=int(section.get("keep_checkpoints", 2)),
+                                  save_interval=every if every > 0 else steps)
+  start = ckpt.latest_step() or 0
+  if start > steps:
+    ckpt.close()
+    raise ValueError(f"{ckpt.directory!r} holds a checkpoint at step {start}, beyond "
+                     f"config.{name}.steps={steps}; use another --workdir or raise the step count")
+  return ckpt, start
+
+
 # ---------------------------------------------------------------------------- mode=teacher
 def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
   """Trains a teacher MDM; checkpoints in ``<workdir>/checkpoints``, config in ``config.json``.
@@ -370,16 +399,8 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   ``eval_every`` > 0 and the run started from scratch).
   """
   from dimo_jax import data  # pylint: disable=import-outside-toplevel
-  if not workdir:
-    raise ValueError("train_teacher needs a workdir (--workdir=<dir>)")
   tc = config.train
-  steps = int(tc.steps)
-  if steps < 1:
-    raise ValueError(f"config.train.steps must be >= 1, got {steps}")
-  if stop_after is None:
-    stop_after = int(tc.get("stop_after", 0) or 0) or None
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  steps, stop_after, workdir = _loop_setup(tc, "train", workdir, stop_after)
 
   ds = data.load_dataset(config.data)
   info = dataset_info(ds)
@@ -399,16 +420,9 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   if batch_size % n_proc:
     raise ValueError(f"config.train.batch_size={batch_size} must be a multiple of the {n_proc} processes")
 
-  ckpt_every = int(tc.get("checkpoint_every", 0) or 0)
-  ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir),
-                                  max_to_keep=int(tc.get("keep_checkpoints", 2)),
-                                  save_interval=ckpt_every if ckpt_every > 0 else steps)
+  ckpt, start = _checkpointer(tc, "train", workdir, steps)
   writer = None
   try:
-    start = ckpt.latest_step() or 0
-    if start > steps:
-      raise ValueError(f"{ckpt.directory!r} holds a checkpoint at step {start}, beyond "
-                       f"config.train.steps={steps}; use another --workdir or raise the step count")
     # Batch k of the run is a pure function of (seed, k): a resumed run continues the stream.
     batches = data.batch_iterator(ds.train_tokens, ds.train_labels, batch_size // n_proc,
                                   int(tc.get("data_seed", config.seed)), shard_index=proc, num_shards=n_proc,
@@ -554,16 +568,8 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   the finished EMA generator is written to ``<workdir>/generator`` for ``mode=sample`` /
   ``mode=evaluate``. Returns the last logged metrics."""
   from dimo_jax import distill, sample  # pylint: disable=import-outside-toplevel
-  if not workdir:
-    raise ValueError("train_distill needs a workdir (--workdir=<dir>)")
   dc = config.distill
-  steps = int(dc.steps)
-  if steps < 1:
-    raise ValueError(f"config.distill.steps must be >= 1, got {steps}")
-  if stop_after is None:
-    stop_after = int(dc.get("stop_after", 0) or 0) or None
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  steps, stop_after, workdir = _loop_setup(dc, "distill", workdir, stop_after)
 
   teacher_path = config.teacher.checkpoint
   model, teacher_params, stored = sample.load_teacher(
@@ -575,16 +581,10 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   dist = distill.build_distiller(config, model)
   state = dist.init_state(teacher_params, int(config.seed))
 
-  ckpt_every = int(dc.get("checkpoint_every", 0) or 0)
-  ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir), max_to_keep=int(dc.get("keep_checkpoints", 2)),
-                                  save_interval=ckpt_every if ckpt_every > 0 else steps)
+  ckpt, start = _checkpointer(dc, "distill", workdir, steps)
   writer = None
   final = {}
   try:
-    start = ckpt.latest_step() or 0
-    if start > steps:
-      raise ValueError(f"{ckpt.directory!r} holds a checkpoint at step {start}, beyond "
-                       f"config.distill.steps={steps}; use another --workdir or raise the step count")
     if start:
       state = ckpt.restore(start, state)
       logging.info("Resumed distillation from %s at step %d.", ckpt.directory, start)

@@ -11,7 +11,7 @@ equally large i.i.d. sample from the truth itself.
   python experiments/markov_mixture.py --out=/tmp/markov --variants='[{"name": "r1", "r_init": "fix_1.0"}]'
 
 Each variant is a dict of ``config.distill`` overrides (plus ``name``); all variants start from
-the same teacher. Prints a markdown table and writes ``results.json`` and ``results.md`` to
+the same teacher. Prints a markdown table and writes ``results_<variant names>.json`` and ``.md`` to
 ``--out`` (the teacher parameters and its rows are cached there, keyed by the teacher settings).
 """
 from __future__ import annotations
@@ -249,9 +249,10 @@ def main(argv=None):
   print(table)
   result = {"args": {k: v for k, v in vars(args).items()}, "floor": floor, "truth_diversity": truth_div,
             "teacher_seconds": teacher_seconds, "rows": rows, "runs": runs}
-  with open(os.path.join(args.out, "results.json"), "w") as f:
+  stem = "results" + "".join(f"_{v.get('name', i)}" for i, v in enumerate(args.variants))
+  with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)
-  with open(os.path.join(args.out, "results.md"), "w") as f:
+  with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
     f.write(table + "\n")
   return result
 
