@@ -211,3 +211,19 @@ def test_distill_missing_teacher_fails_clearly(tmp_path):
   cfg = distill_config(tmp_path / "no_such_teacher")
   with pytest.raises(FileNotFoundError, match="no_such_teacher"):
     train.train_distill(cfg, str(tmp_path / "run"))
+
+
+def test_shipped_digits_teacher_reproduces_its_recorded_val_loss():
+  """pretrained/digits_teacher/README.md records 1.46117 (see the command there)."""
+  from dimo_jax import data, sample
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  model, params, stored = sample.load_teacher(os.path.join(root, "pretrained", "digits_teacher"))
+  cfg = digits.get_config()
+  assert stored["model"]["width"] == model.width == cfg.model.width
+  ds = data.load_dataset(cfg.data)
+  out = train.evaluate_val_loss(train.make_apply_fn(model), params, ds.val_tokens, ds.val_labels,
+                                mask_id=ds.vocab_size, null_label=ds.num_classes,
+                                key=jax.random.fold_in(jax.random.key(int(stored["seed"])), 2),
+                                batch_size=int(stored["train"]["batch_size"]), schedule="arccos", exact=True)
+  assert out["val_loss"] == pytest.approx(1.46117, abs=2e-4)
+  assert out["val_acc"] == pytest.approx(0.5760, abs=1e-3)
