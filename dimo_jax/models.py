@@ -23,7 +23,6 @@ computation dtype and ``param_dtype`` the storage dtype.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -75,8 +74,8 @@ class SelfAttention(nn.Module):
     return nn.Dropout(self.dropout)(out, deterministic=self.deterministic)
 
 
-class PreLNBlock(nn.Module):
-  """x + Attn(LN(x)); x + MLP(LN(x)). Used as a scan body: ``(x, None) -> (x, None)``."""
+class _Block(nn.Module):
+  """Fields shared by the transformer layers; a layer is a scan body ``(x, None) -> (x, None)``."""
   width: int
   heads: int
   mlp_dim: int
@@ -87,6 +86,10 @@ class PreLNBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   deterministic: bool = True
   attention_impl: Optional[str] = None
+
+
+class PreLNBlock(_Block):
+  """x + Attn(LN(x)); x + MLP(LN(x))."""
 
   @nn.compact
   def __call__(self, x, _=None):
@@ -101,18 +104,8 @@ class PreLNBlock(nn.Module):
     return x, None
 
 
-class PostLNBlock(nn.Module):
+class PostLNBlock(_Block):
   """BERT layer: LN(x + Attn(x)); LN(x + MLP(x))."""
-  width: int
-  heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  ln_eps: float = 1e-12
-  gelu_approximate: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  deterministic: bool = True
-  attention_impl: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, _=None):
@@ -349,12 +342,11 @@ def count_params(params) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
 
-@dataclasses.dataclass(frozen=True)
-class FrozenNames:
-  """Parameter names that Di[M]O keeps frozen: token/position embeddings and the output bias."""
-  names: tuple = ("tok_emb", "pos_emb", "out_bias")
+# Parameters Di[M]O keeps frozen: token / position embeddings and the output bias (the output
+# head is tied to the token embedding, so it is frozen too).
+FROZEN_NAMES = ("tok_emb", "pos_emb", "out_bias")
 
 
-def frozen_mask(params, names=FrozenNames().names):
+def frozen_mask(params, names=FROZEN_NAMES):
   """Pytree of bools, True where a leaf lies under one of ``names`` (top-level keys)."""
   return {k: jax.tree_util.tree_map(lambda _: k in names, v) for k, v in params.items()}
