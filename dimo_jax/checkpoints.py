@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import serialization
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -75,7 +76,7 @@ class Checkpointer:
                async_save: bool = True, read_only: bool = False):
     if save_interval < 1:
       raise ValueError(f"save_interval must be >= 1, got {save_interval}")
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = abspath(directory)
     self.save_interval = int(save_interval)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep if max_to_keep and max_to_keep > 0 else None,
@@ -192,12 +193,33 @@ def _json_default(obj):
   return str(obj)
 
 
+def is_remote(path) -> bool:
+  """True for object-store paths such as ``gs://bucket/dir`` (handled through etils.epath)."""
+  return "://" in os.fspath(path)
+
+
+def abspath(path) -> str:
+  """``os.path.abspath`` for local paths; remote paths are returned unchanged."""
+  path = os.fspath(path)
+  return path if is_remote(path) else os.path.abspath(path)
+
+
+def makedirs(path) -> None:
+  if is_remote(path):
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
 def write_config(workdir, config_dict: dict, filename: str = CONFIG_FILE) -> str:
   """Writes ``config_dict`` as JSON to ``<workdir>/config.json`` atomically (temp file + rename)."""
   workdir = os.fspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  makedirs(workdir)
   path = os.path.join(workdir, filename)
   text = json.dumps(config_dict, indent=2, sort_keys=True, default=_json_default)
+  if is_remote(workdir):  # object stores write whole objects: a reader never sees half a file
+    epath.Path(path).write_text(text + "\n")
+    return path
   fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp_", suffix=".json")
   try:
     with os.fdopen(fd, "w") as f:
@@ -212,29 +234,28 @@ def write_config(workdir, config_dict: dict, filename: str = CONFIG_FILE) -> str
 
 def read_config(workdir, filename: str = CONFIG_FILE) -> Optional[dict]:
   """The JSON config stored in ``workdir`` (or None if there is none)."""
-  path = os.path.join(os.fspath(workdir), filename)
-  if not os.path.isfile(path):
+  path = epath.Path(os.fspath(workdir)) / filename
+  if not path.is_file():
     return None
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path!r} is not valid JSON ({e}); delete or fix it") from e
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{os.fspath(path)!r} is not valid JSON ({e}); delete or fix it") from e
 
 
 def checkpoint_dir(workdir) -> str:
-  return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_SUBDIR)
+  return os.path.join(abspath(workdir), CHECKPOINT_SUBDIR)
 
 
 def _has_steps(directory: str) -> bool:
-  return os.path.isdir(directory) and any(
-      name.isdigit() and os.path.isdir(os.path.join(directory, name)) for name in os.listdir(directory))
+  d = epath.Path(directory)
+  return d.is_dir() and any(p.name.isdigit() and p.is_dir() for p in d.iterdir())
 
 
 def resolve_checkpoint_dir(path) -> tuple[str, str]:
   """``(checkpoint folder, workdir)`` for a workdir or its ``checkpoints`` folder."""
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.exists(path):
+  path = abspath(path)
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"checkpoint path {path!r} does not exist; {_TEACHER_HINT}")
   if _has_steps(os.path.join(path, CHECKPOINT_SUBDIR)):
     return os.path.join(path, CHECKPOINT_SUBDIR), path

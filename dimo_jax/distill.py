@@ -300,9 +300,8 @@ class Distiller:
   def jit_step(self, state: DistillState, mesh=None, min_shard_size: int = 2**14):
     """The compiled step and the state placed for it. With a mesh: the batch over
     ('data', 'fsdp'), parameters and optimizer states over 'fsdp', the state donated."""
-    if mesh is None:
-      self.batch_sharding = None
-      return jax.jit(self.step, donate_argnums=0), state
+    if mesh is None:  # one device; explicit shardings keep the compiled program stable across steps
+      mesh = sharding.make_mesh(devices=jax.devices()[:1])
     sharding.check_batch(self.s.batch_size, mesh, "config.distill.batch_size")
     self.batch_sharding = sharding.batch_sharding(mesh)
     shardings = sharding.fsdp_shardings(state, mesh, min_shard_size)

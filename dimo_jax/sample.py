@@ -124,15 +124,35 @@ def output_paths(output: str, workdir: str) -> dict:
   return {"tokens": path, "labels": stem + "_labels.npy", "image": stem + ".png"}
 
 
+def decode_with_vqgan(vqgan_dir: str, tokens: np.ndarray, batch_size: int = 64) -> np.ndarray:
+  """Images ``[N, H, W, 3]`` in [0, 1] from code tokens ``[N, h*w]`` through a converted VQGAN."""
+  from dimo_jax import convert  # pylint: disable=import-outside-toplevel
+  module, variables = convert.load_vqgan(vqgan_dir)
+  decode = jax.jit(lambda v, t: module.apply(v, t, method="decode_tokens"))
+  out = [np.asarray(decode(variables, jnp.asarray(tokens[i:i + batch_size])))
+         for i in range(0, len(tokens), batch_size)]
+  return np.concatenate(out)
+
+
 def write_outputs(tokens: np.ndarray, labels: np.ndarray, paths: dict, *, vocab_size: int,
-                  image_shape=None) -> dict:
-  """Writes tokens, labels and (when ``image_shape`` is set) a PNG grid; returns what was written."""
+                  image_shape=None, vqgan_dir: str = "") -> dict:
+  """Writes tokens, labels and a PNG grid (grey-level tokens when ``image_shape`` is set, or code
+  tokens decoded through the VQGAN in ``vqgan_dir``, which also writes one PNG per sample)."""
   written = {"tokens": paths["tokens"], "labels": paths["labels"], "image": None}
   if jax.process_index() != 0:
     return written
   _atomic_save_npy(paths["tokens"], np.asarray(tokens, np.int32))
   _atomic_save_npy(paths["labels"], np.asarray(labels, np.int32))
-  if image_shape is not None:
+  if vqgan_dir:
+    from dimo_jax import data  # pylint: disable=import-outside-toplevel
+    images = decode_with_vqgan(vqgan_dir, np.asarray(tokens, np.int32))
+    data.save_image_grid(images, paths["image"], scale=1)
+    folder = paths["image"][: -len(".png")] + "_images"
+    for i, (image, label) in enumerate(zip(images, np.asarray(labels))):
+      data.save_image_grid(image[None], os.path.join(folder, f"{i:06d}_class{int(label)}.png"), ncols=1, scale=1)
+    written["image"] = paths["image"]
+    written["images_dir"] = folder
+  elif image_shape is not None:
     from dimo_jax import data  # pylint: disable=import-outside-toplevel
     images = data.tokens_to_images(tokens, vocab_size, image_shape)
     data.save_image_grid(images, paths["image"])
@@ -211,6 +231,12 @@ def sample_teacher(model, params, labels: np.ndarray, sample_cfg) -> np.ndarray:
                   int(sc.get("batch_size", labels.shape[0])), int(sc.get("seed", 0)))
 
 
+def _vqgan_dir(config) -> str:
+  """``config.vqgan.checkpoint`` when the config has a VQGAN section (a missing folder is an error
+  from the loader that names it and the convert command)."""
+  return config.vqgan.get("checkpoint", "") if "vqgan" in config else ""
+
+
 def _source(config, workdir: str) -> str:
   return config.sample.get("checkpoint", "") or workdir
 
@@ -225,7 +251,8 @@ def _run_sample_teacher(config, workdir: str) -> dict:
   labels = parse_labels(sc.get("labels", ""), num, model.num_classes)
   paths = output_paths(sc.get("output", ""), workdir or path)
   tokens = sample_teacher(model, params, labels, sc)
-  written = write_outputs(tokens, labels, paths, vocab_size=model.codebook_size, image_shape=_image_shape(stored))
+  written = write_outputs(tokens, labels, paths, vocab_size=model.codebook_size, image_shape=_image_shape(stored),
+                          vqgan_dir=_vqgan_dir(config))
   logging.info("Wrote %d samples from %s to %s", num, path, written)
   return dict(written, num=num)
 
@@ -263,7 +290,7 @@ def _run_sample_generator(config, workdir: str) -> dict:
   tokens = _batched(lambda key, lab: gen(params, key, lab), labels, int(sc.get("batch_size", num)),
                     int(sc.get("seed", 0)))
   written = write_outputs(tokens, labels, paths, vocab_size=model.codebook_size,
-                          image_shape=_image_shape(stored or {}))
+                          image_shape=_image_shape(stored or {}), vqgan_dir=_vqgan_dir(config))
   return dict(written, num=num)
 
 

@@ -368,8 +368,8 @@ def _loop_setup(section, name: str, workdir: str, stop_after: Optional[int]):
     raise ValueError(f"config.{name}.steps must be >= 1, got {steps}")
   if stop_after is None:
     stop_after = int(section.get("stop_after", 0) or 0) or None
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = checkpoints.abspath(workdir)
+  checkpoints.makedirs(workdir)
   return steps, stop_after, workdir
 
 

@@ -34,10 +34,10 @@ from dimo_jax import distill, models, samplers, toys, train  # noqa: E402  pylin
 # The recommended distillation settings for this joint (docs/proofs.md); variants override them.
 DEFAULT_DISTILL = {
     "steps": 3000,
-    "batch_size": 256,
-    "gen_lr": 1e-4,
-    "aux_lr": 1e-4,
-    "aux_updates": 1,
+    "batch_size": 128,
+    "gen_lr": 3e-4,
+    "aux_lr": 1e-3,
+    "aux_updates": 4,
     "warmup_steps": 100,
     "r_init": "fix_0.6",
     "sigma": 0.1,
@@ -45,7 +45,7 @@ DEFAULT_DISTILL = {
     "beta": 0.0,
     "normalization": "batch",
     "ema_decay": 0.999,
-    "aux_label_smoothing": 0.1,
+    "aux_label_smoothing": 0.0,
     "freeze": ("tok_emb", "pos_emb", "out_bias"),
     "gen_grad_clip": 1.0,
     "gen_temp": 1.0,
@@ -54,7 +54,7 @@ DEFAULT_DISTILL = {
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--out", required=True, help="output folder (results.json, results.md, teacher cache)")
+  p.add_argument("--out", required=True, help="output folder (results_*.json / .md, teacher cache)")
   p.add_argument("--vocab", type=int, default=4)
   p.add_argument("--seq_len", type=int, default=7)
   p.add_argument("--chains", type=int, default=3)
@@ -217,9 +217,9 @@ def distill_variant(args, joint, model, teacher_params, variant, floor):
                 "seconds": time.time() - t0}
 
 
-def markdown(rows, floor, truth_div, n) -> str:
+def markdown(rows, floor, truth_div, n, div_n) -> str:
   lines = [f"Exact TV to the truth from {n} samples (floor: an i.i.d. truth sample of the same size).", "",
-           "| sampler | steps | TV | TV / floor | distinct (5k) | entropy (5k, nats) | top share |",
+           f"| sampler | steps | TV | TV / floor | distinct ({div_n}) | entropy ({div_n}, nats) | top share |",
            "|---|---|---|---|---|---|---|",
            f"| truth sample (floor) | - | {floor:.4f} | 1.00 | {truth_div['distinct']} | "
            f"{truth_div['entropy']:.3f} | {truth_div['top_share']:.3f} |"]
@@ -245,7 +245,7 @@ def main(argv=None):
     r, run = distill_variant(args, joint, model, teacher_params, variant, floor)
     rows += r
     runs.append(run)
-  table = markdown(rows, floor, truth_div, args.num_samples)
+  table = markdown(rows, floor, truth_div, args.num_samples, args.diversity_samples)
   print(table)
   result = {"args": {k: v for k, v in vars(args).items()}, "floor": floor, "truth_diversity": truth_div,
             "teacher_seconds": teacher_seconds, "rows": rows, "runs": runs}

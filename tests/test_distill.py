@@ -102,8 +102,7 @@ def test_ema_warmup_rate():
 
 @pytest.mark.parametrize("overrides", [
     dict(guidance=2.0, guidance_schedule="linear", divergence="jeffreys", beta=-0.2, grad_input="sample",
-         teacher_dropout=True, gen_dropout=True, aux_dropout=True),
-    dict(divergence="js", dmd_weight=True, aux_soft_target=True, normalization="masked",
+         teacher_dropout=True, gen_dropout=True, aux_dropout=True, dmd_weight=True, aux_soft_target=True,
          r_init="random_0.4_0.8", sigma_warmup_steps=5, top_k=4, top_p=0.9, gen_temp=1.5),
 ])
 def test_step_options_run_and_are_deterministic(overrides):

@@ -33,8 +33,7 @@ def test_shapes_and_param_layout(arch):
   assert np.all(np.isfinite(np.asarray(out)))
 
 
-@pytest.mark.parametrize("arch", ["preln", "bert"])
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.parametrize("arch,remat", [("preln", "none"), ("preln", "full"), ("bert", "dots")])
 def test_scanned_equals_unrolled(arch, remat):
   m = small(arch, remat=remat)
   p = models.init_params(m, jax.random.key(1))
