@@ -78,7 +78,7 @@ def get_config():
 
   # ---------------------------------------------------------------- Di[M]O distillation (mode=distill)
   c.distill = ml_collections.ConfigDict()
-  c.distill.steps = 1500
+  c.distill.steps = 600
   c.distill.batch_size = 64  # global
   c.distill.r_init = "fix_0.6"  # 'fix_R' | 'random_LO_HI' | a number
   c.distill.sigma = 0.1  # embedding noise on the generator's visual tokens
@@ -92,8 +92,8 @@ def get_config():
   c.distill.normalization = "batch"  # batch (code: sum / B) | masked (paper: mean over masked tokens)
   c.distill.dmd_weight = False  # paper's DMD-style per-sample weight
   c.distill.grad_input = "init"  # init (x_init) | sample (x_theta with x_init's mask)
-  c.distill.gen_lr = 1e-4
-  c.distill.aux_lr = 1e-4
+  c.distill.gen_lr = 3e-4
+  c.distill.aux_lr = 1e-3  # the auxiliary must track the generator (docs/proofs.md)
   c.distill.warmup_steps = 100
   c.distill.b1 = 0.9
   c.distill.b2 = 0.999
@@ -101,8 +101,8 @@ def get_config():
   c.distill.gen_grad_clip = 1.0
   c.distill.aux_grad_clip = 0.0  # 0: none
   c.distill.freeze = ("tok_emb", "pos_emb", "out_bias")
-  c.distill.aux_updates = 1
-  c.distill.aux_label_smoothing = 0.1
+  c.distill.aux_updates = 4
+  c.distill.aux_label_smoothing = 0.0  # smoothing biases the generator to modes (docs/proofs.md)
   c.distill.aux_soft_target = False
   c.distill.teacher_dropout = False
   c.distill.gen_dropout = False

@@ -193,6 +193,22 @@ def _json_default(obj):
   return str(obj)
 
 
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes ``data`` to a local ``path`` through a temporary file and a rename: a reader never
+  sees half a file, and an interrupted write leaves the old file (or none)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def is_remote(path) -> bool:
   """True for object-store paths such as ``gs://bucket/dir`` (handled through etils.epath)."""
   return "://" in os.fspath(path)
@@ -219,16 +235,8 @@ def write_config(workdir, config_dict: dict, filename: str = CONFIG_FILE) -> str
   text = json.dumps(config_dict, indent=2, sort_keys=True, default=_json_default)
   if is_remote(workdir):  # object stores write whole objects: a reader never sees half a file
     epath.Path(path).write_text(text + "\n")
-    return path
-  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp_", suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text + "\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  else:
+    atomic_write_bytes(path, (text + "\n").encode())
   return path
 
 

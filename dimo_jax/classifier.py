@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Any, Callable, Optional, Tuple
 
@@ -29,6 +28,8 @@ import numpy as np
 import optax
 from absl import logging
 from flax import serialization
+
+from dimo_jax import checkpoints
 
 Dtype = Any
 PARAMS_FILE = "classifier.msgpack"
@@ -248,20 +249,6 @@ def dataset_fingerprint(dataset) -> str:
   return h.hexdigest()
 
 
-def _atomic_write(path: str, data: bytes):
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _meta(dataset, settings: ClassifierSettings) -> dict:
   shape = getattr(dataset, "image_shape", None)
   return {"format_version": FORMAT_VERSION, "vocab_size": int(dataset.vocab_size),
@@ -273,8 +260,10 @@ def _meta(dataset, settings: ClassifierSettings) -> dict:
 def save_classifier(folder, params, meta: dict) -> str:
   """Writes ``classifier.msgpack`` and ``classifier.json`` (atomically) into ``folder``."""
   folder = os.fspath(folder)
-  _atomic_write(os.path.join(folder, PARAMS_FILE), serialization.to_bytes(jax.device_get(params)))
-  _atomic_write(os.path.join(folder, META_FILE), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+  checkpoints.atomic_write_bytes(os.path.join(folder, PARAMS_FILE),
+                                 serialization.to_bytes(jax.device_get(params)))
+  checkpoints.atomic_write_bytes(os.path.join(folder, META_FILE),
+                                 (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
   return folder
 
 

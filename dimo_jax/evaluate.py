@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -45,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dimo_jax import metrics, sample, sharding
+from dimo_jax import checkpoints, metrics, sample, sharding
 
 EVAL_SUBDIR = "eval"
 RESULTS_FILE = "results.json"
@@ -189,25 +188,11 @@ def _r_init_value(spec):
 
 
 # ---------------------------------------------------------------------------- small helpers
-def _atomic_write_bytes(path: str, data: bytes):
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _save_npz(path: str, **arrays):
   import io  # pylint: disable=import-outside-toplevel
   buf = io.BytesIO()
   np.savez(buf, **arrays)
-  _atomic_write_bytes(path, buf.getvalue())
+  checkpoints.atomic_write_bytes(path, buf.getvalue())
 
 
 def _json_default(obj):
@@ -224,7 +209,7 @@ def _json_default(obj):
 
 def _write_json(path: str, obj):
   text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
-  _atomic_write_bytes(path, (text + "\n").encode())
+  checkpoints.atomic_write_bytes(path, (text + "\n").encode())
 
 
 def _canonical(obj):
@@ -467,7 +452,6 @@ def _resolve_teacher_path(config, s: EvalSettings, workdir: str) -> str:
   path = teacher.get("checkpoint", "") if teacher is not None else ""
   if path:
     return path
-  from dimo_jax import checkpoints  # pylint: disable=import-outside-toplevel
   stored = checkpoints.read_config(workdir) or {}
   path = (stored.get("teacher") or {}).get("checkpoint", "")
   if path:
@@ -903,7 +887,7 @@ def save_entropy_png(ent: dict, path: str):
       f"{n} ({'blue' if n == 'teacher' else 'orange'})" for n in names), fill="black")
   buf = __import__("io").BytesIO()
   img.save(buf, format="PNG")
-  _atomic_write_bytes(path, buf.getvalue())
+  checkpoints.atomic_write_bytes(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------- table
