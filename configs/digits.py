@@ -104,6 +104,7 @@ def get_config():
   c.distill.aux_updates = 4
   c.distill.aux_label_smoothing = 0.0  # smoothing biases the generator to modes (docs/proofs.md)
   c.distill.aux_soft_target = False
+  c.distill.smooth_teacher = False  # smooth the teacher like the auxiliary's targets (unbiased fixed point)
   c.distill.teacher_dropout = False
   c.distill.gen_dropout = False
   c.distill.aux_dropout = False

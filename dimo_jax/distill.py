@@ -62,6 +62,7 @@ class DistillSettings:
   aux_updates: int = 1
   aux_label_smoothing: float = 0.1
   aux_soft_target: bool = False
+  smooth_teacher: bool = False
   teacher_dropout: bool = False
   gen_dropout: bool = False
   aux_dropout: bool = False
@@ -208,9 +209,22 @@ class Distiller:
     return self.aux_model.apply({"params": params}, x_t, labels, deterministic=not self.s.aux_dropout,
                                 rngs={"dropout": key})
 
+  def smoothed_teacher_logits(self, t_logits):
+    """log((1 - eps) p + eps u) with u uniform over the codes: the distribution an auxiliary
+    trained with label smoothing eps reaches when the generator equals the teacher."""
+    eps = self.s.aux_label_smoothing
+    p = jax.nn.softmax(t_logits.astype(jnp.float32), -1)
+    uniform = (jnp.arange(p.shape[-1]) < self.codebook).astype(jnp.float32) / self.codebook
+    return jnp.log((1.0 - eps) * p + eps * uniform)
+
   def cotangent(self, t_logits, a_logits, mask):
-    """Token gradient g (zero outside ``mask``, NaN-free) scaled by the configured normaliser."""
+    """Token gradient g (zero outside ``mask``, NaN-free) scaled by the configured normaliser.
+
+    With ``smooth_teacher`` the teacher's distribution is smoothed like the auxiliary's targets,
+    so that g vanishes when the generator matches the teacher (the authors' code does not)."""
     s = self.s
+    if s.smooth_teacher and s.aux_label_smoothing > 0:
+      t_logits = self.smoothed_teacher_logits(t_logits)
     g = divergences.token_gradient(s.divergence, t_logits, a_logits, s.beta)
     g = jnp.where(mask[..., None], g, 0.0)
     nan_count = jnp.sum(~jnp.isfinite(g))

@@ -72,6 +72,21 @@ def test_cotangent_zero_outside_mask_and_normalisations():
   assert float(nans) > 0 and np.all(np.isfinite(np.asarray(g_nan)))
 
 
+def test_smoothed_teacher_gives_zero_gradient_at_the_smoothed_fixed_point():
+  """An auxiliary trained with label smoothing eps on a generator equal to the teacher predicts
+  (1-eps) p + eps u; with smooth_teacher the gradient there is zero, without it it is not."""
+  t = jax.random.normal(jax.random.key(1), (2, L, K + 1))
+  mask = jnp.ones((2, L), bool)
+  for smooth in (True, False):
+    _, _, dist, _ = tiny_setup(aux_label_smoothing=0.1, smooth_teacher=smooth)
+    q_logits = dist.smoothed_teacher_logits(t)
+    g, _ = dist.cotangent(t, q_logits, mask)
+    if smooth:
+      np.testing.assert_allclose(np.asarray(g), 0.0, atol=1e-6)
+    else:
+      assert float(jnp.abs(g).max()) > 1e-3
+
+
 def test_step_updates_trainable_only_and_ema():
   _, _, dist, state = tiny_setup(aux_updates=2)
   step, state = dist.jit_step(state)
