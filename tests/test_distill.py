@@ -156,6 +156,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
     cfg = digits.get_config()
     cfg.distill.batch_size = 16
     cfg.distill.warmup_steps = 0
+    # Adam turns float noise in exactly-zero gradients (the attention key bias) into full-size
+    # steps; a larger eps keeps the comparison about the real gradients.
+    cfg.distill.eps = 1e-3
     cfg.teacher.guidance = 2.0
     model = models.MaskTransformer(codebook_size=8, seq_len=6, num_classes=3, width=16, depth=2, heads=2, mlp_dim=32)
     params = models.init_params(model, jax.random.key(0))
