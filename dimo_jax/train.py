@@ -104,6 +104,17 @@ def create_progress(num_steps: int, writer=None, every_steps: Optional[int] = No
                                          every_steps=every_steps, every_secs=None if every_steps else 60.0)
 
 
+def log_window(history: list, step: int, writer, prefix: str = "") -> dict:
+  """Writes the mean of the metrics gathered since the last call (and empties ``history``);
+  stops the run on a non-finite value."""
+  summary = mean_metrics(history)
+  history.clear()
+  if not all(math.isfinite(v) for v in summary.values()):
+    raise FloatingPointError(f"non-finite metrics at step {step}: {summary}")
+  writer.write_scalars(step, {prefix + k: v for k, v in summary.items()})
+  return summary
+
+
 def mean_metrics(history):
   """Mean of a list of metric dicts (device arrays), fetched once."""
   if not history:
@@ -487,12 +498,7 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
         history.append(metrics)
         progress(step)
         if step % log_every == 0 or step == steps:
-          summary = mean_metrics(history)
-          history = []
-          if not all(math.isfinite(v) for v in summary.values()):
-            raise FloatingPointError(f"non-finite training metrics at step {step}: {summary}")
-          writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-          final["train_loss"] = summary["loss"]
+          final["train_loss"] = log_window(history, step, writer, "train/")["loss"]
         ckpt.save(step, state, force=step == steps or guard.requested)
         if eval_every and step % eval_every == 0 and step != steps:
           writer.write_scalars(step, {f"val/{k[4:]}": v for k, v in validate().items()})
@@ -618,11 +624,7 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
         history.append(metrics)
         progress(step)
         if step % log_every == 0 or step == steps:
-          final = mean_metrics(history)
-          history = []
-          writer.write_scalars(step, final)
-          if not all(math.isfinite(v) for v in final.values()):
-            raise FloatingPointError(f"non-finite distillation metrics at step {step}: {final}")
+          final = log_window(history, step, writer)
         ckpt.save(step, state, force=step == steps or guard.requested)
         if image_shape and sample_every and (step % sample_every == 0 or step == steps):
           _generator_grid(os.path.join(workdir, "samples", f"generator_{step:07d}.png"), model, state.ema_params,
@@ -653,7 +655,7 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
 
 
 __all__ = [
-    "PreemptionGuard", "train_distill", "compute_overrides",
+    "PreemptionGuard", "train_distill", "compute_overrides", "log_window",
     "TrainState", "LR_SCHEDULES", "make_lr_schedule", "weight_decay_mask", "make_optimizer", "ema_update",
     "create_writer", "create_progress", "mean_metrics", "make_apply_fn", "dataset_info", "null_labels",
     "evaluate_val_loss", "sample_label_grid", "host_array", "write_sample_grid", "make_train_step", "init_train_state",
