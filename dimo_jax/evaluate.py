@@ -44,14 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dimo_jax import checkpoints, metrics, sample, sharding
+from dimo_jax import checkpoints, metrics, models, sample, sharding
 
 EVAL_SUBDIR = "eval"
 RESULTS_FILE = "results.json"
 TABLE_FILE = "table.md"
 GRID_FILE = "grid.png"
 ENTROPY_FILE = "entropy.png"
-_COMPUTE_FIELDS = ("dtype", "logits_dtype", "attention_impl")
 
 # Column key -> (header, number format). The table shows the columns some row has.
 COLUMNS = (
@@ -467,7 +466,7 @@ def _load_models(config, s: EvalSettings, workdir: str):
   overrides = None
   model_cfg = config.get("model", None) if hasattr(config, "get") else None
   if model_cfg is not None:
-    overrides = {k: model_cfg.get(k) for k in _COMPUTE_FIELDS}
+    overrides = models.compute_overrides(model_cfg)
   teacher = generator = None
   need_teacher = bool(s.teacher_steps) or s.entropy_samples > 0
   if need_teacher:

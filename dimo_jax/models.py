@@ -310,6 +310,15 @@ def build_model(model_cfg, *, codebook_size: int, seq_len: int, num_classes: int
   return ARCHS[arch](**kwargs)
 
 
+# Fields of ``config.model`` that change how a stored network computes, not what it holds.
+COMPUTE_FIELDS = ("dtype", "param_dtype", "logits_dtype", "remat", "attention_impl", "scan", "dropout")
+
+
+def compute_overrides(model_cfg) -> dict:
+  """The compute-only fields set in ``config.model``, to apply to a stored (teacher) network."""
+  return {k: model_cfg.get(k) for k in COMPUTE_FIELDS if model_cfg.get(k) not in (None, "")}
+
+
 def init_params(model: nn.Module, key, batch: int = 1):
   tokens = jnp.zeros((batch, model.seq_len), jnp.int32)
   labels = jnp.zeros((batch,), jnp.int32)

@@ -24,7 +24,6 @@ from dimo_jax import checkpoints, models
 
 SAMPLERS = ("confidence", "ancestral")
 SAMPLE_MODELS = ("teacher", "generator")
-_COMPUTE_FIELDS = ("dtype", "logits_dtype", "attention_impl")
 
 
 # ---------------------------------------------------------------------------- labels
@@ -244,7 +243,7 @@ def _source(config, workdir: str) -> str:
 def _run_sample_teacher(config, workdir: str) -> dict:
   sc = config.sample
   path = _source(config, workdir)
-  overrides = {k: config.model.get(k) for k in _COMPUTE_FIELDS} if "model" in config else None
+  overrides = models.compute_overrides(config.model) if "model" in config else None
   use_ema = bool(sc.get("use_ema", config.teacher.get("use_ema", True) if "teacher" in config else True))
   model, params, stored = load_teacher(path, use_ema=use_ema, overrides=overrides)
   num = _check_common(sc, model.seq_len)

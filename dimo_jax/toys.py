@@ -155,3 +155,28 @@ class ExactConditionalTeacher(nn.Module):
 
 def exact_teacher(joint: Joint) -> ExactConditionalTeacher:
   return ExactConditionalTeacher(support=joint.support, probs=joint.probs, codebook_size=joint.vocab_size)
+
+
+def pretrain_copy_mdm(model, key, steps: int, *, loss_on: str = "masked", lr: float = 3e-3, batch: int = 256):
+  """An MDM trained on fresh samples of the copy pair (x, x) with Adam, as a student to start
+  Di[M]O from. With ``loss_on='masked'`` it knows p(x_i | x_j) but not how to copy a visible
+  token, so its one-step samples from x_init rarely agree."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from dimo_jax import losses, masking, models  # pylint: disable=import-outside-toplevel
+  vocab = model.codebook_size
+  tx = optax.adam(lr)
+  params = models.init_params(model, key)
+
+  def step(carry, k):
+    p, opt = carry
+    k1, k2 = jax.random.split(k)
+    x0 = jax.random.randint(k1, (batch,), 0, vocab)
+    x0 = jnp.stack([x0, x0], 1)
+    x_t, mask, _ = masking.forward_mask(k2, x0, vocab, "arccos")
+    loss_fn = lambda q: losses.mdm_loss(model.apply({"params": q}, x_t, jnp.zeros((batch,), jnp.int32)),
+                                        x0, mask, loss_on=loss_on)[0]
+    updates, opt = tx.update(jax.grad(loss_fn)(p), opt, p)
+    return (optax.apply_updates(p, updates), opt), None
+
+  run = jax.jit(lambda p, ks: jax.lax.scan(step, (p, tx.init(p)), ks)[0][0])
+  return run(params, jax.random.split(jax.random.fold_in(key, 1), steps))

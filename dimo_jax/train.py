@@ -551,14 +551,6 @@ class PreemptionGuard:
 
 
 # ---------------------------------------------------------------------------- mode=distill
-COMPUTE_FIELDS = ("dtype", "param_dtype", "logits_dtype", "remat", "attention_impl", "scan", "dropout")
-
-
-def compute_overrides(model_cfg) -> dict:
-  """Compute-only model fields of ``config.model`` that apply to a stored teacher."""
-  return {k: model_cfg.get(k) for k in COMPUTE_FIELDS if model_cfg.get(k) not in (None, "")}
-
-
 def _generator_grid(path, model, params, key, *, vocab_size, image_shape, r_init, sigma):
   from dimo_jax import data, distill  # pylint: disable=import-outside-toplevel
   labels = jnp.asarray(sample_label_grid(model.num_classes))
@@ -580,7 +572,7 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   teacher_path = config.teacher.checkpoint
   model, teacher_params, stored = sample.load_teacher(
       teacher_path, use_ema=bool(config.teacher.get("use_ema", True)),
-      overrides=compute_overrides(config.model))
+      overrides=models.compute_overrides(config.model))
   info = stored.get("dataset") or {}
   image_shape = info.get("image_shape")
   mesh = sharding.make_mesh(int(config.mesh.get("data", -1)), int(config.mesh.get("fsdp", 1)))
@@ -596,7 +588,7 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
       logging.info("Resumed distillation from %s at step %d.", ckpt.directory, start)
     step_fn, state = dist.jit_step(state, mesh)
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    stored_model = dict(stored.get("model", {}), **compute_overrides(config.model))
+    stored_model = dict(stored.get("model", {}), **models.compute_overrides(config.model))
     run_config = dict(cfg, model=stored_model, dataset=info, role="distill")
     if jax.process_index() == 0:
       checkpoints.write_config(workdir, run_config)
@@ -655,7 +647,7 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
 
 
 __all__ = [
-    "PreemptionGuard", "train_distill", "compute_overrides", "log_window",
+    "PreemptionGuard", "train_distill", "log_window",
     "TrainState", "LR_SCHEDULES", "make_lr_schedule", "weight_decay_mask", "make_optimizer", "ema_update",
     "create_writer", "create_progress", "mean_metrics", "make_apply_fn", "dataset_info", "null_labels",
     "evaluate_val_loss", "sample_label_grid", "host_array", "write_sample_grid", "make_train_step", "init_train_state",

@@ -24,12 +24,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import digits  # noqa: E402  pylint: disable=wrong-import-position
-from dimo_jax import distill, losses, masking, models, samplers, toys  # noqa: E402  pylint: disable=wrong-import-position
+from dimo_jax import distill, models, samplers, toys  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def parse_args(argv=None):
@@ -59,26 +58,6 @@ def parse_args(argv=None):
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--num_samples", type=int, default=4000)
   return p.parse_args(argv)
-
-
-def pretrain(model, vocab, key, steps, loss_on, lr, batch=256):
-  """MDM on samples of the truth (x, x); ``loss_on`` 'masked' or 'all'."""
-  tx = optax.adam(lr)
-  params = models.init_params(model, key)
-
-  def step(carry, k):
-    p, opt = carry
-    k1, k2 = jax.random.split(k)
-    x0 = jax.random.randint(k1, (batch,), 0, vocab)
-    x0 = jnp.stack([x0, x0], 1)
-    x_t, mask, _ = masking.forward_mask(k2, x0, vocab, "arccos")
-    loss_fn = lambda q: losses.mdm_loss(model.apply({"params": q}, x_t, jnp.zeros((batch,), jnp.int32)),
-                                        x0, mask, loss_on=loss_on)[0]
-    updates, opt = tx.update(jax.grad(loss_fn)(p), opt, p)
-    return (optax.apply_updates(p, updates), opt), None
-
-  run = jax.jit(lambda p, ks: jax.lax.scan(step, (p, tx.init(p)), ks)[0][0])
-  return run(params, jax.random.split(jax.random.fold_in(key, 1), steps))
 
 
 def stats(joint, x) -> dict:
@@ -123,7 +102,7 @@ def main(argv=None):
     if args.init == "random":
       student = models.init_params(model, key)
     else:
-      student = pretrain(model, v, key, args.pretrain_steps, args.init, args.pretrain_lr)
+      student = toys.pretrain_copy_mdm(model, key, args.pretrain_steps, loss_on=args.init, lr=args.pretrain_lr)
     state = dist.init_state({}, seed, student_params=student)
     if step is None:
       step, state = dist.jit_step(state)

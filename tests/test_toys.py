@@ -2,11 +2,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs import digits
-from dimo_jax import distill, losses, masking, models, samplers, toys
+from dimo_jax import distill, models, samplers, toys
 
 V = 8
 
@@ -127,29 +126,6 @@ def copy_model():
                                 mlp_dim=64, scan=False)
 
 
-def pretrain_masked_only(model, key, steps, batch=256, lr=3e-3):
-  """An MDM trained on samples of the truth with the loss on masked positions only: it knows
-  the conditionals but not how to copy visible tokens, so its one-step samples agree rarely."""
-  tx = optax.adam(lr)
-  params = models.init_params(model, key)
-
-  def step(carry, k):
-    p, opt = carry
-    k1, k2 = jax.random.split(k)
-    x0 = jax.random.randint(k1, (batch,), 0, V)
-    x0 = jnp.stack([x0, x0], 1)
-    x_t, mask, _ = masking.forward_mask(k2, x0, V, "arccos")
-    loss_fn = lambda q: losses.mdm_loss(model.apply({"params": q}, x_t, jnp.zeros((batch,), jnp.int32)),
-                                        x0, mask, loss_on="masked")[0]
-    g = jax.grad(loss_fn)(p)
-    updates, opt = tx.update(g, opt, p)
-    return (optax.apply_updates(p, updates), opt), None
-
-  (params, _), _ = jax.jit(lambda p, ks: jax.lax.scan(step, (p, tx.init(p)), ks))(
-      params, jax.random.split(jax.random.fold_in(key, 1), steps))
-  return params
-
-
 def one_step_stats(generate, params):
   x = np.asarray(generate(params, jax.random.key(99)))
   return float((x[:, 0] == x[:, 1]).mean()), toys.position_entropy(x, V), x
@@ -168,7 +144,7 @@ def run_copy_pair_dimo():
   model = copy_model()
   generate = jax.jit(lambda p, k: distill.one_step_generate(model, p, k, jnp.zeros((4000,), jnp.int32),
                                                             r_init=0.6, sigma=0.1))
-  student = pretrain_masked_only(model, jax.random.key(0), steps=100)
+  student = toys.pretrain_copy_mdm(model, jax.random.key(0), steps=100)
   agree0, _, _ = one_step_stats(generate, student)
   assert agree0 < 0.5
 
