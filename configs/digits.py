@@ -93,6 +93,7 @@ def get_config():
   c.distill.dmd_weight = False  # paper's DMD-style per-sample weight
   c.distill.grad_input = "init"  # init (x_init) | sample (x_theta with x_init's mask)
   c.distill.gen_lr = 3e-4
+  c.distill.gen_lr_schedule = "constant"  # constant (authors) | cosine (to 0 at distill.steps)
   c.distill.aux_lr = 1e-3  # the auxiliary must track the generator (docs/proofs.md)
   c.distill.warmup_steps = 100
   c.distill.b1 = 0.9

@@ -89,6 +89,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.distill.dmd_weight = False
   c.distill.grad_input = "init"
   c.distill.gen_lr = 1e-5
+  c.distill.gen_lr_schedule = "constant"  # constant (authors) | cosine (to 0 at distill.steps)
   c.distill.aux_lr = 1e-5
   c.distill.warmup_steps = 100
   c.distill.b1 = 0.9

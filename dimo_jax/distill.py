@@ -93,11 +93,30 @@ class DistillSettings:
     return cls(**kwargs)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def make_schedule(lr: float, *, warmup_steps: int = 0, kind: str = "constant", steps: int = 0,
+                  key: str = "config.distill.gen_lr_schedule"):
+  """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then ``constant`` (the authors') or
+  ``cosine`` decay from ``lr`` to 0 at ``steps``."""
+  if kind not in LR_SCHEDULES:
+    raise ValueError(f"{key}={kind!r} is not valid; choose one of {list(LR_SCHEDULES)}")
+  if kind == "constant":
+    return optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else lr
+  if steps <= warmup_steps:
+    raise ValueError(f"{key}='cosine' decays to 0 at config.distill.steps={steps}, which must exceed "
+                     f"config.distill.warmup_steps={warmup_steps}")
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, steps, end_value=0.0)
+
+
 def make_optimizer(lr: float, *, warmup_steps: int = 0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=0.0,
-                   frozen: Optional[Any] = None) -> optax.GradientTransformation:
-  """Adam with linear warm-up then constant rate, optional global-norm clipping, NaN/inf
-  gradients zeroed, and ``frozen`` (a pytree of bools, True = frozen) parameters left unchanged."""
-  schedule = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else lr
+                   frozen: Optional[Any] = None, schedule_kind: str = "constant",
+                   steps: int = 0) -> optax.GradientTransformation:
+  """Adam with linear warm-up then a constant (or cosine-decaying) rate, optional global-norm
+  clipping, NaN/inf gradients zeroed, and ``frozen`` (a pytree of bools, True = frozen)
+  parameters left unchanged."""
+  schedule = make_schedule(lr, warmup_steps=warmup_steps, kind=schedule_kind, steps=steps)
   parts = [optax.zero_nans()]
   if grad_clip and grad_clip > 0:
     parts.append(optax.clip_by_global_norm(grad_clip))
@@ -331,7 +350,8 @@ def build_distiller(config, model, teacher_model=None) -> Distiller:
   shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
   frozen = models.frozen_mask(shapes, tuple(d.get("freeze", ())))
   gen_tx = make_optimizer(d.gen_lr, warmup_steps=d.warmup_steps, b1=d.b1, b2=d.b2, eps=d.eps,
-                          grad_clip=d.gen_grad_clip, frozen=frozen)
+                          grad_clip=d.gen_grad_clip, frozen=frozen,
+                          schedule_kind=d.get("gen_lr_schedule", "constant"), steps=d.get("steps", 0))
   aux_tx = make_optimizer(d.aux_lr, warmup_steps=d.warmup_steps, b1=d.b1, b2=d.b2, eps=d.eps,
                           grad_clip=d.get("aux_grad_clip", 0.0), frozen=frozen)
   return Distiller(model, settings, gen_tx, aux_tx, teacher_model=teacher_model)

@@ -36,6 +36,7 @@ DEFAULT_DISTILL = {
     "steps": 3000,
     "batch_size": 128,
     "gen_lr": 3e-4,
+    "gen_lr_schedule": "constant",
     "aux_lr": 1e-3,
     "aux_updates": 4,
     "warmup_steps": 100,

@@ -134,6 +134,31 @@ def test_step_options_run_and_are_deterministic(overrides):
   np.testing.assert_array_equal(s1.gen.params["blocks"]["fc1"]["kernel"], s2.gen.params["blocks"]["fc1"]["kernel"])
 
 
+def test_cosine_generator_schedule_warms_up_then_decays_to_zero():
+  fn = distill.make_schedule(1e-3, warmup_steps=10, kind="cosine", steps=110)
+  assert float(fn(0)) == 0.0
+  assert float(fn(10)) == pytest.approx(1e-3)
+  assert float(fn(60)) == pytest.approx(5e-4, rel=1e-5)  # half-way down the cosine
+  assert float(fn(110)) == pytest.approx(0.0, abs=1e-12)
+  const = distill.make_schedule(1e-3, warmup_steps=0)
+  assert const == 1e-3
+  with pytest.raises(ValueError, match="gen_lr_schedule='linear'"):
+    distill.make_schedule(1e-3, kind="linear")
+  with pytest.raises(ValueError, match="must exceed config.distill.warmup_steps"):
+    distill.make_schedule(1e-3, warmup_steps=100, kind="cosine", steps=50)
+
+
+def test_cosine_schedule_stops_the_generator_at_the_end():
+  _, _, dist, state = tiny_setup(gen_lr_schedule="cosine", steps=2)
+  step = jax.jit(dist.step)
+  state, _ = step(state)
+  state, _ = step(state)
+  before = jax.device_get(state.gen.params)
+  state, _ = step(state)  # a step past config.distill.steps runs at lr 0: the generator stays put
+  for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(jax.device_get(state.gen.params))):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_bad_settings_fail_clearly():
   with pytest.raises(ValueError, match="config.distill.normalization='mean'"):
     tiny_setup(normalization="mean")

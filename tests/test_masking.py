@@ -64,6 +64,20 @@ def test_exact_count_mask_counts():
   assert np.all(np.asarray(xt)[~np.asarray(mask)] == 0)
 
 
+@pytest.mark.parametrize("seq_len", [1, 7, 64, 257])
+def test_exact_count_mask_every_count(seq_len):
+  counts = jnp.arange(seq_len + 1)
+  mask = masking.exact_count_mask(jax.random.key(seq_len), (seq_len + 1, seq_len), counts)
+  np.testing.assert_array_equal(np.asarray(mask.sum(1)), np.arange(seq_len + 1))
+
+
+def test_unique_random_scores_distinct_per_row():
+  s = np.asarray(masking.unique_random_scores(jax.random.key(0), (64, 257)))
+  assert all(len(np.unique(row)) == 257 for row in s)
+  with pytest.raises(ValueError, match="too long"):
+    masking.unique_random_scores(jax.random.key(0), (1, 70000))
+
+
 def test_exact_count_positions_uniform():
   keys = jax.random.split(jax.random.key(2), 4000)
   masks = jax.vmap(lambda k: masking.exact_count_mask(k, (1, 8), jnp.array([3])))(keys)[:, 0]
