@@ -161,7 +161,7 @@ def get_config():
   c.evaluate.prdc_k = 3
   c.evaluate.is_splits = 10
   c.evaluate.entropy_samples = 256
-  c.evaluate.entropy_threshold = 0.01  # 17 levels and label smoothing: 1e-3 counts every level
+  c.evaluate.entropy_threshold = 1e-3  # the paper's
   c.evaluate.timing_repeats = 3
   c.evaluate.grid_steps = (1, 4, 16)
   c.evaluate.grid_columns = 10

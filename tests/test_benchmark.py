@@ -14,11 +14,11 @@ from dimo_jax import distill, models
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_benchmark():
-  name = "dimo_benchmark_script"
+def _load_benchmark(script="benchmark.py"):
+  name = "dimo_" + script[:-3] + "_script"
   if name in sys.modules:
     return sys.modules[name]
-  spec = importlib.util.spec_from_file_location(name, os.path.join(_ROOT, "experiments", "benchmark.py"))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(_ROOT, "experiments", script))
   module = importlib.util.module_from_spec(spec)
   sys.modules[name] = module
   spec.loader.exec_module(module)
@@ -26,6 +26,16 @@ def _load_benchmark():
 
 
 bm = _load_benchmark()
+mask_bm = _load_benchmark("mask_benchmark.py")
+
+
+def test_mask_benchmark_runs_and_reports_both_methods():
+  rows = mask_bm.main(["--shapes=4x16,2x7", "--calls=1", "--repeats=1"])
+  assert [(r["batch"], r["length"]) for r in rows] == [(4, 16), (2, 7)]
+  assert all(r[m] > 0 for r in rows for m in mask_bm.METHODS)
+  assert "| 4 x 16 |" in mask_bm.markdown(rows)
+  with pytest.raises(ValueError, match="'4by16' is not BATCHxLENGTH"):
+    mask_bm.parse_shapes("4by16")
 
 
 def tiny_config():
