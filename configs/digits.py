@@ -92,9 +92,9 @@ def get_config():
   c.distill.normalization = "batch"  # batch (code: sum / B) | masked (paper: mean over masked tokens)
   c.distill.dmd_weight = False  # paper's DMD-style per-sample weight
   c.distill.grad_input = "init"  # init (x_init) | sample (x_theta with x_init's mask)
-  c.distill.gen_lr = 3e-4
+  c.distill.gen_lr = 1e-3
   c.distill.gen_lr_schedule = "constant"  # constant (authors) | cosine (to 0 at distill.steps)
-  c.distill.aux_lr = 1e-3  # the auxiliary must track the generator (docs/proofs.md)
+  c.distill.aux_lr = 3e-3  # the auxiliary must track the generator (docs/proofs.md)
   c.distill.warmup_steps = 100
   c.distill.b1 = 0.9
   c.distill.b2 = 0.999
