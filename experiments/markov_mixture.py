@@ -74,6 +74,9 @@ def parse_args(argv=None):
                  help="teacher sampler rows: every step count 1..L, only 1 and L, or none")
   p.add_argument("--variants", default='[{"name": "default"}]',
                  help="JSON list of dicts of config.distill overrides, each with a 'name'")
+  p.add_argument("--exact_teacher", action="store_true",
+                 help="distil from the exact conditionals of the truth (toys.exact_teacher) instead of the "
+                      "trained teacher; the students still start from the trained teacher's weights")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   try:
@@ -184,8 +187,12 @@ def distill_variant(args, joint, model, teacher_params, variant, floor):
   cfg = tokens_config.get_config()
   for k, v in opts.items():
     cfg.distill[k] = tuple(v) if k == "freeze" else v
-  dist = distill.build_distiller(cfg, model)
-  state = dist.init_state(teacher_params, args.seed)
+  if args.exact_teacher:
+    dist = distill.build_distiller(cfg, model, teacher_model=toys.exact_teacher(joint))
+    state = dist.init_state({}, args.seed, student_params=teacher_params)
+  else:
+    dist = distill.build_distiller(cfg, model)
+    state = dist.init_state(teacher_params, args.seed)
   step, state = dist.jit_step(state)
   r_eval = float(str(opts["r_init"]).split("_")[-1])
   gen = jax.jit(lambda p, k, b: distill.one_step_generate(
@@ -212,7 +219,8 @@ def distill_variant(args, joint, model, teacher_params, variant, floor):
   rows = []
   for which, params in (("generator", state.gen.params), ("generator EMA", state.ema_params)):
     tv, x = score(params, args.num_samples, seed=11)
-    rows.append({"model": f"Di[M]O {which} [{variant.get('name')}]", "steps": 1, "tv": tv,
+    source = " from the exact teacher" if args.exact_teacher else ""
+    rows.append({"model": f"Di[M]O {which}{source} [{variant.get('name')}]", "steps": 1, "tv": tv,
                  "tv_over_floor": tv / floor, **toys.diversity(joint, x[: args.diversity_samples])})
   return rows, {"name": variant.get("name"), "settings": opts, "curve": curve,
                 "seconds": time.time() - t0}
@@ -250,7 +258,8 @@ def main(argv=None):
   print(table)
   result = {"args": {k: v for k, v in vars(args).items()}, "floor": floor, "truth_diversity": truth_div,
             "teacher_seconds": teacher_seconds, "rows": rows, "runs": runs}
-  stem = "results" + "".join(f"_{v.get('name', i)}" for i, v in enumerate(args.variants))
+  stem = "results" + ("_exact" if args.exact_teacher else "") + "".join(
+      f"_{v.get('name', i)}" for i, v in enumerate(args.variants))
   with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
     json.dump(result, f, indent=1, default=str)
   with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
