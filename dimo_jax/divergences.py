@@ -7,6 +7,8 @@ position of an intermediate state (q is approximated by the auxiliary model). Th
 - reverse KL  D(q||p) = sum q log(q/p):          dD/dz = q * (log q - log p - KL(q||p))
 - generalised Jeffreys with weight beta:         (1 - beta) * forward + beta * reverse
   (any real beta, negative ones included; beta = 0 is forward KL, the authors' default)
+  beta < 0 is unbounded below where p is (near) zero: it rewards q's mass on tokens the teacher
+  rules out, so use it only with teachers whose probabilities stay away from zero.
 
 Any other f-divergence is given by its per-token formula and differentiated with ``jax.grad``.
 """
