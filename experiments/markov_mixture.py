@@ -45,6 +45,8 @@ DEFAULT_DISTILL = {
     "divergence": "fkl",
     "beta": 0.0,
     "normalization": "batch",
+    "mask_schedule": "arccos",
+    "grad_input": "init",
     "ema_decay": 0.999,
     "aux_label_smoothing": 0.0,
     "freeze": ("tok_emb", "pos_emb", "out_bias"),
@@ -78,17 +80,27 @@ def parse_args(argv=None):
                  help="distil from the exact conditionals of the truth (toys.exact_teacher) instead of the "
                       "trained teacher; the students still start from the trained teacher's weights")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--eval_temperatures", default="1.0",
+                 help="comma-separated sampling temperatures of the final one-step rows (training uses gen_temp)")
   args = p.parse_args(argv)
+  try:
+    args.eval_temperatures = [float(t) for t in str(args.eval_temperatures).split(",") if t.strip()]
+  except ValueError:
+    raise ValueError(f"--eval_temperatures={args.eval_temperatures!r}: pass comma-separated numbers, e.g. 1.0,0.8") from None
+  if not args.eval_temperatures or min(args.eval_temperatures) <= 0:
+    raise ValueError(f"--eval_temperatures={args.eval_temperatures}: pass positive numbers, e.g. 1.0,0.8")
   try:
     variants = json.loads(args.variants)
   except json.JSONDecodeError as e:
     raise ValueError(f"--variants is not valid JSON ({e}); pass e.g. '[{{\"name\": \"a\", \"gen_lr\": 1e-4}}]'")
   if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
     raise ValueError("--variants must be a JSON list of dicts of config.distill overrides")
+  allowed = set(tokens_config.get_config().distill) | set(DEFAULT_DISTILL)
   for v in variants:
-    unknown = set(v) - set(DEFAULT_DISTILL) - {"name"}
+    unknown = set(v) - allowed - {"name"}
     if unknown:
-      raise ValueError(f"--variants: unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULT_DISTILL)} and 'name'")
+      raise ValueError(f"--variants: unknown keys {sorted(unknown)}; allowed: the keys of config.distill "
+                       f"(configs/digits.py) and 'name'")
   args.variants = variants
   return args
 
@@ -195,11 +207,12 @@ def distill_variant(args, joint, model, teacher_params, variant, floor):
     state = dist.init_state(teacher_params, args.seed)
   step, state = dist.jit_step(state)
   r_eval = float(str(opts["r_init"]).split("_")[-1])
-  gen = jax.jit(lambda p, k, b: distill.one_step_generate(
-      model, p, k, jnp.zeros((b,), jnp.int32), r_init=r_eval, sigma=opts["sigma"]), static_argnums=2)
+  gen = jax.jit(lambda p, k, b, t: distill.one_step_generate(
+      model, p, k, jnp.zeros((b,), jnp.int32), r_init=r_eval, sigma=opts["sigma"], temperature=t),
+                static_argnums=2)
 
-  def score(params, n, seed=7):
-    x = draw(lambda k, b: gen(params, k, b), n, 10000, jax.random.key(seed))
+  def score(params, n, seed=7, temperature=1.0):
+    x = draw(lambda k, b: gen(params, k, b, temperature), n, 10000, jax.random.key(seed))
     return toys.tv_distance(joint, x), x
 
   curve = [{"step": 0, "tv_gen": score(state.gen.params, 10000)[0]}]
@@ -218,10 +231,12 @@ def distill_variant(args, joint, model, teacher_params, variant, floor):
             flush=True)
   rows = []
   for which, params in (("generator", state.gen.params), ("generator EMA", state.ema_params)):
-    tv, x = score(params, args.num_samples, seed=11)
-    source = " from the exact teacher" if args.exact_teacher else ""
-    rows.append({"model": f"Di[M]O {which}{source} [{variant.get('name')}]", "steps": 1, "tv": tv,
-                 "tv_over_floor": tv / floor, **toys.diversity(joint, x[: args.diversity_samples])})
+    for temperature in args.eval_temperatures:
+      tv, x = score(params, args.num_samples, seed=11, temperature=temperature)
+      source = " from the exact teacher" if args.exact_teacher else ""
+      temp = f" at temperature {temperature:g}" if temperature != 1.0 else ""
+      rows.append({"model": f"Di[M]O {which}{source}{temp} [{variant.get('name')}]", "steps": 1, "tv": tv,
+                   "tv_over_floor": tv / floor, **toys.diversity(joint, x[: args.diversity_samples])})
   return rows, {"name": variant.get("name"), "settings": opts, "curve": curve,
                 "seconds": time.time() - t0}
 

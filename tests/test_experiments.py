@@ -1,13 +1,19 @@
-"""The Colab demo notebook (run in smoke mode without Jupyter) and the Cloud TPU launch script
-(its dry run)."""
+"""The Colab demo notebook (run in smoke mode without Jupyter), the Cloud TPU launch script
+(its dry run), and the sweep scripts' argument checks, summaries and a tiny digits sweep."""
+import importlib.util
 import json
 import os
 import shlex
 import shutil
 import subprocess
+import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from dimo_jax import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "experiments", "colab_demo.ipynb")
@@ -248,3 +254,69 @@ def test_launch_help():
   for word in ("--name", "--zone", "--accelerator-type", "--version", "--config", "--workdir", "--project",
                "--repo", "--ref", "--dry-run", "--config."):
     assert word in res.stdout
+
+
+# ---------------------------------------------------------------------------- sweep scripts
+def _load(script):
+  name = "dimo_" + script[:-3] + "_script"
+  if name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", script))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+  return sys.modules[name]
+
+
+sweep = _load("digits_sweep.py")
+markov = _load("markov_mixture.py")
+
+
+def test_sweep_arguments_parse_and_bad_ones_fail_clearly():
+  a = sweep.parse_args(["--out=/tmp/x", "--seeds=0, 3", '--variants=[{"name": "r1", "r_init": "fix_1.0"}]'])
+  assert a.seeds == [0, 3]
+  c, r_eval = sweep.variant_config(a.variants[0])
+  assert c.distill.r_init == "fix_1.0" and r_eval == 1.0
+  _, r_eval = sweep.variant_config({"name": "x", "r_init": "fix_1.0", "eval_r_init": 0.5})
+  assert r_eval == 0.5
+  with pytest.raises(ValueError, match=r"unknown keys \['lr'\]"):
+    sweep.parse_args(["--out=x", '--variants=[{"name": "a", "lr": 1}]'])
+  with pytest.raises(ValueError, match="each with a 'name'"):
+    sweep.parse_args(["--out=x", '--variants=[{"gen_lr": 1e-3}]'])
+  with pytest.raises(ValueError, match="not valid JSON"):
+    sweep.parse_args(["--out=x", "--variants={"])
+  with pytest.raises(ValueError, match="comma-separated integers"):
+    sweep.parse_args(["--out=x", "--seeds=a"])
+
+
+def test_sweep_summary_known_answer():
+  runs = [{"name": "a", "seed": s, "curve": [{"step": 5, "fd": 9.0}, {"step": 10, "fd": f[0]}], "final": f}
+          for s, f in ((0, [10.0, 12.0]), (1, [14.0, 16.0]))]
+  table = sweep.summarize(runs)
+  assert "| a | 0 | 9.0@5 | 10.0 / 12.0 |" in table
+  # Seed means 11 and 15: mean 13, sample std 2 sqrt(2).
+  assert f"| a | 2 | 13.0 | {2 * np.sqrt(2):.1f} |" in table
+
+
+def test_sweep_runs_a_tiny_variant_end_to_end():
+  model = models.MaskTransformer(codebook_size=17, seq_len=64, num_classes=10, width=16, depth=1, heads=2,
+                                 mlp_dim=32)
+  params = models.init_params(model, jax.random.key(0))
+  ref = np.random.default_rng(0).integers(0, 17, (40, 64)).astype(np.float64)
+  labels = jnp.arange(24) % 10
+  variant = {"name": "tiny", "steps": 2, "batch_size": 4, "aux_updates": 1, "warmup_steps": 1}
+  run = sweep.run_variant(variant, 0, model, params, ref, labels, every=1)
+  assert [p["step"] for p in run["curve"]] == [1, 2]
+  assert len(run["final"]) == 2 and all(np.isfinite(run["final"])) and all(f > 0 for f in run["final"])
+  assert run["eval_r_init"] == 0.6
+
+
+def test_markov_arguments_accept_any_distill_key_and_fail_clearly():
+  a = markov.parse_args(["--out=x", '--variants=[{"name": "q", "mask_schedule": "square"}]',
+                         "--eval_temperatures=1,0.8"])
+  assert a.variants[0]["mask_schedule"] == "square" and a.eval_temperatures == [1.0, 0.8]
+  with pytest.raises(ValueError, match=r"unknown keys \['mask_schedul'\]"):
+    markov.parse_args(["--out=x", '--variants=[{"mask_schedul": "square"}]'])
+  with pytest.raises(ValueError, match="positive numbers"):
+    markov.parse_args(["--out=x", "--eval_temperatures=0"])
+  with pytest.raises(ValueError, match="comma-separated numbers"):
+    markov.parse_args(["--out=x", "--eval_temperatures=hot"])
