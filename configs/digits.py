@@ -142,6 +142,9 @@ def get_config():
   c.evaluate.teacher_checkpoint = ""  # '' = config.teacher.checkpoint
   c.evaluate.generator = ""  # '' = the workdir (its generator/ folder)
   c.evaluate.teacher_steps = (1, 2, 4, 8, 16)
+  # Teacher rows for each sampler ('' or (): config.sample.sampler only); the table's note gives
+  # Di[M]O's distance over the teacher's best row.
+  c.evaluate.teacher_samplers = ("confidence", "ancestral")
   c.evaluate.generator_temperatures = (1.0,)
   c.evaluate.r_init = 0.6
   c.evaluate.sigma = 0.1

@@ -126,6 +126,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- evaluation (paper Table 1)
   c.distill.evaluate_at_end = False  # 50k samples: run --config.mode=evaluate separately
   c.evaluate.teacher_steps = (2, 4, 8, 16)
+  c.evaluate.teacher_samplers = ()  # the configured sampler only (MaskGIT's confidence sampler)
   c.evaluate.generator_temperatures = (1.0, 3.0, 7.0)  # FID is best near 7, IS at low temperature
   c.evaluate.per_class = 50
   c.evaluate.batch_size = PER_DEVICE_BATCH * devices

@@ -75,6 +75,7 @@ class EvalSettings:
   teacher_checkpoint: str = ""
   generator: str = ""
   teacher_steps: Tuple[int, ...] = (1, 2, 4, 8, 16)
+  teacher_samplers: Tuple[str, ...] = ()  # () : config.sample.sampler only; several: rows for each
   generator_temperatures: Tuple[float, ...] = (1.0,)
   r_init: Any = 0.6
   sigma: float = 0.1
@@ -142,6 +143,11 @@ def settings_from_config(config) -> EvalSettings:
     if not hasattr(clf, "items"):
       raise ValueError(f"config.evaluate.classifier must be a dict of classifier settings, got {clf!r}")
     kwargs["classifier"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in clf.items()}
+  if "teacher_samplers" in kwargs:
+    value = kwargs["teacher_samplers"]
+    if isinstance(value, str):
+      value = [v for v in value.replace(",", " ").split() if v]
+    kwargs["teacher_samplers"] = tuple(str(v) for v in (value or ()))
   if "generator_temperatures" in kwargs:
     kwargs["generator_temperatures"] = _tuple(kwargs["generator_temperatures"], float, "generator_temperatures")
   s = EvalSettings(**kwargs)
@@ -165,6 +171,10 @@ def _check_settings(s: EvalSettings):
   for name, ok, what in checks:
     if not ok:
       raise ValueError(f"config.evaluate.{name}={getattr(s, name)!r} must be {what}")
+  unknown = [n for n in s.teacher_samplers if n not in sample.SAMPLERS]
+  if unknown or len(set(s.teacher_samplers)) != len(s.teacher_samplers):
+    raise ValueError(f"config.evaluate.teacher_samplers={list(s.teacher_samplers)}: name each of {list(sample.SAMPLERS)} "
+                     "at most once (empty: config.sample.sampler only)")
   if s.reference_split not in REFERENCE_SPLITS:
     raise ValueError(f"config.evaluate.reference_split={s.reference_split!r} is not valid; choose one of "
                      f"{list(REFERENCE_SPLITS)}")
@@ -916,8 +926,33 @@ def format_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def ratio_to_teacher_best(results: dict) -> Optional[dict]:
+  """Each generator row's distance over the teacher's best (lowest) over all its rows (every step
+  count and sampler): FID when the rows have it, else FD-pixel. None without both kinds of rows."""
+  rows = results.get("rows", [])
+  metric = next((k for k in ("fid", "fd_pixel") if any(r.get(k) is not None for r in rows)), None)
+  teachers = [r for r in rows if r.get("model") == "teacher" and r.get(metric) is not None]
+  generators = [r for r in rows if r.get("model") == "generator" and r.get(metric) is not None]
+  if metric is None or not teachers or not generators:
+    return None
+  best = min(teachers, key=lambda r: r[metric])
+  return {"metric": metric, "teacher_best": float(best[metric]), "teacher_best_row": best.get("name"),
+          "teacher_best_label": f"{_row_label(best)}, {best.get('steps')} steps",
+          "generators": {r.get("name"): float(r[metric]) / max(float(best[metric]), 1e-12) for r in generators}}
+
+
+def ratio_note(results: dict) -> str:
+  """One sentence: the generator's distance as a multiple of the teacher's best ("" if no ratio)."""
+  ratio = ratio_to_teacher_best(results)
+  if not ratio:
+    return ""
+  name = {"fid": "FID", "fd_pixel": "FD-pixel"}[ratio["metric"]]
+  gens = ", ".join(f"{r:.2f}x" for r in ratio["generators"].values())
+  return f"Di[M]O {name} over the teacher's best ({ratio['teacher_best']:.2f}: {ratio['teacher_best_label']}): {gens}."
+
+
 def _notes(results: dict) -> str:
-  lines = []
+  lines = [ratio_note(results)] if ratio_note(results) else []
   ref = results.get("reference", {})
   if ref:
     lines.append(f"Reference: {ref.get('name')} ({ref.get('num')} samples). Samples per row: "
@@ -999,10 +1034,16 @@ def run_evaluate(config, workdir: str) -> dict:
   sets: List[SampleSet] = []
   if teacher is not None:
     fp = params_fingerprint(teacher[1])
-    for steps in s.teacher_steps:
-      fn, meta = _teacher_sample_fn(teacher[0], teacher[1], steps, sc)
-      sets.append(SampleSet(f"teacher_steps{steps}", "teacher", int(steps), None,
-                            dict(meta, model="teacher", checkpoint=teacher[2], params=fp), fn))
+    default_sampler = sc.get("sampler", "confidence") if sc is not None else "confidence"
+    teacher_samplers = s.teacher_samplers or (default_sampler,)
+    for i, name in enumerate(teacher_samplers):
+      # The first sampler's sets keep the plain names (the grid and the sample mode use them).
+      sc_i = dict(sc.items() if sc is not None else (), sampler=name)
+      prefix = "teacher_" if i == 0 else f"teacher_{name}_"
+      for steps in s.teacher_steps:
+        fn, meta = _teacher_sample_fn(teacher[0], teacher[1], steps, sc_i)
+        sets.append(SampleSet(f"{prefix}steps{steps}", "teacher", int(steps), None,
+                              dict(meta, model="teacher", checkpoint=teacher[2], params=fp), fn))
   if generator is not None:
     fp = params_fingerprint(generator[1])
     for temp in s.generator_temperatures:
@@ -1028,7 +1069,8 @@ def run_evaluate(config, workdir: str) -> dict:
     row = dict(name=sset.name, model=sset.model, steps=sset.steps, temperature=sset.temperature,
                num_samples=int(tokens.shape[0]), ms_per_sample=ms)
     if sset.model == "teacher":
-      row["label"] = "Teacher"
+      row["sampler"] = sset.meta["sampler"]
+      row["label"] = "Teacher" + (f" ({sset.meta['sampler']})" if len(s.teacher_samplers) > 1 else "")
     else:
       row["label"] = "Di[M]O" + (f" (T={sset.temperature:g})" if multi_temp else "")
     row.update(score(feats, labels if conditional else None, ref, s))
@@ -1080,6 +1122,7 @@ def run_evaluate(config, workdir: str) -> dict:
   }
   if ex.classifier_meta is not None:
     results["classifier"] = ex.classifier_meta
+  results["ratio_to_teacher_best"] = ratio_to_teacher_best(results)
 
   if s.entropy_samples > 0:
     results["entropy_shift"] = entropy_shift(teacher, generator, s, sc, devices)
@@ -1103,11 +1146,12 @@ def run_evaluate(config, workdir: str) -> dict:
     _write_json(files["results"], results)
   else:
     results["seconds"] = round(time.time() - start, 3)
-  logging.info("Evaluation (%.1f s):\n%s", results["seconds"], format_table(results))
+  logging.info("Evaluation (%.1f s):\n%s\n%s", results["seconds"], format_table(results), ratio_note(results))
   return results
 
 
 __all__ = [
     "EvalSettings", "settings_from_config", "generate_set", "time_sample_fn", "params_fingerprint",
     "compute_features", "score", "entropy_shift", "format_table", "format_entropy", "run_evaluate",
+    "ratio_to_teacher_best", "ratio_note",
 ]

@@ -640,6 +640,8 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
     from dimo_jax import evaluate  # pylint: disable=import-outside-toplevel
     results = evaluate.run_evaluate(config, workdir)
     table = evaluate.format_table(results)
+    note = evaluate.ratio_note(results)
+    table = table + ("\n\n" + note if note else "")
     if jax.process_index() == 0:
       print(table, flush=True)
     final["table"] = table

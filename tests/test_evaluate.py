@@ -204,9 +204,51 @@ def test_format_table_known_answer():
       "| Di[M]O | 1 | 6.91 | 214.00 | 0.828 | 0.377 | 1.255 | 0.967 | - |")
 
 
+def test_ratio_to_teacher_best_known_answer():
+  res = {"rows": [
+      {"name": "teacher_steps1", "model": "teacher", "label": "Teacher (confidence)", "steps": 1, "fd_pixel": 200.0},
+      {"name": "teacher_ancestral_steps16", "model": "teacher", "label": "Teacher (ancestral)", "steps": 16,
+       "fd_pixel": 150.0},
+      {"name": "generator_temp1", "model": "generator", "label": "Di[M]O", "steps": 1, "fd_pixel": 180.0},
+      {"name": "real_halves", "model": "real", "steps": None, "fd_pixel": 10.0},
+  ]}
+  ratio = evaluate.ratio_to_teacher_best(res)
+  assert ratio["metric"] == "fd_pixel" and ratio["teacher_best"] == 150.0
+  assert ratio["teacher_best_row"] == "teacher_ancestral_steps16"
+  assert ratio["generators"] == {"generator_temp1": pytest.approx(1.2)}
+  assert evaluate.ratio_note(res) == ("Di[M]O FD-pixel over the teacher's best (150.00: Teacher (ancestral), "
+                                      "16 steps): 1.20x.")
+  assert evaluate.ratio_to_teacher_best({"rows": res["rows"][:2]}) is None  # no generator row
+  assert evaluate.ratio_note({"rows": []}) == ""
+
+
+def test_several_teacher_samplers_give_rows_for_each(setup, first_run, tmp_path):
+  cfg = _config(setup, teacher_steps=(2,), teacher_samplers="ancestral, confidence", entropy_samples=0,
+                grid_steps=(2,), output_dir=str(tmp_path),
+                classifier_dir=os.path.join(setup["workdir"], "eval", "classifier"))
+  res = evaluate.run_evaluate(cfg, setup["workdir"])
+  teachers = [r for r in res["rows"] if r["model"] == "teacher"]
+  assert [(r["name"], r["sampler"], r["label"]) for r in teachers] == [
+      ("teacher_steps2", "ancestral", "Teacher (ancestral)"),
+      ("teacher_confidence_steps2", "confidence", "Teacher (confidence)")]
+  # The confidence rows are those of a run with only the confidence sampler (same samples).
+  assert teachers[1]["fd_pixel"] == pytest.approx(_row(first_run, "teacher_steps2")["fd_pixel"])
+  best = min(teachers, key=lambda r: r["fd_pixel"])
+  ratio = res["ratio_to_teacher_best"]
+  assert ratio["teacher_best_row"] == best["name"]
+  assert ratio["generators"]["generator_temp1"] == pytest.approx(
+      _row(res, "generator_temp1")["fd_pixel"] / best["fd_pixel"])
+  with open(os.path.join(str(tmp_path), "table.md")) as f:
+    assert evaluate.ratio_note(res) in f.read()
+
+
 def test_bad_settings_fail(setup, tmp_path):
   with pytest.raises(ValueError, match="unknown field"):
     evaluate.settings_from_config(_config(setup, bogus=1))
+  with pytest.raises(ValueError, match="teacher_samplers"):
+    evaluate.settings_from_config(_config(setup, teacher_samplers=("beam",)))
+  with pytest.raises(ValueError, match="at most once"):
+    evaluate.settings_from_config(_config(setup, teacher_samplers="ancestral,ancestral"))
   with pytest.raises(ValueError, match="reference_split"):
     evaluate.settings_from_config(_config(setup, reference_split="test"))
   with pytest.raises(ValueError, match="r_init"):
