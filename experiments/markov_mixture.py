@@ -79,7 +79,9 @@ def parse_args(argv=None):
   p.add_argument("--exact_teacher", action="store_true",
                  help="distil from the exact conditionals of the truth (toys.exact_teacher) instead of the "
                       "trained teacher; the students still start from the trained teacher's weights")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="seed of the teacher's training (and of the distillation)")
+  p.add_argument("--distill_seed", type=int, default=None,
+                 help="seed of the distillation only (default: --seed); the cached teacher is kept")
   p.add_argument("--eval_temperatures", default="1.0",
                  help="comma-separated sampling temperatures of the final one-step rows (training uses gen_temp)")
   args = p.parse_args(argv)
@@ -199,12 +201,13 @@ def distill_variant(args, joint, model, teacher_params, variant, floor):
   cfg = tokens_config.get_config()
   for k, v in opts.items():
     cfg.distill[k] = tuple(v) if k == "freeze" else v
+  seed = args.seed if args.distill_seed is None else args.distill_seed
   if args.exact_teacher:
     dist = distill.build_distiller(cfg, model, teacher_model=toys.exact_teacher(joint))
-    state = dist.init_state({}, args.seed, student_params=teacher_params)
+    state = dist.init_state({}, seed, student_params=teacher_params)
   else:
     dist = distill.build_distiller(cfg, model)
-    state = dist.init_state(teacher_params, args.seed)
+    state = dist.init_state(teacher_params, seed)
   step, state = dist.jit_step(state)
   r_eval = float(str(opts["r_init"]).split("_")[-1])
   gen = jax.jit(lambda p, k, b, t: distill.one_step_generate(

@@ -179,6 +179,7 @@ def distill_config(teacher_dir, steps=DISTILL_STEPS):
   c.distill.log_every = 4
   c.distill.sample_every = steps
   c.distill.gen_dropout = True  # dropout randomness must also be reproduced on resume
+  c.distill.freeze = ("tok_emb",)  # the authors' freezing is honoured through a resume
   c.distill.evaluate_at_end = False
   return c
 
