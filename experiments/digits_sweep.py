@@ -77,6 +77,22 @@ def variant_config(variant: dict):
   return c, float(r_eval)
 
 
+def within_class_l2(tokens: np.ndarray, labels: np.ndarray) -> float:
+  """Mean pairwise L2 distance between the grey-level token vectors of samples of the same class
+  (averaged over classes): the per-class diversity (0 for a deterministic generator)."""
+  tokens, labels = np.asarray(tokens, np.float64), np.asarray(labels)
+  means = []
+  for c in np.unique(labels):
+    x = tokens[labels == c]
+    if len(x) < 2:
+      continue
+    sq = np.sum(x * x, 1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
+    n = len(x)
+    means.append(np.sum(np.sqrt(d2)) / (n * (n - 1)))
+  return float(np.mean(means))
+
+
 def run_variant(variant, seed, model, teacher_params, ref, labels, every):
   c, r_eval = variant_config(variant)
   dist = distill.build_distiller(c, model)
@@ -96,18 +112,21 @@ def run_variant(variant, seed, model, teacher_params, ref, labels, every):
             f"({time.time() - t0:.0f}s)", flush=True)
   seconds = time.time() - t0
   final = [fd(state.ema_params, k) for k in EVAL_KEYS]
+  diversity = within_class_l2(np.asarray(gen(state.ema_params, jax.random.key(EVAL_KEYS[0]))), np.asarray(labels))
   curve.append({"step": c.distill.steps, "fd": final[0]})
   print(f"  [{variant['name']} seed {seed}] final: FD-pixel {final[0]:.1f} / {final[1]:.1f} "
-        f"(keys {EVAL_KEYS}; {seconds:.0f}s)", flush=True)
+        f"(keys {EVAL_KEYS}), within-class L2 {diversity:.1f} ({seconds:.0f}s)", flush=True)
   return {"name": variant["name"], "seed": seed, "eval_r_init": r_eval, "curve": curve, "final": final,
-          "seconds": seconds}
+          "within_class_l2": diversity, "seconds": seconds}
 
 
 def summarize(runs) -> str:
-  lines = ["| variant | seed | FD-pixel along the way (EMA) | final FD-pixel (key 2 / key 5) |", "|---|---|---|---|"]
+  lines = ["| variant | seed | FD-pixel along the way (EMA) | final FD-pixel (key 2 / key 5) | within-class L2 |",
+           "|---|---|---|---|---|"]
   for r in runs:
     along = ", ".join(f"{p['fd']:.1f}@{p['step']}" for p in r["curve"][:-1])
-    lines.append(f"| {r['name']} | {r['seed']} | {along} | {r['final'][0]:.1f} / {r['final'][1]:.1f} |")
+    lines.append(f"| {r['name']} | {r['seed']} | {along} | {r['final'][0]:.1f} / {r['final'][1]:.1f} | "
+                 f"{r['within_class_l2']:.1f} |")
   lines += ["", "| variant | seeds | mean final FD-pixel (both keys) | std over seeds |", "|---|---|---|---|"]
   for name in dict.fromkeys(r["name"] for r in runs):
     per_seed = [float(np.mean(r["final"])) for r in runs if r["name"] == name]
@@ -123,6 +142,7 @@ def main(argv=None):
   ds = data.load_dataset(cfg.data)
   model, teacher_params, _ = sample.load_teacher(args.teacher)
   ref = np.asarray(ds.val_tokens, np.float64)
+  print(f"validation split: within-class L2 {within_class_l2(ds.val_tokens, ds.val_labels):.1f}", flush=True)
   labels = jnp.asarray(np.arange(args.num_samples) % max(ds.num_classes, 1), jnp.int32)
   runs = [run_variant(v, seed, model, teacher_params, ref, labels, args.eval_every)
           for v in args.variants for seed in args.seeds]

@@ -289,10 +289,10 @@ def test_sweep_arguments_parse_and_bad_ones_fail_clearly():
 
 
 def test_sweep_summary_known_answer():
-  runs = [{"name": "a", "seed": s, "curve": [{"step": 5, "fd": 9.0}, {"step": 10, "fd": f[0]}], "final": f}
-          for s, f in ((0, [10.0, 12.0]), (1, [14.0, 16.0]))]
+  runs = [{"name": "a", "seed": s, "curve": [{"step": 5, "fd": 9.0}, {"step": 10, "fd": f[0]}], "final": f,
+           "within_class_l2": 3.0} for s, f in ((0, [10.0, 12.0]), (1, [14.0, 16.0]))]
   table = sweep.summarize(runs)
-  assert "| a | 0 | 9.0@5 | 10.0 / 12.0 |" in table
+  assert "| a | 0 | 9.0@5 | 10.0 / 12.0 | 3.0 |" in table
   # Seed means 11 and 15: mean 13, sample std 2 sqrt(2).
   assert f"| a | 2 | 13.0 | {2 * np.sqrt(2):.1f} |" in table
 
@@ -307,7 +307,13 @@ def test_sweep_runs_a_tiny_variant_end_to_end():
   run = sweep.run_variant(variant, 0, model, params, ref, labels, every=1)
   assert [p["step"] for p in run["curve"]] == [1, 2]
   assert len(run["final"]) == 2 and all(np.isfinite(run["final"])) and all(f > 0 for f in run["final"])
-  assert run["eval_r_init"] == 0.6
+  assert run["eval_r_init"] == 0.6 and run["within_class_l2"] > 0
+
+
+def test_within_class_l2_known_answer():
+  x = np.array([[0, 0], [3, 4], [1, 1], [1, 1], [5, 5]])
+  labels = np.array([0, 0, 1, 1, 2])  # class 0: one pair 5 apart; class 1: identical; class 2: alone
+  assert sweep.within_class_l2(x, labels) == pytest.approx(2.5)
 
 
 def test_markov_arguments_accept_any_distill_key_and_fail_clearly():
