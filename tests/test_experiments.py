@@ -128,9 +128,10 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   assert (out / "samples" / "comparison.png").is_file()
   assert (out / "eval" / "table.md").is_file()
   rows = ns["results"]["rows"]
-  assert [r["steps"] for r in rows if r["model"] == "teacher"] == [1, 4, 16]
+  assert [(r["sampler"], r["steps"]) for r in rows if r["model"] == "teacher"] == [
+      (name, n) for name in ("confidence", "ancestral") for n in (1, 4, 16)]
   assert any(r["model"] == "generator" for r in rows)
-  assert "| Model |" in ns["table"]
+  assert "| Model |" in ns["table"] and "over the teacher's best" in ns["table"]
   # The MaskGIT cell did not run.
   assert ns["RUN_MASKGIT_NOW"] is False and not (out / "maskgit").exists()
 
