@@ -144,10 +144,7 @@ def settings_from_config(config) -> EvalSettings:
       raise ValueError(f"config.evaluate.classifier must be a dict of classifier settings, got {clf!r}")
     kwargs["classifier"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in clf.items()}
   if "teacher_samplers" in kwargs:
-    value = kwargs["teacher_samplers"]
-    if isinstance(value, str):
-      value = [v for v in value.replace(",", " ").split() if v]
-    kwargs["teacher_samplers"] = tuple(str(v) for v in (value or ()))
+    kwargs["teacher_samplers"] = _tuple(kwargs["teacher_samplers"] or (), str, "teacher_samplers")
   if "generator_temperatures" in kwargs:
     kwargs["generator_temperatures"] = _tuple(kwargs["generator_temperatures"], float, "generator_temperatures")
   s = EvalSettings(**kwargs)
@@ -952,7 +949,8 @@ def ratio_note(results: dict) -> str:
 
 
 def _notes(results: dict) -> str:
-  lines = [ratio_note(results)] if ratio_note(results) else []
+  note = ratio_note(results)
+  lines = [note] if note else []
   ref = results.get("reference", {})
   if ref:
     lines.append(f"Reference: {ref.get('name')} ({ref.get('num')} samples). Samples per row: "

@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from configs import digits  # noqa: E402  pylint: disable=wrong-import-position
 from dimo_jax import data, distill, metrics, sample  # noqa: E402  pylint: disable=wrong-import-position
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_KEYS = (2, 5)  # the sample keys of the final FD (the first is also used along the way)
 
 
@@ -100,19 +100,23 @@ def run_variant(variant, seed, model, teacher_params, ref, labels, every):
   step, state = dist.jit_step(state)
   gen = jax.jit(lambda p, k: distill.one_step_generate(model, p, k, labels, r_init=r_eval, sigma=c.distill.sigma))
 
-  def fd(params, key):
-    return metrics.fid_from_features(np.asarray(gen(params, jax.random.key(key)), np.float64), ref)
+  def draw(params, key):
+    return np.asarray(gen(params, jax.random.key(key)), np.float64)
+
+  def fd(tokens):
+    return metrics.fid_from_features(tokens, ref)
 
   curve, t0 = [], time.time()
   for i in range(1, c.distill.steps + 1):
     state, _ = step(state)
     if i % every == 0 and i < c.distill.steps:
-      curve.append({"step": i, "fd": fd(state.ema_params, EVAL_KEYS[0])})
+      curve.append({"step": i, "fd": fd(draw(state.ema_params, EVAL_KEYS[0]))})
       print(f"  [{variant['name']} seed {seed}] step {i}: FD-pixel {curve[-1]['fd']:.1f} "
             f"({time.time() - t0:.0f}s)", flush=True)
   seconds = time.time() - t0
-  final = [fd(state.ema_params, k) for k in EVAL_KEYS]
-  diversity = within_class_l2(np.asarray(gen(state.ema_params, jax.random.key(EVAL_KEYS[0]))), np.asarray(labels))
+  final_sets = [draw(state.ema_params, k) for k in EVAL_KEYS]
+  final = [fd(x) for x in final_sets]
+  diversity = within_class_l2(final_sets[0], np.asarray(labels))
   curve.append({"step": c.distill.steps, "fd": final[0]})
   print(f"  [{variant['name']} seed {seed}] final: FD-pixel {final[0]:.1f} / {final[1]:.1f} "
         f"(keys {EVAL_KEYS}), within-class L2 {diversity:.1f} ({seconds:.0f}s)", flush=True)

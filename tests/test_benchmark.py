@@ -1,32 +1,20 @@
 """Smoke test of experiments/benchmark.py on the CPU (no timing assertions) and its pure parts."""
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import jax
 import pytest
 
+from conftest import load_script
 from configs import maskgit
 from dimo_jax import distill, models
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_benchmark(script="benchmark.py"):
-  name = "dimo_" + script[:-3] + "_script"
-  if name in sys.modules:
-    return sys.modules[name]
-  spec = importlib.util.spec_from_file_location(name, os.path.join(_ROOT, "experiments", script))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  return module
-
-
-bm = _load_benchmark()
-mask_bm = _load_benchmark("mask_benchmark.py")
+bm = load_script("benchmark.py")
+mask_bm = load_script("mask_benchmark.py")
 
 
 def test_mask_benchmark_runs_and_reports_both_methods():

@@ -1,18 +1,17 @@
 """The Colab demo notebook (run in smoke mode without Jupyter), the Cloud TPU launch script
 (its dry run), and the sweep scripts' argument checks, summaries and a tiny digits sweep."""
-import importlib.util
 import json
 import os
 import shlex
 import shutil
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_script
 from dimo_jax import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -258,18 +257,8 @@ def test_launch_help():
 
 
 # ---------------------------------------------------------------------------- sweep scripts
-def _load(script):
-  name = "dimo_" + script[:-3] + "_script"
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", script))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
-
-
-sweep = _load("digits_sweep.py")
-markov = _load("markov_mixture.py")
+sweep = load_script("digits_sweep.py")
+markov = load_script("markov_mixture.py")
 
 
 def test_sweep_arguments_parse_and_bad_ones_fail_clearly():
