@@ -60,6 +60,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.logits_dtype = "float32"
   c.model.scan = True
+  # Without rematerialisation the step keeps every layer's activations for two backward passes:
+  # at batch 64 XLA asked for 74 GB of temporaries on an 80 GB H100 and the step ran out of
+  # memory there. "full" keeps only each layer's input (XLA's estimate of the whole step on the
+  # CPU: 97 GB without, 16 GB with; docs/performance.md, experiments/step_memory.py).
+  # none | full | dots | dots_no_batch
+  c.model.remat = "full"
 
   # ---------------------------------------------------------------- teacher
   c.teacher.checkpoint = "pretrained/maskgit_teacher"  # written by `python -m dimo_jax.convert valeoai`
