@@ -586,7 +586,7 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
     if start:
       state = ckpt.restore(start, state)
       logging.info("Resumed distillation from %s at step %d.", ckpt.directory, start)
-    step_fn, state = dist.jit_step(state, mesh)
+    step_fn, state = dist.compile_step(state, mesh)  # stops here if the step cannot fit the device
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     stored_model = dict(stored.get("model", {}), **models.compute_overrides(config.model))
     run_config = dict(cfg, model=stored_model, dataset=info, role="distill")

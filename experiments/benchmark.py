@@ -311,11 +311,9 @@ def compiled_memory(compiled) -> Optional[Dict[str, int]]:
                "temp_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes"):
     if hasattr(m, name):
       out[name] = int(getattr(m, name))
-  sizes = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
-  if all(k in out for k in sizes):
-    # Live at once at worst: arguments, outputs not aliased to them, and the temporaries.
-    out["estimated_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                              - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+  estimate = distill.estimated_bytes(m)  # arguments + outputs not aliased to them + temporaries
+  if estimate is not None:
+    out["estimated_bytes"] = estimate
   return out or None
 
 

@@ -107,6 +107,34 @@ def test_step_updates_trainable_only_and_ema():
     np.testing.assert_array_equal(x, y)
 
 
+def test_compiled_step_equals_jitted_step_and_checks_memory():
+  _, _, dist, state = tiny_setup(aux_updates=2)
+  host = jax.tree_util.tree_map(np.asarray, state)
+  compiled, placed = dist.compile_step(state, bytes_limit=None)
+  s1, m1 = compiled(placed)
+  fn, placed2 = dist.jit_step(jax.tree_util.tree_map(jnp.asarray, host))
+  s2, m2 = fn(placed2)
+  for x, y in zip(jax.tree_util.tree_leaves(s1.gen.params), jax.tree_util.tree_leaves(s2.gen.params)):
+    np.testing.assert_array_equal(x, y)
+  assert float(m1["aux/loss"]) == float(m2["aux/loss"])
+  need = distill.check_fits(compiled, None)
+  assert need > sum(x.nbytes for x in jax.tree_util.tree_leaves(s1.gen.params))  # at least the state
+  assert distill.check_fits(compiled, need) == need  # exactly at the limit still fits
+  with pytest.raises(ValueError, match=r"needs about .* GB per device.*config.model.remat=full"):
+    distill.check_fits(compiled, need - 1)
+  with pytest.raises(ValueError, match="remat=full"):
+    dist.compile_step(jax.tree_util.tree_map(jnp.asarray, host), bytes_limit=1024)
+
+
+def test_estimated_bytes_known_answer():
+  class Analysis:
+    argument_size_in_bytes, output_size_in_bytes, alias_size_in_bytes, temp_size_in_bytes = 100, 90, 80, 7
+  assert distill.estimated_bytes(Analysis()) == 100 + 90 - 80 + 7
+  assert distill.estimated_bytes([Analysis()]) == 117
+  assert distill.estimated_bytes(None) is None and distill.estimated_bytes(object()) is None
+  assert distill.device_bytes_limit() is None  # the CPU reports no memory limit: never checked
+
+
 def test_ema_warmup_rate():
   ema = {"w": jnp.zeros(())}
   out = distill.ema_update(ema, {"w": jnp.ones(())}, jnp.int32(0), 0.9999)
