@@ -374,6 +374,7 @@ def bench_step(cfg, model, teacher_params, opts: BenchmarkOptions) -> Dict[str, 
   except Exception:  # pylint: disable=broad-except
     counted = None
   memory = compiled_memory(compiled)
+  distill.check_fits(compiled, distill.device_bytes_limit())  # a clear error instead of an allocator failure
 
   metrics = None
   for _ in range(opts.warmup):
