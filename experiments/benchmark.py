@@ -50,7 +50,9 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dimo_jax import distill, models, samplers, sharding, vqgan  # noqa: E402
+from dimo_jax.core import memory as device_memory, samplers, sharding
+from dimo_jax.method import dimo
+from dimo_jax.networks import maskgit, vqgan
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity), matched in order against
 # ``device.device_kind`` (lower case). Our H200 reference measured about 790 TFLOP/s in a bf16
@@ -99,7 +101,7 @@ REFERENCE_SHAPE = dict(arch="preln", width=768, depth=24, heads=16, seq_len=256,
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 
 ATTENTION_CHOICES = ("", "xla", "cudnn")
-REMAT_CHOICES = ("", "none", *models.REMAT_POLICIES)
+REMAT_CHOICES = ("", "none", *maskgit.REMAT_POLICIES)
 VQGAN_CHOICES = ("auto", "full", "small")
 
 
@@ -214,7 +216,7 @@ def peak_flops_per_device(opts: BenchmarkOptions):
 # ---------------------------------------------------------------------------- FLOPs
 
 
-def forward_equivalents(settings: distill.DistillSettings) -> int:
+def forward_equivalents(settings: dimo.DistillSettings) -> int:
   """Forward passes (a backward counted as two) of one sample in one Di[M]O step.
 
   Generator update: generator forward, teacher (two branches with guidance), auxiliary
@@ -237,7 +239,7 @@ def matmul_params(params) -> int:
   return total
 
 
-def analytic_flops(model, params, settings: distill.DistillSettings, batch: int) -> Dict[str, float]:
+def analytic_flops(model, params, settings: dimo.DistillSettings, batch: int) -> Dict[str, float]:
   """Forward-equivalents x batch x (2 x matmul params x tokens + attention scores 4 T^2 d per layer)."""
   tokens = model.seq_len + 1  # visual tokens and the class token
   n = matmul_params(params)
@@ -266,10 +268,10 @@ def counted_unrolled_flops(cfg, sizes, teacher_shapes_seed: int = 0) -> Optional
   model_cfg = cfg.model.copy_and_resolve_references()
   model_cfg.unlock()
   model_cfg.scan = False
-  model = models.build_model(model_cfg, **sizes)
-  dist = distill.build_distiller(cfg, model)
+  model = maskgit.build_model(model_cfg, **sizes)
+  dist = dimo.build_distiller(cfg, model)
   key = jax.random.key(teacher_shapes_seed)
-  abstract = jax.eval_shape(lambda: dist.init_state(models.init_params(model, key), 0))
+  abstract = jax.eval_shape(lambda: dist.init_state(maskgit.init_params(model, key), 0))
   try:
     return _cost(jax.jit(dist.step).lower(abstract).cost_analysis())
   except Exception:  # pylint: disable=broad-except
@@ -311,7 +313,7 @@ def compiled_memory(compiled) -> Optional[Dict[str, int]]:
                "temp_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes"):
     if hasattr(m, name):
       out[name] = int(getattr(m, name))
-  estimate = distill.estimated_bytes(m)  # arguments + outputs not aliased to them + temporaries
+  estimate = device_memory.estimated_bytes(m)  # arguments + outputs not aliased to them + temporaries
   if estimate is not None:
     out["estimated_bytes"] = estimate
   return out or None
@@ -342,7 +344,7 @@ def _compile(lowered, opts: BenchmarkOptions):
   return lowered.compile()
 
 
-def _compile_step(dist: distill.Distiller, state, mesh, donate: bool):
+def _compile_step(dist: dimo.Distiller, state, mesh, donate: bool):
   """(jitted step, placed state): ``Distiller.jit_step``, or the same without donation."""
   fn, placed = dist.jit_step(state, mesh)
   if donate:
@@ -356,7 +358,7 @@ def _compile_step(dist: distill.Distiller, state, mesh, donate: bool):
 
 
 def bench_step(cfg, model, teacher_params, opts: BenchmarkOptions) -> Dict[str, Any]:
-  dist = distill.build_distiller(cfg, model)
+  dist = dimo.build_distiller(cfg, model)
   batch = dist.s.batch_size
   mesh = None
   if jax.device_count() > 1:
@@ -374,7 +376,7 @@ def bench_step(cfg, model, teacher_params, opts: BenchmarkOptions) -> Dict[str, 
   except Exception:  # pylint: disable=broad-except
     counted = None
   memory = compiled_memory(compiled)
-  distill.check_fits(compiled, distill.device_bytes_limit())  # a clear error instead of an allocator failure
+  device_memory.check_fits(compiled, device_memory.device_bytes_limit())  # a clear error instead of an allocator failure
 
   metrics = None
   for _ in range(opts.warmup):
@@ -458,7 +460,7 @@ def bench_sampling(cfg, model, params, opts: BenchmarkOptions) -> Dict[str, Any]
         guidance=guidance, guidance_schedule=g_schedule,
         null_label=model.null_label if model.has_null_class else None)
 
-  generator_fn = functools.partial(distill.one_step_generate, model, r_init=float(sc.get("r_init", 0.6)),
+  generator_fn = functools.partial(samplers.one_step_generate, model, r_init=float(sc.get("r_init", 0.6)),
                                    sigma=float(sc.get("sigma", 0.1)), temperature=temperature)
   out = {"batch": batch, "devices": 1, "teacher_steps": steps, "guidance": guidance,
          "guidance_schedule": g_schedule}
@@ -471,7 +473,7 @@ def bench_sampling(cfg, model, params, opts: BenchmarkOptions) -> Dict[str, Any]
   out["vqgan"] = None
   if not opts.skip_vqgan:
     vcfg = vqgan_config(opts.vqgan, model.seq_len, model.codebook_size)
-    dtype = models.to_dtype(cfg.model.get("dtype", "float32"))
+    dtype = maskgit.to_dtype(cfg.model.get("dtype", "float32"))
     vmodel = vqgan.TamingVQGAN(vcfg, dtype=dtype)
     tokens = jax.block_until_ready(compiled["generator"](params, key, labels))
     init, _, _ = _aot(lambda k: vmodel.init(k, tokens[:1], method="decode_tokens"),
@@ -481,7 +483,7 @@ def bench_sampling(cfg, model, params, opts: BenchmarkOptions) -> Dict[str, Any]
     decode, lower_s, compile_s = _aot(
         lambda v, t: vqgan.decode_tokens(v, t, config=vcfg, dtype=dtype), (variables, tokens), opts)
     out["vqgan"] = {"config": dataclasses.asdict(vcfg), "dtype": jnp.dtype(dtype).name,
-                    "params": models.count_params(variables["params"]), "image_size": vcfg.resolution,
+                    "params": maskgit.count_params(variables["params"]), "image_size": vcfg.resolution,
                     "lower_s": lower_s, "compile_s": compile_s}
     teacher, generator = compiled["teacher"], compiled["generator"]
     for name, fn in (("vqgan_decode", lambda: decode(variables, tokens)),
@@ -517,16 +519,16 @@ def run_benchmark(config, opts: BenchmarkOptions) -> Dict[str, Any]:
   if cfg.model.get("attention_impl", "") == "cudnn" and info["platform"] != "gpu":
     raise ValueError(f"--attention=cudnn needs an NVIDIA GPU, but the backend is {info['platform']}; "
                      "use --attention=xla")
-  model = models.build_model(cfg.model, **sizes)
+  model = maskgit.build_model(cfg.model, **sizes)
   t0 = time.perf_counter()
-  init, _, _ = _aot(lambda k: models.init_params(model, k), (jax.random.key(opts.seed),), opts)
+  init, _, _ = _aot(lambda k: maskgit.init_params(model, k), (jax.random.key(opts.seed),), opts)
   teacher_params = jax.block_until_ready(init(jax.random.key(opts.seed)))
   init_s = time.perf_counter() - t0
-  n_params = models.count_params(teacher_params)
+  n_params = maskgit.count_params(teacher_params)
 
   step = bench_step(cfg, model, teacher_params, opts)
   peak_step = device_peak_bytes()
-  settings = distill.DistillSettings.from_config(cfg)
+  settings = dimo.DistillSettings.from_config(cfg)
   flops = analytic_flops(model, teacher_params, settings, step["batch"])
   counted_unrolled = counted_unrolled_flops(cfg, sizes) if opts.count_unrolled else None
   peak, peak_source = peak_flops_per_device(opts)

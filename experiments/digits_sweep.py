@@ -29,7 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import digits  # noqa: E402  pylint: disable=wrong-import-position
-from dimo_jax import data, distill, metrics, sample  # noqa: E402  pylint: disable=wrong-import-position
+from dimo_jax.core import samplers
+from dimo_jax.data import datasets
+from dimo_jax.evaluation import metrics
+from dimo_jax.method import dimo
+from dimo_jax.storage import loaders
 
 EVAL_KEYS = (2, 5)  # the sample keys of the final FD (the first is also used along the way)
 
@@ -95,10 +99,10 @@ def within_class_l2(tokens: np.ndarray, labels: np.ndarray) -> float:
 
 def run_variant(variant, seed, model, teacher_params, ref, labels, every):
   c, r_eval = variant_config(variant)
-  dist = distill.build_distiller(c, model)
+  dist = dimo.build_distiller(c, model)
   state = dist.init_state(teacher_params, seed)
   step, state = dist.jit_step(state)
-  gen = jax.jit(lambda p, k: distill.one_step_generate(model, p, k, labels, r_init=r_eval, sigma=c.distill.sigma))
+  gen = jax.jit(lambda p, k: samplers.one_step_generate(model, p, k, labels, r_init=r_eval, sigma=c.distill.sigma))
 
   def draw(params, key):
     return np.asarray(gen(params, jax.random.key(key)), np.float64)
@@ -143,8 +147,8 @@ def main(argv=None):
   args = parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   cfg = digits.get_config()
-  ds = data.load_dataset(cfg.data)
-  model, teacher_params, _ = sample.load_teacher(args.teacher)
+  ds = datasets.load_dataset(cfg.data)
+  model, teacher_params, _ = loaders.load_teacher(args.teacher)
   ref = np.asarray(ds.val_tokens, np.float64)
   print(f"validation split: within-class L2 {within_class_l2(ds.val_tokens, ds.val_labels):.1f}", flush=True)
   labels = jnp.asarray(np.arange(args.num_samples) % max(ds.num_classes, 1), jnp.int32)

@@ -1,9 +1,9 @@
 """Di[M]O on a known joint: a mixture of Markov chains, scored by exact total-variation distance.
 
-The truth is ``toys.markov_mixture`` (default: 7 positions, 4 values, 3 chains; 16,384
-sequences). A teacher MDM is trained by this project's train step (``train.make_train_step``)
+The truth is ``joints.markov_mixture`` (default: 7 positions, 4 values, 3 chains; 16,384
+sequences). A teacher MDM is trained by this project's train step (``mdm.make_train_step``)
 on fresh samples from the truth, then distilled into a one-step generator with
-``distill.build_distiller``. Every sampler is scored by the exact TV distance between the
+``dimo.build_distiller``. Every sampler is scored by the exact TV distance between the
 empirical law of ``--num_samples`` samples and the truth, set against the floor: the TV of an
 equally large i.i.d. sample from the truth itself.
 
@@ -29,7 +29,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tokens as tokens_config  # noqa: E402  pylint: disable=wrong-import-position
-from dimo_jax import distill, models, samplers, toys, train  # noqa: E402  pylint: disable=wrong-import-position
+from dimo_jax.core import samplers
+from dimo_jax.data import joints
+from dimo_jax.method import dimo, mdm
+from dimo_jax.networks import conditioning, exact, maskgit
 
 # The recommended distillation settings for this joint (docs/proofs.md); variants override them.
 DEFAULT_DISTILL = {
@@ -77,7 +80,7 @@ def parse_args(argv=None):
   p.add_argument("--variants", default='[{"name": "default"}]',
                  help="JSON list of dicts of config.distill overrides, each with a 'name'")
   p.add_argument("--exact_teacher", action="store_true",
-                 help="distil from the exact conditionals of the truth (toys.exact_teacher) instead of the "
+                 help="distil from the exact conditionals of the truth (exact.exact_teacher) instead of the "
                       "trained teacher; the students still start from the trained teacher's weights")
   p.add_argument("--seed", type=int, default=0, help="seed of the teacher's training (and of the distillation)")
   p.add_argument("--distill_seed", type=int, default=None,
@@ -125,13 +128,13 @@ def train_teacher(args, joint, model):
   cfg.label_smoothing = args.teacher_label_smoothing
   cfg.label_dropout = 0.0
   cfg.exact_mask = False
-  settings = train.TeacherSettings.from_config(cfg)
+  settings = mdm.TeacherSettings.from_config(cfg)
   tx = settings.optimizer()
-  step = jax.jit(train.make_train_step(
+  step = jax.jit(mdm.make_train_step(
       model, tx, mask_id=joint.vocab_size, num_classes=0, schedule=settings.mask_schedule,
       exact=settings.exact_mask, loss_on=settings.loss_on, label_smoothing=settings.label_smoothing,
       ema_decay=settings.ema_decay), donate_argnums=0)
-  state = train.init_train_state(model, tx, args.seed)
+  state = mdm.init_train_state(model, tx, args.seed)
   rng = np.random.default_rng(args.seed + 1)
   labels = jnp.zeros((args.teacher_batch,), jnp.int32)  # the null class of an unconditional model
   t0 = time.time()
@@ -151,7 +154,7 @@ def teacher_tag(args) -> str:
 def load_or_train_teacher(args, joint, model):
   from flax import serialization  # pylint: disable=import-outside-toplevel
   path = os.path.join(args.out, f"teacher_{teacher_tag(args)}.msgpack")
-  template = models.init_params(model, jax.random.key(0))
+  template = maskgit.init_params(model, jax.random.key(0))
   if os.path.exists(path):
     with open(path, "rb") as f:
       print(f"teacher: loaded {path}", flush=True)
@@ -165,7 +168,7 @@ def load_or_train_teacher(args, joint, model):
 
 
 def teacher_rows(args, joint, model, params, floor):
-  apply_fn = train.make_apply_fn(model)
+  apply_fn = conditioning.make_apply_fn(model)
   labels = lambda b: jnp.zeros((b,), jnp.int32)
   rows = []
   if args.teacher_rows == "none":
@@ -186,9 +189,9 @@ def teacher_rows(args, joint, model, params, floor):
         fn = lambda k, b, s=steps: samplers.ancestral_sampler(
             apply_fn, params, k, labels(b), seq_len=joint.seq_len, codebook_size=joint.vocab_size, steps=s)
       x = draw(fn, args.num_samples, 10000, jax.random.key(100 + steps))
-      tv = toys.tv_distance(joint, x)
+      tv = joints.tv_distance(joint, x)
       rows.append({"model": f"teacher {name}", "steps": steps, "tv": tv, "tv_over_floor": tv / floor,
-                   **toys.diversity(joint, x[: args.diversity_samples])})
+                   **joints.diversity(joint, x[: args.diversity_samples])})
       print(f"  teacher {name} {steps} steps: TV {tv:.4f}", flush=True)
   with open(cache, "w") as f:
     json.dump(rows, f, indent=1)
@@ -203,20 +206,20 @@ def distill_variant(args, joint, model, teacher_params, variant, floor):
     cfg.distill[k] = tuple(v) if k == "freeze" else v
   seed = args.seed if args.distill_seed is None else args.distill_seed
   if args.exact_teacher:
-    dist = distill.build_distiller(cfg, model, teacher_model=toys.exact_teacher(joint))
+    dist = dimo.build_distiller(cfg, model, teacher_model=exact.exact_teacher(joint))
     state = dist.init_state({}, seed, student_params=teacher_params)
   else:
-    dist = distill.build_distiller(cfg, model)
+    dist = dimo.build_distiller(cfg, model)
     state = dist.init_state(teacher_params, seed)
   step, state = dist.jit_step(state)
   r_eval = float(str(opts["r_init"]).split("_")[-1])
-  gen = jax.jit(lambda p, k, b, t: distill.one_step_generate(
+  gen = jax.jit(lambda p, k, b, t: samplers.one_step_generate(
       model, p, k, jnp.zeros((b,), jnp.int32), r_init=r_eval, sigma=opts["sigma"], temperature=t),
                 static_argnums=2)
 
   def score(params, n, seed=7, temperature=1.0):
     x = draw(lambda k, b: gen(params, k, b, temperature), n, 10000, jax.random.key(seed))
-    return toys.tv_distance(joint, x), x
+    return joints.tv_distance(joint, x), x
 
   curve = [{"step": 0, "tv_gen": score(state.gen.params, 10000)[0]}]
   t0 = time.time()
@@ -239,7 +242,7 @@ def distill_variant(args, joint, model, teacher_params, variant, floor):
       source = " from the exact teacher" if args.exact_teacher else ""
       temp = f" at temperature {temperature:g}" if temperature != 1.0 else ""
       rows.append({"model": f"Di[M]O {which}{source}{temp} [{variant.get('name')}]", "steps": 1, "tv": tv,
-                   "tv_over_floor": tv / floor, **toys.diversity(joint, x[: args.diversity_samples])})
+                   "tv_over_floor": tv / floor, **joints.diversity(joint, x[: args.diversity_samples])})
   return rows, {"name": variant.get("name"), "settings": opts, "curve": curve,
                 "seconds": time.time() - t0}
 
@@ -259,11 +262,11 @@ def markdown(rows, floor, truth_div, n, div_n) -> str:
 def main(argv=None):
   args = parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  joint = toys.markov_mixture(args.vocab, args.seq_len, args.chains, seed=args.joint_seed)
-  floor = toys.sampling_floor(joint, args.num_samples, seed=args.seed + 5)
-  truth_div = toys.diversity(joint, joint.sample(np.random.default_rng(args.seed + 6), args.diversity_samples))
+  joint = joints.markov_mixture(args.vocab, args.seq_len, args.chains, seed=args.joint_seed)
+  floor = joints.sampling_floor(joint, args.num_samples, seed=args.seed + 5)
+  truth_div = joints.diversity(joint, joint.sample(np.random.default_rng(args.seed + 6), args.diversity_samples))
   print(f"truth: {len(joint.probs)} sequences, floor TV at n={args.num_samples}: {floor:.4f}", flush=True)
-  model = models.MaskTransformer(codebook_size=args.vocab, seq_len=args.seq_len, num_classes=0,
+  model = maskgit.MaskTransformer(codebook_size=args.vocab, seq_len=args.seq_len, num_classes=0,
                                  width=args.width, depth=args.depth, heads=4, mlp_dim=4 * args.width)
   teacher_params, teacher_seconds = load_or_train_teacher(args, joint, model)
   rows = teacher_rows(args, joint, model, teacher_params, floor)

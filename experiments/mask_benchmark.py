@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dimo_jax import masking  # noqa: E402  pylint: disable=wrong-import-position
+from dimo_jax.core import masking
 
 
 def double_argsort_mask(key, shape, count):

@@ -30,10 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 
-from dimo_jax import distill, models  # noqa: E402  pylint: disable=wrong-import-position
+from dimo_jax.method import dimo
+from dimo_jax.networks import maskgit
 from experiments import benchmark  # noqa: E402  pylint: disable=wrong-import-position
 
-ALL_POLICIES = ("none", *models.REMAT_POLICIES)
+ALL_POLICIES = ("none", *maskgit.REMAT_POLICIES)
 GB = 1e9
 
 
@@ -50,9 +51,9 @@ def step_memory(config, remat: str, batch: int = 0) -> Dict[str, Any]:
   """XLA's buffer sizes of the config's distillation step (state donated) with ``remat``."""
   parse_policies(remat)
   cfg = benchmark.prepare_config(config, benchmark.BenchmarkOptions(remat=remat, batch=batch))
-  model = models.build_model(cfg.model, **benchmark.data_sizes(cfg))
-  dist = distill.build_distiller(cfg, model)
-  state = jax.eval_shape(lambda: dist.init_state(models.init_params(model, jax.random.key(0)), 0))
+  model = maskgit.build_model(cfg.model, **benchmark.data_sizes(cfg))
+  dist = dimo.build_distiller(cfg, model)
+  state = jax.eval_shape(lambda: dist.init_state(maskgit.init_params(model, jax.random.key(0)), 0))
   state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
   t0 = time.perf_counter()
   compiled = jax.jit(dist.step, donate_argnums=0).lower(state).compile()

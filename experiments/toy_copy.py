@@ -1,6 +1,6 @@
 """Di[M]O on the exact copy pair: (x, x) with x uniform over V values, analytic teacher.
 
-The teacher is ``toys.ExactConditionalTeacher`` (no training). Its one parallel step from all
+The teacher is ``exact.ExactConditionalTeacher`` (no training). Its one parallel step from all
 masks draws the two tokens independently (they agree 1/V of the time); a good one-step generator
 makes them agree always while the first token stays uniform (entropy log V). The student
 (generator and auxiliary) starts from random weights or from a small MDM pre-trained on samples
@@ -28,7 +28,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import digits  # noqa: E402  pylint: disable=wrong-import-position
-from dimo_jax import distill, models, samplers, toys  # noqa: E402  pylint: disable=wrong-import-position
+from dimo_jax.core import samplers
+from dimo_jax.data import joints
+from dimo_jax.method import dimo, mdm
+from dimo_jax.networks import exact, maskgit
 
 
 def parse_args(argv=None):
@@ -62,17 +65,17 @@ def parse_args(argv=None):
 
 def stats(joint, x) -> dict:
   x = np.asarray(x)
-  return {"agree": float((x[:, 0] == x[:, 1]).mean()), "entropy": toys.position_entropy(x, joint.vocab_size),
-          "tv": toys.tv_distance(joint, x)}
+  return {"agree": float((x[:, 0] == x[:, 1]).mean()), "entropy": joints.position_entropy(x, joint.vocab_size),
+          "tv": joints.tv_distance(joint, x)}
 
 
 def main(argv=None):
   args = parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   v = args.vocab
-  joint = toys.copy_pair(v)
-  teacher = toys.exact_teacher(joint)
-  model = models.MaskTransformer(codebook_size=v, seq_len=2, num_classes=0, width=args.width, depth=args.depth,
+  joint = joints.copy_pair(v)
+  teacher = exact.exact_teacher(joint)
+  model = maskgit.MaskTransformer(codebook_size=v, seq_len=2, num_classes=0, width=args.width, depth=args.depth,
                                  heads=2, mlp_dim=2 * args.width, scan=False)
   n = args.num_samples
   labels = jnp.zeros((n,), jnp.int32)
@@ -91,18 +94,18 @@ def main(argv=None):
   d.divergence, d.beta, d.normalization = args.divergence, args.beta, args.normalization
   d.aux_label_smoothing = args.aux_label_smoothing
   d.freeze = tuple(x for x in args.freeze.split(",") if x)
-  dist = distill.build_distiller(cfg, model, teacher_model=teacher)
+  dist = dimo.build_distiller(cfg, model, teacher_model=teacher)
   r_eval = float(str(args.r_init).split("_")[-1])
-  generate = jax.jit(lambda p, k: distill.one_step_generate(model, p, k, labels, r_init=r_eval, sigma=args.sigma))
+  generate = jax.jit(lambda p, k: samplers.one_step_generate(model, p, k, labels, r_init=r_eval, sigma=args.sigma))
 
   step = None
   runs = []
   for seed in [int(s) for s in args.seeds.split(",")]:
     key = jax.random.key(seed)
     if args.init == "random":
-      student = models.init_params(model, key)
+      student = maskgit.init_params(model, key)
     else:
-      student = toys.pretrain_copy_mdm(model, key, args.pretrain_steps, loss_on=args.init, lr=args.pretrain_lr)
+      student = mdm.pretrain_copy_mdm(model, key, args.pretrain_steps, loss_on=args.init, lr=args.pretrain_lr)
     state = dist.init_state({}, seed, student_params=student)
     if step is None:
       step, state = dist.jit_step(state)

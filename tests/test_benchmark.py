@@ -5,10 +5,11 @@ import os
 
 import jax
 import pytest
-
 from conftest import load_script
-from configs import maskgit
-from dimo_jax import distill, models
+
+from configs import maskgit as maskgit_config
+from dimo_jax.method import dimo
+from dimo_jax.networks import maskgit
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +28,7 @@ def test_mask_benchmark_runs_and_reports_both_methods():
 
 
 def tiny_config():
-  c = maskgit.get_config("1")
+  c = maskgit_config.get_config("1")
   c.model.width = 32
   c.model.depth = 1
   c.model.heads = 2
@@ -110,35 +111,35 @@ def test_smoke_writes_json_and_markdown_with_every_field(smoke):
 
 
 def test_forward_equivalents_count():
-  cfg = maskgit.get_config("1")
-  settings = distill.DistillSettings.from_config(cfg)
+  cfg = maskgit_config.get_config("1")
+  settings = dimo.DistillSettings.from_config(cfg)
   assert bm.forward_equivalents(settings) == 10  # 1 gen + 2 teacher + 1 aux + 2 vjp; 1 + 1 + 2 aux
   cfg.teacher.guidance = 1.0
-  assert bm.forward_equivalents(distill.DistillSettings.from_config(cfg)) == 9
+  assert bm.forward_equivalents(dimo.DistillSettings.from_config(cfg)) == 9
   cfg.distill.aux_updates = 3
-  assert bm.forward_equivalents(distill.DistillSettings.from_config(cfg)) == 17
+  assert bm.forward_equivalents(dimo.DistillSettings.from_config(cfg)) == 17
   cfg.distill.grad_input = "sample"
-  assert bm.forward_equivalents(distill.DistillSettings.from_config(cfg)) == 18
+  assert bm.forward_equivalents(dimo.DistillSettings.from_config(cfg)) == 18
 
 
 def test_matmul_params_known_answer():
   k, c, w, depth, mlp, seq = 16, 10, 32, 2, 64, 16
-  model = models.MaskTransformer(codebook_size=k, seq_len=seq, num_classes=c, width=w, depth=depth,
+  model = maskgit.MaskTransformer(codebook_size=k, seq_len=seq, num_classes=c, width=w, depth=depth,
                                  heads=2, mlp_dim=mlp)
-  params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+  params = jax.eval_shape(lambda: maskgit.init_params(model, jax.random.key(0)))
   rows = k + c + 2
   expected = rows * w + 2 * w * w + depth * (3 * w * w + w * w + 2 * w * mlp) + w * w
   assert bm.matmul_params(params) == expected
-  assert bm.matmul_params(params) < models.count_params(params)
+  assert bm.matmul_params(params) < maskgit.count_params(params)
 
 
 def test_full_maskgit_analytic_flops_match_reference_estimate():
   """About 60 TFLOP per step at batch 64 (reference notes, section 4), without allocating."""
-  cfg = maskgit.get_config("1")
-  model = models.build_model(cfg.model, codebook_size=1024, seq_len=256, num_classes=1000)
-  params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
-  assert 170e6 < models.count_params(params) < 180e6
-  fl = bm.analytic_flops(model, params, distill.DistillSettings.from_config(cfg), 64)
+  cfg = maskgit_config.get_config("1")
+  model = maskgit.build_model(cfg.model, codebook_size=1024, seq_len=256, num_classes=1000)
+  params = jax.eval_shape(lambda: maskgit.init_params(model, jax.random.key(0)))
+  assert 170e6 < maskgit.count_params(params) < 180e6
+  fl = bm.analytic_flops(model, params, dimo.DistillSettings.from_config(cfg), 64)
   assert 55e12 < fl["per_step"] < 65e12
 
 

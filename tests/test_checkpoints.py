@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from dimo_jax import checkpoints
+from dimo_jax.storage import checkpoints
 
 
 @flax.struct.dataclass

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from dimo_jax import checkpoints, convert, models
+from dimo_jax import convert
+from dimo_jax.converters import commands, google_maskgit, maskgit_common, torch_files, valeoai
+from dimo_jax.core import trees
+from dimo_jax.networks import maskgit
+from dimo_jax.storage import checkpoints, loaders
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -118,51 +122,51 @@ def test_valeoai_parity_with_torch():
   tokens, labels = _inputs()
   with torch.no_grad():
     ref = tm(torch.from_numpy(tokens).long(), torch.from_numpy(labels).long()).numpy()
-  params, kw = convert.convert_valeoai_state_dict(tm.state_dict(), {"heads": H, "codebook_size": K})
+  params, kw = valeoai.convert_valeoai_state_dict(tm.state_dict(), {"heads": H, "codebook_size": K})
   assert kw == dict(codebook_size=K, seq_len=L, num_classes=C, width=W, depth=DEPTH, heads=H, mlp_dim=MLP,
                     class_token="last", ln_eps=1e-5, ln_eps_io=1e-12, gelu_approximate=False)
   assert params["blocks"]["attn"]["qkv"]["kernel"].shape == (DEPTH, W, 3 * W)
-  model = models.MaskTransformer(**kw)
+  model = maskgit.MaskTransformer(**kw)
   out = model.apply({"params": jax.tree_util.tree_map(jnp.asarray, params)}, tokens, labels)
   assert out.shape == (4, L, K + 1) and out.dtype == jnp.float32
   assert _rel_err(out, ref) < 1e-5
   # The same weights in the unrolled layout give the same parameters.
-  unrolled, _ = convert.convert_valeoai_state_dict(tm.state_dict(), {"heads": H, "codebook_size": K, "scan": False})
-  restacked = models.stack_layers(unrolled, DEPTH)
+  unrolled, _ = valeoai.convert_valeoai_state_dict(tm.state_dict(), {"heads": H, "codebook_size": K, "scan": False})
+  restacked = maskgit.stack_layers(unrolled, DEPTH)
   for a, b in zip(jax.tree_util.tree_leaves(restacked), jax.tree_util.tree_leaves(params)):
     np.testing.assert_array_equal(a, b)
   # A wrong head count changes the output: the comparison can fail.
-  bad = models.MaskTransformer(**{**kw, "heads": 2}).apply({"params": params}, tokens, labels)
+  bad = maskgit.MaskTransformer(**{**kw, "heads": 2}).apply({"params": params}, tokens, labels)
   assert _rel_err(bad, ref) > 1e-3
 
 
 def _random_state_dict(seed=0):
   """A valeoai-layout state dict of NumPy arrays (no torch needed)."""
   rng = np.random.default_rng(seed)
-  layout = convert.valeoai_layout(depth=DEPTH, width=W, mlp_dim=MLP, rows=K + C + 2, positions=L + 1)
+  layout = valeoai.valeoai_layout(depth=DEPTH, width=W, mlp_dim=MLP, rows=K + C + 2, positions=L + 1)
   return {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in layout.items()}
 
 
 def test_valeoai_wrappers_and_prefixes():
   sd = _random_state_dict()
-  ref, _ = convert.convert_valeoai_state_dict(sd, {"heads": H, "num_classes": C})
+  ref, _ = valeoai.convert_valeoai_state_dict(sd, {"heads": H, "num_classes": C})
   wrapped = {"iter": 7, "model_state_dict": {"module." + k: v for k, v in sd.items()},
              "optimizer_state_dict": {"state": {}}}
-  got, kw = convert.convert_valeoai_state_dict(wrapped, {"heads": H, "num_classes": C})
+  got, kw = valeoai.convert_valeoai_state_dict(wrapped, {"heads": H, "num_classes": C})
   assert kw["codebook_size"] == K
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match=r"Top-level keys: \[epoch, weights\]"):
-    convert.convert_valeoai_state_dict({"epoch": 1, "weights": [1, 2]}, {"heads": H})
+    valeoai.convert_valeoai_state_dict({"epoch": 1, "weights": [1, 2]}, {"heads": H})
 
 
 def test_valeoai_published_sizes():
   """The published table (2026 rows, width 768) fixes codes, classes and 16 heads by default."""
   rng = np.random.default_rng(0)
-  layout = convert.valeoai_layout(depth=1, width=768, mlp_dim=3072, rows=2026, positions=257)
+  layout = valeoai.valeoai_layout(depth=1, width=768, mlp_dim=3072, rows=2026, positions=257)
   sd = {k: np.full(s, 0.5, np.float32) if len(s) == 1 else rng.normal(size=s).astype(np.float32)
         for k, s in layout.items()}
-  params, kw = convert.convert_valeoai_state_dict(sd)
+  params, kw = valeoai.convert_valeoai_state_dict(sd)
   assert (kw["codebook_size"], kw["num_classes"], kw["seq_len"], kw["heads"], kw["mlp_dim"]) == (1024, 1000, 256, 16, 3072)
   np.testing.assert_array_equal(params["blocks"]["attn"]["qkv"]["kernel"][0],
                                 sd["transformer.layers.0.0.fn.mha.in_proj_weight"].T)
@@ -175,28 +179,28 @@ def test_valeoai_bad_inputs():
   missing = dict(sd)
   del missing["transformer.layers.1.0.fn.mha.in_proj_bias"]
   with pytest.raises(ValueError, match=r"missing keys \(1\): transformer\.layers\.1\.0\.fn\.mha\.in_proj_bias"):
-    convert.convert_valeoai_state_dict(missing, ok)
+    valeoai.convert_valeoai_state_dict(missing, ok)
   extra = dict(sd, **{"transformer.layers.0.1.fn.net.9.weight": np.zeros((3,), np.float32)})
   with pytest.raises(ValueError, match=r"unexpected keys \(1\): transformer\.layers\.0\.1\.fn\.net\.9\.weight"):
-    convert.convert_valeoai_state_dict(extra, ok)
+    valeoai.convert_valeoai_state_dict(extra, ok)
   wrong = dict(sd, **{"last_layer.2.weight": np.zeros((W, W + 1), np.float32)})
   with pytest.raises(ValueError, match=r"wrong shape: last_layer\.2\.weight: got \(64, 65\), expected \(64, 64\)"):
-    convert.convert_valeoai_state_dict(wrong, ok)
+    valeoai.convert_valeoai_state_dict(wrong, ok)
   # All problems at once, each named.
   both = dict(missing, **{"foo": np.zeros(1)})
   with pytest.raises(ValueError) as e:
-    convert.convert_valeoai_state_dict(both, ok)
+    valeoai.convert_valeoai_state_dict(both, ok)
   assert "in_proj_bias" in str(e.value) and "foo" in str(e.value)
   with pytest.raises(ValueError, match="heads"):
-    convert.convert_valeoai_state_dict(sd, {"codebook_size": K})  # width 64: heads must be given
+    valeoai.convert_valeoai_state_dict(sd, {"codebook_size": K})  # width 64: heads must be given
   with pytest.raises(ValueError, match="codebook_size or num_classes"):
-    convert.convert_valeoai_state_dict(sd, {"heads": H})  # not the published 2026 rows
+    valeoai.convert_valeoai_state_dict(sd, {"heads": H})  # not the published 2026 rows
   with pytest.raises(ValueError, match="heads=5 does not divide"):
-    convert.convert_valeoai_state_dict(sd, {"heads": 5, "codebook_size": K})
+    valeoai.convert_valeoai_state_dict(sd, {"heads": 5, "codebook_size": K})
   with pytest.raises(ValueError, match="disagree"):
-    convert.convert_valeoai_state_dict(sd, {"heads": H, "codebook_size": K, "width": 128})
+    valeoai.convert_valeoai_state_dict(sd, {"heads": H, "codebook_size": K, "width": 128})
   with pytest.raises(ValueError, match="unknown model fields"):
-    convert.convert_valeoai_state_dict(sd, {"heads": H, "codebook_size": K, "colour": 1})
+    valeoai.convert_valeoai_state_dict(sd, {"heads": H, "codebook_size": K, "colour": 1})
 
 
 # ------------------------------------------------------------------------------- Google MaskGIT
@@ -263,16 +267,16 @@ def test_google_maskgit_parity_with_numpy(tmp_path):
   data = serialization.msgpack_serialize(tree)
   path = tmp_path / "maskgit_checkpoint"
   path.write_bytes(data)
-  params, kw = convert.convert_google_maskgit(str(path), {"codebook_size": K})
+  params, kw = google_maskgit.convert_google_maskgit(str(path), {"codebook_size": K})
   assert kw == dict(codebook_size=K, seq_len=L, num_classes=C, width=W, depth=DEPTH, heads=GH, mlp_dim=MLP,
                     ln_eps=1e-12, gelu_approximate=True)
-  from_bytes, _ = convert.convert_google_maskgit(data, {"num_classes": C})
+  from_bytes, _ = google_maskgit.convert_google_maskgit(data, {"num_classes": C})
   for a, b in zip(jax.tree_util.tree_leaves(from_bytes), jax.tree_util.tree_leaves(params)):
     np.testing.assert_array_equal(a, b)
 
   tokens, _ = _inputs()
   labels = np.array([3, 9, 0, 5], np.int32)
-  model = models.BertMaskTransformer(**kw)
+  model = maskgit.BertMaskTransformer(**kw)
   out = np.asarray(model.apply({"params": params}, tokens, labels))
   ids = np.concatenate([(K + labels)[:, None], np.where(tokens == K, K + C, tokens)], axis=1)
   ref = _np_google_forward(tree, ids)[:, 1:]
@@ -288,19 +292,19 @@ def test_google_maskgit_bad_inputs():
   p["MlmLayer_0"]["extra_dense"] = {"kernel": np.zeros((2, 2), np.float32)}
   p["TransformerLayer_0"]["Attention_0"]["self_attention"]["key"]["kernel"] = np.zeros((W, GH, 8), np.float32)
   with pytest.raises(ValueError) as e:
-    convert.convert_google_maskgit(serialization.msgpack_serialize(tree), {"codebook_size": K})
+    google_maskgit.convert_google_maskgit(serialization.msgpack_serialize(tree), {"codebook_size": K})
   msg = str(e.value)
   assert "missing keys (1): TransformerLayer_1/Mlp_0/layer_output_ln/bias" in msg
   assert "unexpected keys (1): MlmLayer_0/extra_dense/kernel" in msg
   assert ("wrong shape: TransformerLayer_0/Attention_0/self_attention/key/kernel: "
           "got (64, 4, 8), expected (64, 4, 16)") in msg
   with pytest.raises(ValueError, match=r"top-level keys \['encoder', 'quantizer'\]"):
-    convert.convert_google_maskgit(serialization.msgpack_serialize({"encoder": {"a": np.zeros(1)},
+    google_maskgit.convert_google_maskgit(serialization.msgpack_serialize({"encoder": {"a": np.zeros(1)},
                                                                     "quantizer": {"b": np.zeros(1)}}))
   with pytest.raises(ValueError, match="not a flax msgpack"):
-    convert.convert_google_maskgit(b"\x00\x01not msgpack at all")
+    google_maskgit.convert_google_maskgit(b"\x00\x01not msgpack at all")
   with pytest.raises(FileNotFoundError, match="nowhere.msgpack"):
-    convert.convert_google_maskgit("/nonexistent/nowhere.msgpack")
+    google_maskgit.convert_google_maskgit("/nonexistent/nowhere.msgpack")
 
 
 # --------------------------------------------------------------------- files, CLI and checkpoints
@@ -316,7 +320,7 @@ def test_cli_valeoai_and_generator_roundtrip(tmp_path):
   assert convert.main(["valeoai", f"--input={src}", f"--output={out}", f"--heads={H}",
                        f"--codebook_size={K}"]) == 0
   params, ema, cfg = checkpoints.load_params(str(out))
-  ref, kw = convert.convert_valeoai_state_dict(sd, {"heads": H, "codebook_size": K})
+  ref, kw = valeoai.convert_valeoai_state_dict(sd, {"heads": H, "codebook_size": K})
   for a, b, c in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ema),
                      jax.tree_util.tree_leaves(ref)):
     np.testing.assert_array_equal(a, c)
@@ -324,7 +328,7 @@ def test_cli_valeoai_and_generator_roundtrip(tmp_path):
   assert cfg["model"] == {"arch": "preln", "width": W, "depth": DEPTH, "heads": H, "mlp_dim": MLP,
                           "class_token": "last", "ln_eps": 1e-5, "ln_eps_io": 1e-12, "gelu_approximate": False}
   assert cfg["dataset"] == {"vocab_size": K, "num_classes": C, "seq_len": L, "image_shape": [4, 4]}
-  model = models.build_model(ml_collections.ConfigDict(cfg["model"]), codebook_size=K, seq_len=L, num_classes=C)
+  model = maskgit.build_model(ml_collections.ConfigDict(cfg["model"]), codebook_size=K, seq_len=L, num_classes=C)
   tokens, labels = _inputs()
   with torch.no_grad():
     want = tm(torch.from_numpy(tokens).long(), torch.from_numpy(labels).long()).numpy()
@@ -349,9 +353,9 @@ def test_torch_load_refuses_code(tmp_path):
   path = tmp_path / "evil.pth"
   torch.save({"model_state_dict": {"tok_emb.weight": torch.zeros(2, 2)}, "obj": _Opaque()}, str(path))
   with pytest.raises(ValueError, match="weights_only=True"):
-    convert.load_torch_file(str(path))
+    torch_files.load_torch_file(str(path))
   with pytest.raises(FileNotFoundError, match="missing.pth"):
-    convert.load_torch_file(str(tmp_path / "missing.pth"))
+    torch_files.load_torch_file(str(tmp_path / "missing.pth"))
 
 
 class _Opaque:
@@ -366,42 +370,43 @@ def test_cli_google_maskgit(tmp_path):
   params, _, cfg = checkpoints.load_params(str(out))
   assert cfg["model"]["arch"] == "bert" and cfg["model"]["heads"] == GH
   assert cfg["dataset"]["vocab_size"] == K and cfg["dataset"]["num_classes"] == C
-  ref, _ = convert.convert_google_maskgit(str(src), {"codebook_size": K})
+  ref, _ = google_maskgit.convert_google_maskgit(str(src), {"codebook_size": K})
   np.testing.assert_array_equal(params["blocks"]["attn"]["qkv"]["kernel"], ref["blocks"]["attn"]["qkv"]["kernel"])
 
 
 def test_cli_vqgans(tmp_path):
   torch = pytest.importorskip("torch")
-  from dimo_jax import vqgan
+  from dimo_jax.converters import taming
+  from dimo_jax.networks import vqgan, vqgan_google
   rng = np.random.default_rng(0)
   small = vqgan.TamingConfig.small()
   sd = {k: torch.from_numpy(rng.normal(0, 0.1, s).astype(np.float32))
-        for k, (_, s) in vqgan.taming_param_layout(small).items()}
+        for k, (_, s) in taming.taming_param_layout(small).items()}
   src = tmp_path / "last.ckpt"
   torch.save({"state_dict": sd}, str(src))
   fields = {f: getattr(small, f) for f in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution",
                                            "z_channels", "embed_dim", "n_embed")}
   out = tmp_path / "vq_taming"
   convert.main(["taming-vqgan", f"--input={src}", f"--output={out}", f"--vqgan_config={json.dumps(fields)}"])
-  module, variables = convert.load_vqgan(str(out))
-  want = vqgan.load_taming_checkpoint(str(src), small)
+  module, variables = loaders.load_vqgan(str(out))
+  want = taming.load_taming_checkpoint(str(src), small)
   for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(want)):
     np.testing.assert_array_equal(a, b)
   side = small.latent_size
   images = module.apply(variables, jnp.zeros((1, side * side), jnp.int32), method="decode_tokens")
   assert images.shape == (1, small.resolution, small.resolution, 3)
 
-  gsmall = vqgan.GoogleVQGANConfig.small()
-  flat = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in vqgan.google_param_shapes(gsmall).items()}
-  tree = {"params": convert._unflatten(flat)}
+  gsmall = vqgan_google.GoogleVQGANConfig.small()
+  flat = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in vqgan_google.google_param_shapes(gsmall).items()}
+  tree = {"params": trees.unflatten(flat)}
   gsrc = tmp_path / "tokenizer_checkpoint"
   gsrc.write_bytes(serialization.msgpack_serialize(tree))
   gout = tmp_path / "vq_google"
   gfields = {"filters": 32, "channel_multipliers": [1, 2], "num_res_blocks": 1, "embedding_dim": 16,
              "codebook_size": 64, "image_size": 16}
   convert.main(["google-vqgan", f"--input={gsrc}", f"--output={gout}", f"--vqgan_config={json.dumps(gfields)}"])
-  gmodule, gvars = convert.load_vqgan(str(gout))
-  assert isinstance(gmodule, vqgan.GoogleVQGAN) and gmodule.config == gsmall
+  gmodule, gvars = loaders.load_vqgan(str(gout))
+  assert isinstance(gmodule, vqgan_google.GoogleVQGAN) and gmodule.config == gsmall
   for key, value in flat.items():
     node = gvars["params"]
     for part in key.split("/"):
@@ -415,8 +420,8 @@ def test_cli_vqgans(tmp_path):
 
 
 def test_maskgit_configs_defaults():
-  from configs import maskgit, maskgit_google
-  c = maskgit.get_config("2")
+  from configs import maskgit as maskgit_config, maskgit_google
+  c = maskgit_config.get_config("2")
   assert (c.distill.r_init, c.distill.sigma, c.distill.mask_schedule, c.distill.divergence) == (
       "fix_0.6", 0.1, "arccos", "fkl")
   assert (c.teacher.guidance, c.distill.gen_lr, c.distill.aux_lr, c.distill.eps) == (2.0, 1e-5, 1e-5, 1e-6)
@@ -433,40 +438,40 @@ def test_maskgit_configs_defaults():
   g = maskgit_google.get_config("1")
   assert (g.model.arch, g.model.class_token, g.teacher.guidance, g.sample.schedule, g.vqgan.kind) == (
       "bert", "first", 1.0, "cosine", "google")
-  model = models.build_model(g.model, codebook_size=g.data.vocab_size, seq_len=g.data.seq_len,
+  model = maskgit.build_model(g.model, codebook_size=g.data.vocab_size, seq_len=g.data.seq_len,
                              num_classes=g.data.num_classes)
   assert model.num_rows == 2025
 
 
 def test_check_paths(tmp_path):
-  from configs import maskgit, maskgit_google
-  c = maskgit.get_config("1")
+  from configs import maskgit as maskgit_config, maskgit_google
+  c = maskgit_config.get_config("1")
   c.teacher.checkpoint = str(tmp_path / "teacher")
   c.vqgan.checkpoint = str(tmp_path / "vq")
   with pytest.raises(FileNotFoundError) as e:
-    convert.check_paths(c)
+    commands.check_paths(c)
   assert str(tmp_path / "teacher") in str(e.value)
   assert (f"python -m dimo_jax.convert valeoai --input=MaskGIT_ImageNet_256.pth "
           f"--output={tmp_path / 'teacher'} --heads=16") in str(e.value)
   # A converted teacher satisfies the teacher check; the VQGAN is next.
   sd = _random_state_dict()
-  params, kw = convert.convert_valeoai_state_dict(sd, {"heads": H, "codebook_size": K})
-  convert.save_converted(str(tmp_path / "teacher"), params, kw, arch="preln", kind="valeoai")
-  convert.check_paths(c, which=("teacher",))
+  params, kw = valeoai.convert_valeoai_state_dict(sd, {"heads": H, "codebook_size": K})
+  maskgit_common.save_converted(str(tmp_path / "teacher"), params, kw, arch="preln", kind="valeoai")
+  commands.check_paths(c, which=("teacher",))
   with pytest.raises(FileNotFoundError) as e:
-    convert.check_paths(c)
+    commands.check_paths(c)
   assert f"python -m dimo_jax.convert taming-vqgan --input=VQGAN/last.ckpt --output={tmp_path / 'vq'}" in str(e.value)
   c.vqgan.checkpoint = ""
-  convert.check_paths(c)  # no VQGAN configured: nothing to check
+  commands.check_paths(c)  # no VQGAN configured: nothing to check
 
   g = maskgit_google.get_config("1")
   g.teacher.checkpoint = str(tmp_path / "gt")
   with pytest.raises(FileNotFoundError, match="python -m dimo_jax.convert google-maskgit "
                      "--input=maskgit_imagenet256_checkpoint"):
-    convert.check_paths(g)
+    commands.check_paths(g)
   g.teacher.checkpoint = str(tmp_path / "teacher")
   with pytest.raises(FileNotFoundError, match="python -m dimo_jax.convert google-vqgan"):
-    convert.check_paths(g)
+    commands.check_paths(g)
 
 
 def test_cli_reports_errors(tmp_path):

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dimo_jax import data
-
+from dimo_jax.data import batching, datasets, image_grids
 
 # ----------------------------------------------------------------------------
 # digits
 
 
 def test_digits_shapes_range_classes():
-  ds = data.load_digits()
+  ds = datasets.load_digits()
   assert ds.num_train + ds.num_val == 1797
   assert ds.num_val == round(1797 * 0.1)
   assert ds.train_tokens.shape == (ds.num_train, 64)
@@ -30,26 +29,26 @@ def test_digits_shapes_range_classes():
 def test_digits_tokens_equal_raw_values():
   from sklearn.datasets import load_digits as sk_load
   raw = sk_load().data.astype(np.int32)
-  ds = data.load_digits(val_fraction=0.0)
+  ds = datasets.load_digits(val_fraction=0.0)
   # No validation examples; train keeps the original order.
   assert ds.num_val == 0
   np.testing.assert_array_equal(ds.train_tokens, raw)
 
 
 def test_digits_other_levels_and_determinism():
-  a = data.load_digits(levels=4, seed=3)
-  b = data.load_digits(levels=4, seed=3)
-  c = data.load_digits(levels=4, seed=4)
+  a = datasets.load_digits(levels=4, seed=3)
+  b = datasets.load_digits(levels=4, seed=3)
+  c = datasets.load_digits(levels=4, seed=4)
   assert a.vocab_size == 4 and a.train_tokens.max() == 3 and a.train_tokens.min() == 0
   np.testing.assert_array_equal(a.train_tokens, b.train_tokens)
   np.testing.assert_array_equal(a.val_labels, b.val_labels)
   assert not np.array_equal(a.val_tokens, c.val_tokens)
   # Value 16 -> top level, value 0 -> 0, 8 -> round(1.5) = 2.
-  np.testing.assert_array_equal(data.quantize(np.array([0, 8, 16]) / 16, 4), [0, 2, 3])
+  np.testing.assert_array_equal(datasets.quantize(np.array([0, 8, 16]) / 16, 4), [0, 2, 3])
 
 
 def test_digits_split_disjoint():
-  ds = data.load_digits(val_fraction=0.25, seed=1)
+  ds = datasets.load_digits(val_fraction=0.25, seed=1)
   rows = {r.tobytes() for r in ds.train_tokens}
   # Digits has a few duplicate images; nearly all val rows are unseen.
   overlap = sum(r.tobytes() in rows for r in ds.val_tokens)
@@ -74,7 +73,7 @@ def test_npy_roundtrip(tmp_path):
   labs = rng.integers(0, 3, size=(50,)).astype(np.uint8)
   labs[0] = 2
   tp, lp = _save(tmp_path, 't.npy', toks), _save(tmp_path, 'l.npy', labs)
-  ds = data.load_npy(tp, lp, val_fraction=0.2, seed=5, image_shape=(3, 4))
+  ds = datasets.load_npy(tp, lp, val_fraction=0.2, seed=5, image_shape=(3, 4))
   assert ds.vocab_size == 7 and ds.num_classes == 3 and ds.image_shape == (3, 4)
   assert ds.num_train == 40 and ds.num_val == 10
   assert ds.train_tokens.dtype == np.int32 and ds.val_labels.dtype == np.int32
@@ -85,68 +84,68 @@ def test_npy_roundtrip(tmp_path):
   want = sorted(r.astype(np.int32).tobytes() + bytes([int(l)])
                 for r, l in zip(toks, labs))
   assert got == want
-  ds2 = data.load_npy(tp, lp, vocab_size=100, num_classes=5)
+  ds2 = datasets.load_npy(tp, lp, vocab_size=100, num_classes=5)
   assert ds2.vocab_size == 100 and ds2.num_classes == 5
-  ds3 = data.load_npy(tp)
+  ds3 = datasets.load_npy(tp)
   assert ds3.train_labels is None and ds3.num_classes == 0
 
 
 def test_npy_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match='nope.npy'):
-    data.load_npy(str(tmp_path / 'nope.npy'))
+    datasets.load_npy(str(tmp_path / 'nope.npy'))
   tp = _save(tmp_path, 'tok.npy', np.zeros((4, 3), np.int32))
   with pytest.raises(FileNotFoundError, match='lab_missing.npy'):
-    data.load_npy(tp, str(tmp_path / 'lab_missing.npy'))
+    datasets.load_npy(tp, str(tmp_path / 'lab_missing.npy'))
 
 
 def test_npy_bad_tokens(tmp_path):
   p = _save(tmp_path, 'floaty.npy', np.zeros((4, 3), np.float32))
   with pytest.raises(ValueError, match=r'floaty\.npy.*dtype float32.*integer'):
-    data.load_npy(p)
+    datasets.load_npy(p)
   p = _save(tmp_path, 'obj.npy', np.array([[1, 'a']], dtype=object))
   with pytest.raises(ValueError, match=r'obj\.npy.*pickle'):
-    data.load_npy(p)
+    datasets.load_npy(p)
   p = _save(tmp_path, 'flat.npy', np.zeros((12,), np.int32))
   with pytest.raises(ValueError, match=r'flat\.npy.*ndim 1'):
-    data.load_npy(p)
+    datasets.load_npy(p)
   p = _save(tmp_path, 'cube.npy', np.zeros((2, 3, 4), np.int32))
   with pytest.raises(ValueError, match=r'cube\.npy.*ndim 3'):
-    data.load_npy(p)
+    datasets.load_npy(p)
   neg = np.zeros((4, 3), np.int32)
   neg[2, 1] = -5
   p = _save(tmp_path, 'neg.npy', neg)
   with pytest.raises(ValueError, match=r'neg\.npy.*-5 at index \(2, 1\)'):
-    data.load_npy(p)
+    datasets.load_npy(p)
   big = np.zeros((4, 3), np.int32)
   big[3, 2] = 9
   p = _save(tmp_path, 'big.npy', big)
   with pytest.raises(ValueError, match=r'big\.npy.*token 9 at index \(3, 2\).*vocab_size=8'):
-    data.load_npy(p, vocab_size=8)
-  assert data.load_npy(p, vocab_size=10).vocab_size == 10
+    datasets.load_npy(p, vocab_size=8)
+  assert datasets.load_npy(p, vocab_size=10).vocab_size == 10
   p = _save(tmp_path, 'shape.npy', np.zeros((4, 6), np.int32))
   with pytest.raises(ValueError, match=r'image_shape.*shape\.npy'):
-    data.load_npy(p, image_shape=(2, 2))
+    datasets.load_npy(p, image_shape=(2, 2))
 
 
 def test_npy_bad_labels(tmp_path):
   tp = _save(tmp_path, 'tok.npy', np.zeros((4, 3), np.int32))
   p = _save(tmp_path, 'short.npy', np.zeros((3,), np.int32))
   with pytest.raises(ValueError, match=r'short\.npy.*3 labels.*4 sequences'):
-    data.load_npy(tp, p)
+    datasets.load_npy(tp, p)
   p = _save(tmp_path, 'twod.npy', np.zeros((4, 1), np.int32))
   with pytest.raises(ValueError, match=r'twod\.npy.*ndim 2'):
-    data.load_npy(tp, p)
+    datasets.load_npy(tp, p)
   p = _save(tmp_path, 'negl.npy', np.array([0, 1, -1, 0], np.int32))
   with pytest.raises(ValueError, match=r'negl\.npy.*negative label -1 at index 2'):
-    data.load_npy(tp, p)
+    datasets.load_npy(tp, p)
   p = _save(tmp_path, 'fl.npy', np.zeros((4,), np.float64))
   with pytest.raises(ValueError, match=r'fl\.npy.*integer'):
-    data.load_npy(tp, p)
+    datasets.load_npy(tp, p)
   p = _save(tmp_path, 'toobig.npy', np.array([0, 1, 4, 0], np.int32))
   with pytest.raises(ValueError, match=r'toobig\.npy.*label 4 at index 2.*num_classes=3'):
-    data.load_npy(tp, p, num_classes=3)
+    datasets.load_npy(tp, p, num_classes=3)
   with pytest.raises(ValueError, match=r'tok\.npy.*no labels'):
-    data.load_npy(tp, num_classes=3)
+    datasets.load_npy(tp, num_classes=3)
 
 
 # ----------------------------------------------------------------------------
@@ -155,8 +154,8 @@ def test_npy_bad_labels(tmp_path):
 
 def test_load_dataset_dispatch(tmp_path):
   cfg = ml_collections.ConfigDict({'name': 'digits', 'levels': 5, 'seed': 2})
-  ds = data.load_dataset(cfg)
-  ref = data.load_digits(levels=5, seed=2)
+  ds = datasets.load_dataset(cfg)
+  ref = datasets.load_digits(levels=5, seed=2)
   assert ds.name == 'digits' and ds.vocab_size == 5
   np.testing.assert_array_equal(ds.train_tokens, ref.train_tokens)
 
@@ -164,20 +163,20 @@ def test_load_dataset_dispatch(tmp_path):
   cfg = ml_collections.ConfigDict({
       'name': 'npy', 'path': tp, 'labels': '', 'vocab_size': 0,
       'num_classes': 0, 'image_shape': (2, 2), 'val_fraction': 0.2})
-  ds = data.load_dataset(cfg)
+  ds = datasets.load_dataset(cfg)
   assert ds.vocab_size == 6 and ds.num_classes == 0 and ds.image_shape == (2, 2)
   assert ds.num_val == 2
 
   with pytest.raises(ValueError, match=r"'imagenet'.*digits, npy, tfds"):
-    data.load_dataset(ml_collections.ConfigDict({'name': 'imagenet'}))
+    datasets.load_dataset(ml_collections.ConfigDict({'name': 'imagenet'}))
   with pytest.raises(ValueError, match=r'data\.path'):
-    data.load_dataset({'name': 'npy'})
+    datasets.load_dataset({'name': 'npy'})
 
 
 def test_core_import_does_not_load_tensorflow():
   # Loading digits/npy must not pull TensorFlow in.
   import subprocess
-  code = ('import sys; from dimo_jax import data; data.load_digits(); '
+  code = ('import sys; from dimo_jax.data import datasets; datasets.load_digits(); '
           'print("tensorflow" in sys.modules)')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True,
                        text=True, cwd=os.path.dirname(os.path.dirname(
@@ -196,9 +195,9 @@ def _take(it, k):
 def test_iterator_determinism_and_epochs():
   toks = np.arange(23 * 2, dtype=np.int32).reshape(23, 2)
   labs = np.arange(23, dtype=np.int32)
-  a = _take(data.batch_iterator(toks, labs, 5, seed=7), 12)
-  b = _take(data.batch_iterator(toks, labs, 5, seed=7), 12)
-  c = _take(data.batch_iterator(toks, labs, 5, seed=8), 12)
+  a = _take(batching.batch_iterator(toks, labs, 5, seed=7), 12)
+  b = _take(batching.batch_iterator(toks, labs, 5, seed=7), 12)
+  c = _take(batching.batch_iterator(toks, labs, 5, seed=8), 12)
   for (ta, la), (tb, lb) in zip(a, b):
     np.testing.assert_array_equal(ta, tb)
     np.testing.assert_array_equal(la, lb)
@@ -217,22 +216,22 @@ def test_iterator_determinism_and_epochs():
 
 def test_iterator_resume_equivalence():
   toks = np.arange(30, dtype=np.int32).reshape(30, 1)
-  full = _take(data.batch_iterator(toks, None, 4, seed=1), 20)
+  full = _take(batching.batch_iterator(toks, None, 4, seed=1), 20)
   for k in (0, 3, 7, 8, 15):
-    resumed = _take(data.batch_iterator(toks, None, 4, seed=1, start_step=k), 20 - k)
+    resumed = _take(batching.batch_iterator(toks, None, 4, seed=1, start_step=k), 20 - k)
     for (t1, l1), (t2, l2) in zip(full[k:], resumed):
       np.testing.assert_array_equal(t1, t2)
       assert l1 is None and l2 is None
     np.testing.assert_array_equal(
-        full[k][0][:, 0], data.batch_indices(30, 4, 1, k))
+        full[k][0][:, 0], batching.batch_indices(30, 4, 1, k))
 
 
 def test_iterator_host_shards():
   n, bs, shards = 50, 3, 4
   toks = np.arange(n, dtype=np.int32).reshape(n, 1)
   labs = np.arange(n, dtype=np.int32)
-  glob = _take(data.batch_iterator(toks, labs, bs * shards, seed=4), 10)
-  per_host = [_take(data.batch_iterator(toks, labs, bs, seed=4, shard_index=i,
+  glob = _take(batching.batch_iterator(toks, labs, bs * shards, seed=4), 10)
+  per_host = [_take(batching.batch_iterator(toks, labs, bs, seed=4, shard_index=i,
                                         num_shards=shards, start_step=2), 8)
               for i in range(shards)]
   for step in range(8):
@@ -245,11 +244,11 @@ def test_iterator_host_shards():
 def test_iterator_bad_args():
   toks = np.zeros((10, 2), np.int32)
   with pytest.raises(ValueError, match='fewer than one global batch'):
-    data.batch_iterator(toks, None, 4, 0, num_shards=3)
+    batching.batch_iterator(toks, None, 4, 0, num_shards=3)
   with pytest.raises(ValueError, match='shard_index'):
-    data.batch_iterator(toks, None, 2, 0, shard_index=2, num_shards=2)
+    batching.batch_iterator(toks, None, 2, 0, shard_index=2, num_shards=2)
   with pytest.raises(ValueError, match='labels'):
-    data.batch_iterator(toks, np.zeros(9, np.int32), 2, 0)
+    batching.batch_iterator(toks, np.zeros(9, np.int32), 2, 0)
 
 
 # ----------------------------------------------------------------------------
@@ -258,17 +257,17 @@ def test_iterator_bad_args():
 
 def test_tokens_to_images():
   toks = np.array([[0, 4, 8, 16, 17, 3]], np.int32)  # 17 = mask id, clipped.
-  img = data.tokens_to_images(toks, 17, (2, 3))
+  img = image_grids.tokens_to_images(toks, 17, (2, 3))
   assert img.shape == (1, 2, 3) and img.dtype == np.float32
   assert img.min() >= 0.0 and img.max() <= 1.0
   np.testing.assert_allclose(img[0, 0], [0, 0.25, 0.5])
   np.testing.assert_allclose(img[0, 1], [1, 1, 3 / 16])
   # Round trip through quantize.
-  ds = data.load_digits(val_fraction=0.0)
-  back = data.quantize(data.tokens_to_images(ds.train_tokens[:20], 17, (8, 8)), 17)
+  ds = datasets.load_digits(val_fraction=0.0)
+  back = datasets.quantize(image_grids.tokens_to_images(ds.train_tokens[:20], 17, (8, 8)), 17)
   np.testing.assert_array_equal(back.reshape(20, 64), ds.train_tokens[:20])
   with pytest.raises(ValueError, match='image_shape'):
-    data.tokens_to_images(toks, 17, (2, 2))
+    image_grids.tokens_to_images(toks, 17, (2, 2))
 
 
 def test_save_image_grid(tmp_path):
@@ -276,7 +275,7 @@ def test_save_image_grid(tmp_path):
   imgs[0] = 0.0
   imgs[0, 0, 0] = 1.0
   path = tmp_path / 'sub' / 'grid.png'
-  data.save_image_grid(imgs, str(path), ncols=2, scale=3)
+  image_grids.save_image_grid(imgs, str(path), ncols=2, scale=3)
   assert sorted(os.listdir(tmp_path / 'sub')) == ['grid.png']  # no temp left.
   with Image.open(path) as im:
     assert im.format == 'PNG' and im.mode == 'L'
@@ -288,11 +287,11 @@ def test_save_image_grid(tmp_path):
   assert (arr[18:, 12:] == 0).all()  # empty sixth tile.
 
   rgb = np.random.default_rng(1).random((3, 2, 2, 3))
-  data.save_image_grid(rgb, str(path))  # overwrite; default ncols = 2.
+  image_grids.save_image_grid(rgb, str(path))  # overwrite; default ncols = 2.
   with Image.open(path) as im:
     assert im.mode == 'RGB' and im.size == (2 * 2 * 4, 2 * 2 * 4)
   with pytest.raises(ValueError, match='shape'):
-    data.save_image_grid(np.zeros((2, 3)), str(path))
+    image_grids.save_image_grid(np.zeros((2, 3)), str(path))
 
 
 # ----------------------------------------------------------------------------
@@ -302,7 +301,7 @@ def test_save_image_grid(tmp_path):
 def test_tfds_mock_mnist():
   tfds = pytest.importorskip('tensorflow_datasets')
   with tfds.testing.mock_data(num_examples=12):
-    ds = data.load_tfds('mnist', levels=4, max_examples=10)
+    ds = datasets.load_tfds('mnist', levels=4, max_examples=10)
     assert ds.train_tokens.shape == (10, 784) and ds.val_tokens.shape == (10, 784)
     assert ds.image_shape == (28, 28) and ds.vocab_size == 4 and ds.num_classes == 10
     assert ds.train_tokens.min() >= 0 and ds.train_tokens.max() <= 3
@@ -312,6 +311,6 @@ def test_tfds_mock_mnist():
     cfg = ml_collections.ConfigDict({
         'name': 'tfds', 'tfds_name': 'mnist', 'levels': 8,
         'image_shape': (14, 14), 'max_examples': 6})
-    ds2 = data.load_dataset(cfg)
+    ds2 = datasets.load_dataset(cfg)
     assert ds2.train_tokens.shape == (6, 196) and ds2.image_shape == (14, 14)
     assert ds2.train_tokens.max() <= 7

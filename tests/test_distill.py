@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from configs import digits
-from dimo_jax import distill, divergences, masking, models
+from dimo_jax.core import divergences, masking, memory, optim
+from dimo_jax.method import dimo
+from dimo_jax.networks import maskgit
 
 K, L, C = 8, 6, 3
 
@@ -23,10 +25,10 @@ def tiny_setup(**overrides):
   cfg.teacher.guidance = overrides.pop("guidance", 1.0)
   for k, v in overrides.items():
     cfg.distill[k] = v
-  model = models.MaskTransformer(codebook_size=K, seq_len=L, num_classes=C, width=16, depth=1, heads=2,
+  model = maskgit.MaskTransformer(codebook_size=K, seq_len=L, num_classes=C, width=16, depth=1, heads=2,
                                  mlp_dim=32, dropout=0.1)
-  teacher_params = models.init_params(model, jax.random.key(0))
-  dist = distill.build_distiller(cfg, model)
+  teacher_params = maskgit.init_params(model, jax.random.key(0))
+  dist = dimo.build_distiller(cfg, model)
   return cfg, model, dist, dist.init_state(teacher_params, seed=1)
 
 
@@ -117,11 +119,11 @@ def test_compiled_step_equals_jitted_step_and_checks_memory():
   for x, y in zip(jax.tree_util.tree_leaves(s1.gen.params), jax.tree_util.tree_leaves(s2.gen.params)):
     np.testing.assert_array_equal(x, y)
   assert float(m1["aux/loss"]) == float(m2["aux/loss"])
-  need = distill.check_fits(compiled, None)
+  need = memory.check_fits(compiled, None)
   assert need > sum(x.nbytes for x in jax.tree_util.tree_leaves(s1.gen.params))  # at least the state
-  assert distill.check_fits(compiled, need) == need  # exactly at the limit still fits
+  assert memory.check_fits(compiled, need) == need  # exactly at the limit still fits
   with pytest.raises(ValueError, match=r"needs about .* GB per device.*config.model.remat=full"):
-    distill.check_fits(compiled, need - 1)
+    memory.check_fits(compiled, need - 1)
   with pytest.raises(ValueError, match="remat=full"):
     dist.compile_step(jax.tree_util.tree_map(jnp.asarray, host), bytes_limit=1024)
 
@@ -129,17 +131,17 @@ def test_compiled_step_equals_jitted_step_and_checks_memory():
 def test_estimated_bytes_known_answer():
   class Analysis:
     argument_size_in_bytes, output_size_in_bytes, alias_size_in_bytes, temp_size_in_bytes = 100, 90, 80, 7
-  assert distill.estimated_bytes(Analysis()) == 100 + 90 - 80 + 7
-  assert distill.estimated_bytes([Analysis()]) == 117
-  assert distill.estimated_bytes(None) is None and distill.estimated_bytes(object()) is None
-  assert distill.device_bytes_limit() is None  # the CPU reports no memory limit: never checked
+  assert memory.estimated_bytes(Analysis()) == 100 + 90 - 80 + 7
+  assert memory.estimated_bytes([Analysis()]) == 117
+  assert memory.estimated_bytes(None) is None and memory.estimated_bytes(object()) is None
+  assert memory.device_bytes_limit() is None  # the CPU reports no memory limit: never checked
 
 
 def test_ema_warmup_rate():
   ema = {"w": jnp.zeros(())}
-  out = distill.ema_update(ema, {"w": jnp.ones(())}, jnp.int32(0), 0.9999)
+  out = optim.ema_update(ema, {"w": jnp.ones(())}, jnp.int32(0), 0.9999)
   assert float(out["w"]) == pytest.approx(1 - 0.1)  # rate (1+0)/(10+0) = 0.1
-  out = distill.ema_update(ema, {"w": jnp.ones(())}, jnp.int32(10**7), 0.9)
+  out = optim.ema_update(ema, {"w": jnp.ones(())}, jnp.int32(10**7), 0.9)
   assert float(out["w"]) == pytest.approx(0.1)
 
 
@@ -153,8 +155,8 @@ def test_step_options_run_and_are_deterministic(overrides):
   cfg, model, _, _ = tiny_setup(**overrides)
   if schedule:
     cfg.teacher.guidance_schedule = schedule
-  dist = distill.build_distiller(cfg, model)
-  state = dist.init_state(models.init_params(model, jax.random.key(0)), seed=1)
+  dist = dimo.build_distiller(cfg, model)
+  state = dist.init_state(maskgit.init_params(model, jax.random.key(0)), seed=1)
   step = jax.jit(dist.step)
   s1, m1 = step(state)
   s2, m2 = step(state)
@@ -163,17 +165,17 @@ def test_step_options_run_and_are_deterministic(overrides):
 
 
 def test_cosine_generator_schedule_warms_up_then_decays_to_zero():
-  fn = distill.make_schedule(1e-3, warmup_steps=10, kind="cosine", steps=110)
+  fn = optim.make_schedule(1e-3, warmup_steps=10, kind="cosine", steps=110)
   assert float(fn(0)) == 0.0
   assert float(fn(10)) == pytest.approx(1e-3)
   assert float(fn(60)) == pytest.approx(5e-4, rel=1e-5)  # half-way down the cosine
   assert float(fn(110)) == pytest.approx(0.0, abs=1e-12)
-  const = distill.make_schedule(1e-3, warmup_steps=0)
+  const = optim.make_schedule(1e-3, warmup_steps=0)
   assert const == 1e-3
   with pytest.raises(ValueError, match="gen_lr_schedule='linear'"):
-    distill.make_schedule(1e-3, kind="linear")
+    optim.make_schedule(1e-3, kind="linear")
   with pytest.raises(ValueError, match="must exceed config.distill.warmup_steps"):
-    distill.make_schedule(1e-3, warmup_steps=100, kind="cosine", steps=50)
+    optim.make_schedule(1e-3, warmup_steps=100, kind="cosine", steps=50)
 
 
 def test_cosine_schedule_stops_the_generator_at_the_end():
@@ -196,15 +198,17 @@ def test_bad_settings_fail_clearly():
     tiny_setup(aux_updates=0)
   cfg = digits.get_config()
   cfg.teacher.guidance = 2.0
-  bert = models.BertMaskTransformer(codebook_size=K, seq_len=L, num_classes=C, width=16, depth=1, heads=2, mlp_dim=32)
+  bert = maskgit.BertMaskTransformer(codebook_size=K, seq_len=L, num_classes=C, width=16, depth=1, heads=2, mlp_dim=32)
   with pytest.raises(ValueError, match="guidance=2.0 needs a null class"):
-    distill.build_distiller(cfg, bert)
+    dimo.build_distiller(cfg, bert)
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from configs import digits
-    from dimo_jax import distill, models, sharding
+    from dimo_jax.core import sharding
+    from dimo_jax.method import dimo
+    from dimo_jax.networks import maskgit
     assert jax.device_count() == 8
     cfg = digits.get_config()
     cfg.distill.batch_size = 16
@@ -213,11 +217,11 @@ SHARDED_SCRIPT = textwrap.dedent("""
     # steps; a larger eps keeps the comparison about the real gradients.
     cfg.distill.eps = 1e-3
     cfg.teacher.guidance = 2.0
-    model = models.MaskTransformer(codebook_size=8, seq_len=6, num_classes=3, width=16, depth=2, heads=2, mlp_dim=32)
-    params = models.init_params(model, jax.random.key(0))
+    model = maskgit.MaskTransformer(codebook_size=8, seq_len=6, num_classes=3, width=16, depth=2, heads=2, mlp_dim=32)
+    params = maskgit.init_params(model, jax.random.key(0))
     results = []
     for mesh in (None, sharding.make_mesh(data=4, fsdp=2)):
-      dist = distill.build_distiller(cfg, model)
+      dist = dimo.build_distiller(cfg, model)
       step, state = dist.jit_step(dist.init_state(params, seed=1), mesh, min_shard_size=1)
       for _ in range(3):
         state, metrics = step(state)

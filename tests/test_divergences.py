@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimo_jax import divergences as dv
+from dimo_jax.core import divergences
 
 
 def logits_pair(seed=0, shape=(3, 5, 11), scale=3.0):
@@ -15,56 +15,56 @@ def test_kl_known_answer():
   p = jnp.log(jnp.array([0.5, 0.25, 0.25]))
   q = jnp.log(jnp.array([0.25, 0.5, 0.25]))
   expected = 0.5 * np.log(2) + 0.25 * np.log(0.5)
-  assert float(dv.forward_kl(p, q)) == pytest.approx(expected, rel=1e-6)
-  assert float(dv.reverse_kl(p, q)) == pytest.approx(0.25 * np.log(0.5) + 0.5 * np.log(2), rel=1e-6)
-  assert float(dv.forward_kl(p, p)) == pytest.approx(0.0, abs=1e-7)
+  assert float(divergences.forward_kl(p, q)) == pytest.approx(expected, rel=1e-6)
+  assert float(divergences.reverse_kl(p, q)) == pytest.approx(0.25 * np.log(0.5) + 0.5 * np.log(2), rel=1e-6)
+  assert float(divergences.forward_kl(p, p)) == pytest.approx(0.0, abs=1e-7)
 
 
 @pytest.mark.parametrize("kind,beta", [("fkl", 0.0), ("rkl", 0.0), ("jeffreys", -0.2), ("jeffreys", 0.5),
                                        ("jeffreys", 1.0)])
 def test_closed_form_equals_autodiff(kind, beta):
   p, z = logits_pair(1)
-  closed = dv.token_gradient(kind, p, z, beta)
-  auto = jax.grad(lambda zz: jnp.sum(dv.divergence(kind, p, zz, beta)))(z)
+  closed = divergences.token_gradient(kind, p, z, beta)
+  auto = jax.grad(lambda zz: jnp.sum(divergences.divergence(kind, p, zz, beta)))(z)
   np.testing.assert_allclose(np.asarray(closed), np.asarray(auto), atol=2e-6)
 
 
 def test_jeffreys_beta_zero_is_forward_kl():
   p, z = logits_pair(2)
-  np.testing.assert_allclose(dv.token_gradient("jeffreys", p, z, 0.0), dv.token_gradient("fkl", p, z), atol=1e-7)
-  np.testing.assert_allclose(dv.token_gradient("jeffreys", p, z, 1.0), dv.token_gradient("rkl", p, z), atol=1e-6)
+  np.testing.assert_allclose(divergences.token_gradient("jeffreys", p, z, 0.0), divergences.token_gradient("fkl", p, z), atol=1e-7)
+  np.testing.assert_allclose(divergences.token_gradient("jeffreys", p, z, 1.0), divergences.token_gradient("rkl", p, z), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["tv", "js", "hellinger"])
 def test_f_divergences_autodiff_and_properties(kind):
   p, z = logits_pair(3)
-  g = dv.token_gradient(kind, p, z)
+  g = divergences.token_gradient(kind, p, z)
   assert g.shape == z.shape and np.all(np.isfinite(np.asarray(g)))
   # Gradients w.r.t. logits sum to zero over the vocabulary (softmax shift invariance).
   np.testing.assert_allclose(np.asarray(g.sum(-1)), 0.0, atol=1e-5)
   # Zero divergence and (for smooth ones) zero gradient when the distributions agree.
-  assert np.allclose(dv.divergence(kind, p, p), 0.0, atol=1e-6)
+  assert np.allclose(divergences.divergence(kind, p, p), 0.0, atol=1e-6)
   if kind != "tv":
-    np.testing.assert_allclose(dv.token_gradient(kind, p, p), 0.0, atol=1e-6)
+    np.testing.assert_allclose(divergences.token_gradient(kind, p, p), 0.0, atol=1e-6)
   # A small step against the gradient lowers the divergence.
-  d0 = jnp.sum(dv.divergence(kind, p, z))
-  d1 = jnp.sum(dv.divergence(kind, p, z - 0.05 * g))
+  d0 = jnp.sum(divergences.divergence(kind, p, z))
+  d1 = jnp.sum(divergences.divergence(kind, p, z - 0.05 * g))
   assert float(d1) < float(d0)
 
 
 def test_gradients_sum_to_zero_and_shift_invariant():
   p, z = logits_pair(4)
   for kind in ("fkl", "rkl"):
-    g = dv.token_gradient(kind, p, z)
+    g = divergences.token_gradient(kind, p, z)
     np.testing.assert_allclose(np.asarray(g.sum(-1)), 0.0, atol=1e-5)
-    np.testing.assert_allclose(dv.token_gradient(kind, p + 7.0, z - 3.0), g, atol=1e-5)
+    np.testing.assert_allclose(divergences.token_gradient(kind, p + 7.0, z - 3.0), g, atol=1e-5)
 
 
 def test_unknown_divergence():
   p, z = logits_pair(5)
   with pytest.raises(ValueError, match="unknown divergence 'wasserstein'"):
-    dv.token_gradient("wasserstein", p, z)
+    divergences.token_gradient("wasserstein", p, z)
 
 
 def test_entropy():
-  assert float(dv.entropy(jnp.zeros(8))) == pytest.approx(np.log(8), rel=1e-6)
+  assert float(divergences.entropy(jnp.zeros(8))) == pytest.approx(np.log(8), rel=1e-6)

@@ -8,26 +8,29 @@ import numpy as np
 from PIL import Image
 
 from configs import maskgit
-from dimo_jax import convert, main, vqgan
+from dimo_jax import main
+from dimo_jax.converters import maskgit_common, valeoai
+from dimo_jax.networks import vqgan
+from dimo_jax.storage import loaders
 
 K, C, SIDE, WIDTH, DEPTH = 16, 4, 4, 32, 1  # 16 codes, 4 classes, 4x4 tokens
 
 
 def random_valeoai_state_dict(rng):
   rows, positions = K + C + 2, SIDE * SIDE + 1
-  layout = convert.valeoai_layout(depth=DEPTH, width=WIDTH, mlp_dim=4 * WIDTH, rows=rows, positions=positions)
+  layout = valeoai.valeoai_layout(depth=DEPTH, width=WIDTH, mlp_dim=4 * WIDTH, rows=rows, positions=positions)
   return {k: (0.05 * rng.standard_normal(shape)).astype(np.float32) for k, shape in layout.items()}
 
 
 def test_convert_distill_sample_decode(tmp_path):
   rng = np.random.default_rng(0)
-  params, kwargs = convert.convert_valeoai_state_dict(random_valeoai_state_dict(rng),
+  params, kwargs = valeoai.convert_valeoai_state_dict(random_valeoai_state_dict(rng),
                                                       {"heads": 2, "codebook_size": K, "num_classes": C})
-  teacher_dir = convert.save_converted(str(tmp_path / "teacher"), params, kwargs, arch="preln", kind="valeoai")
+  teacher_dir = maskgit_common.save_converted(str(tmp_path / "teacher"), params, kwargs, arch="preln", kind="valeoai")
   vq_cfg = vqgan.TamingConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(SIDE,), resolution=2 * SIDE,
                               z_channels=8, embed_dim=8, n_embed=K, num_groups=4)
   vq_vars = vqgan.TamingVQGAN(vq_cfg).init(jax.random.key(0), np.zeros((1, 2 * SIDE, 2 * SIDE, 3), np.float32))
-  vq_dir = convert.save_vqgan(str(tmp_path / "vqgan"), vq_vars, "taming", vq_cfg)
+  vq_dir = loaders.save_vqgan(str(tmp_path / "vqgan"), vq_vars, "taming", vq_cfg)
 
   def config(**fields):
     c = maskgit.get_config("1")

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from configs import digits
-from dimo_jax import checkpoints, evaluate, metrics, models, sample
+from dimo_jax.evaluation import features, metrics, settings, tables
+from dimo_jax.modes import evaluate, sample
+from dimo_jax.networks import conditioning, maskgit
+from dimo_jax.storage import checkpoints, loaders
 
 K, L, C = 5, 16, 3
 MODEL_CFG = {"arch": "preln", "width": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "dropout": 0.0}
@@ -30,8 +33,8 @@ def _synthetic_data(folder, n=240, seed=0):
 
 
 def _save_model(folder, seed, shift=0.0):
-  model = sample.model_from_stored(STORED)
-  params = jax.jit(lambda k: models.init_params(model, k))(jax.random.key(seed))
+  model = loaders.model_from_stored(STORED)
+  params = jax.jit(lambda k: maskgit.init_params(model, k))(jax.random.key(seed))
   ema = jax.tree_util.tree_map(lambda p: p + shift, params)
   checkpoints.save_params(folder, params, STORED, ema_params=ema)
   return model, ema
@@ -103,7 +106,7 @@ def test_outputs_fields_and_table(setup, first_run):
   assert [r["name"] for r in stored["rows"]] == names
   assert stored["rows"][0]["fd_pixel"] == pytest.approx(res["rows"][0]["fd_pixel"])
 
-  table = evaluate.format_table(res)
+  table = tables.format_table(res)
   lines = table.splitlines()
   assert lines[0] == ("| Model | steps | FD-pixel | FD-classifier | Acc | Prec | Rec | Dens | Cov | ms/sample |")
   assert lines[2].startswith("| Teacher | 1 | ") and lines[3].startswith("| Teacher | 2 | ")
@@ -132,10 +135,10 @@ def test_metric_sanity(first_run):
 def test_score_real_vs_random():
   rng = np.random.default_rng(0)
   real = rng.normal(size=(200, 4)) * [1.0, 2.0, 0.5, 1.0]
-  ref = evaluate.Reference("r", evaluate.Features(pixel=real[:100]), num=100)
-  s = evaluate.EvalSettings()
-  same = evaluate.score(evaluate.Features(pixel=real[100:]), None, ref, s)
-  rand = evaluate.score(evaluate.Features(pixel=rng.uniform(-6, 6, size=(100, 4))), None, ref, s)
+  ref = features.Reference("r", features.Features(pixel=real[:100]), num=100)
+  s = settings.EvalSettings()
+  same = features.score(features.Features(pixel=real[100:]), None, ref, s)
+  rand = features.score(features.Features(pixel=rng.uniform(-6, 6, size=(100, 4))), None, ref, s)
   assert same["fd_pixel"] < 0.1 * rand["fd_pixel"]
   assert same["precision"] > rand["precision"] and same["density"] > rand["density"]
   assert same["fd_pixel"] == pytest.approx(metrics.fid_from_features(real[100:], real[:100]))
@@ -171,7 +174,7 @@ def test_teacher_chunks_equal_sample_mode(setup, first_run):
   tokens = np.concatenate([np.load(os.path.join(folder, f"chunk_{i:05d}.npz"))["tokens"] for i in range(4)])
   cfg = _config(setup).sample
   cfg.steps = 2
-  labels = sample.balanced_labels(30, C)
+  labels = conditioning.balanced_labels(30, C)
   expected = sample.sample_teacher(setup["t_model"], setup["t_params"], labels, cfg)
   np.testing.assert_array_equal(tokens, expected)
 
@@ -180,7 +183,7 @@ def test_entropy_histogram_known_answer(setup, first_run):
   ent = first_run["entropy_shift"]
   assert ent["threshold"] == 1e-3
   model, params = setup["t_model"], setup["t_params"]
-  labels = jnp.asarray(sample.balanced_labels(12, C))
+  labels = jnp.asarray(conditioning.balanced_labels(12, C))
   logits = jax.jit(lambda p, t, y: model.apply({"params": p}, t, y, deterministic=True))(
       params, jnp.full((12, L), K, jnp.int32), labels)
   probs = np.asarray(jax.nn.softmax(logits[..., :K], -1))
@@ -197,7 +200,7 @@ def test_format_table_known_answer():
       {"label": "Di[M]O", "steps": 1, "fid": 6.91, "inception_score": 214.0, "precision": 0.828,
        "recall": 0.377, "density": 1.255, "coverage": 0.967, "ms_per_sample": None},
   ]}
-  assert evaluate.format_table(res) == (
+  assert tables.format_table(res) == (
       "| Model | steps | FID | IS | Prec | Rec | Dens | Cov | ms/sample |\n"
       "|---|---|---|---|---|---|---|---|---|\n"
       "| Teacher | 16 | 6.60 | 224.07 | 0.831 | 0.402 | 1.246 | 0.977 | 1.500 |\n"
@@ -212,14 +215,14 @@ def test_ratio_to_teacher_best_known_answer():
       {"name": "generator_temp1", "model": "generator", "label": "Di[M]O", "steps": 1, "fd_pixel": 180.0},
       {"name": "real_halves", "model": "real", "steps": None, "fd_pixel": 10.0},
   ]}
-  ratio = evaluate.ratio_to_teacher_best(res)
+  ratio = tables.ratio_to_teacher_best(res)
   assert ratio["metric"] == "fd_pixel" and ratio["teacher_best"] == 150.0
   assert ratio["teacher_best_row"] == "teacher_ancestral_steps16"
   assert ratio["generators"] == {"generator_temp1": pytest.approx(1.2)}
-  assert evaluate.ratio_note(res) == ("Di[M]O FD-pixel over the teacher's best (150.00: Teacher (ancestral), "
+  assert tables.ratio_note(res) == ("Di[M]O FD-pixel over the teacher's best (150.00: Teacher (ancestral), "
                                       "16 steps): 1.20x.")
-  assert evaluate.ratio_to_teacher_best({"rows": res["rows"][:2]}) is None  # no generator row
-  assert evaluate.ratio_note({"rows": []}) == ""
+  assert tables.ratio_to_teacher_best({"rows": res["rows"][:2]}) is None  # no generator row
+  assert tables.ratio_note({"rows": []}) == ""
 
 
 def test_several_teacher_samplers_give_rows_for_each(setup, first_run, tmp_path):
@@ -239,20 +242,20 @@ def test_several_teacher_samplers_give_rows_for_each(setup, first_run, tmp_path)
   assert ratio["generators"]["generator_temp1"] == pytest.approx(
       _row(res, "generator_temp1")["fd_pixel"] / best["fd_pixel"])
   with open(os.path.join(str(tmp_path), "table.md")) as f:
-    assert evaluate.ratio_note(res) in f.read()
+    assert tables.ratio_note(res) in f.read()
 
 
 def test_bad_settings_fail(setup, tmp_path):
   with pytest.raises(ValueError, match="unknown field"):
-    evaluate.settings_from_config(_config(setup, bogus=1))
+    settings.settings_from_config(_config(setup, bogus=1))
   with pytest.raises(ValueError, match="teacher_samplers"):
-    evaluate.settings_from_config(_config(setup, teacher_samplers=("beam",)))
+    settings.settings_from_config(_config(setup, teacher_samplers=("beam",)))
   with pytest.raises(ValueError, match="at most once"):
-    evaluate.settings_from_config(_config(setup, teacher_samplers="ancestral,ancestral"))
+    settings.settings_from_config(_config(setup, teacher_samplers="ancestral,ancestral"))
   with pytest.raises(ValueError, match="reference_split"):
-    evaluate.settings_from_config(_config(setup, reference_split="test"))
+    settings.settings_from_config(_config(setup, reference_split="test"))
   with pytest.raises(ValueError, match="r_init"):
-    evaluate.settings_from_config(_config(setup, r_init="half"))
+    settings.settings_from_config(_config(setup, r_init="half"))
   with pytest.raises(ValueError, match=r"\[1, 16\]"):
     evaluate.run_evaluate(_config(setup, teacher_steps=(32,), generator_temperatures=(), entropy_samples=0),
                           str(tmp_path))
@@ -266,10 +269,10 @@ def test_settings_defaults_from_sample_config(setup):
   c = _config(setup)
   c.evaluate = ml_collections.ConfigDict()
   c.sample.r_init = 0.5
-  s = evaluate.settings_from_config(c)
+  s = settings.settings_from_config(c)
   assert s.teacher_steps == (1, 2, 4, 8, 16) and s.per_class == 50 and s.prdc_k == 3
   assert s.r_init == 0.5 and s.batch_size == 8 and s.seed == 5
-  s = evaluate.settings_from_config(_config(setup, teacher_steps="1,4", generator_temperatures=[1, 7]))
+  s = settings.settings_from_config(_config(setup, teacher_steps="1,4", generator_temperatures=[1, 7]))
   assert s.teacher_steps == (1, 4) and s.generator_temperatures == (1.0, 7.0)
 
 
@@ -294,10 +297,11 @@ def _fake_inception(calls):
 
 def test_image_mode_fid_is_prdc(setup, tmp_path, monkeypatch):
   """The VQGAN + Inception path, with tiny stand-ins for both networks."""
-  from dimo_jax import convert, inception
+  from dimo_jax.converters import pytorch_fid
+  from dimo_jax.storage import loaders
   calls = []
-  monkeypatch.setattr(convert, "load_vqgan", lambda path: (_FakeVQGAN(), {"scale": jnp.float32(1.0)}))
-  monkeypatch.setattr(inception, "load_fid_inception", lambda path: _fake_inception(calls))
+  monkeypatch.setattr(loaders, "load_vqgan", lambda path: (_FakeVQGAN(), {"scale": jnp.float32(1.0)}))
+  monkeypatch.setattr(pytorch_fid, "load_fid_inception", lambda path: _fake_inception(calls))
 
   def cfg(**ev):
     c = _config(setup, teacher_steps=(1,), inception_path="fake.pth", is_splits=3, entropy_samples=0,
@@ -312,7 +316,7 @@ def test_image_mode_fid_is_prdc(setup, tmp_path, monkeypatch):
     assert np.isfinite(row[key]), key
   assert "fd_pixel" not in row and "accuracy" not in row and row["prdc_features"] == "inception"
   assert _row(res, "real_halves")["fid"] < row["fid"]
-  header = evaluate.format_table(res).splitlines()[0]
+  header = tables.format_table(res).splitlines()[0]
   assert header == "| Model | steps | FID | IS | Prec | Rec | Dens | Cov |"
   assert os.path.isfile(os.path.join(work, "eval", "grid.png"))
 

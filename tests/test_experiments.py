@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import load_script
-from dimo_jax import models
+
+from dimo_jax.networks import maskgit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "experiments", "colab_demo.ipynb")
@@ -120,8 +120,8 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   # Distillation ran the requested steps and wrote a generator that the library reads back.
   assert ns["distill_log"][-1]["step"] == ns["DISTILL_STEPS"]
   assert int(ns["state"].step) == ns["DISTILL_STEPS"]
-  from dimo_jax import distill  # pylint: disable=import-outside-toplevel
-  g_model, _, _ = distill.load_generator(str(out))
+  from dimo_jax.storage import loaders
+  g_model, _, _ = loaders.load_generator(str(out))
   assert (g_model.seq_len, g_model.codebook_size) == (seq_len, k)
   # Outputs: the figure and the metrics table with one row per teacher step count and the generator.
   assert (out / "samples" / "comparison.png").is_file()
@@ -288,9 +288,9 @@ def test_sweep_summary_known_answer():
 
 
 def test_sweep_runs_a_tiny_variant_end_to_end():
-  model = models.MaskTransformer(codebook_size=17, seq_len=64, num_classes=10, width=16, depth=1, heads=2,
+  model = maskgit.MaskTransformer(codebook_size=17, seq_len=64, num_classes=10, width=16, depth=1, heads=2,
                                  mlp_dim=32)
-  params = models.init_params(model, jax.random.key(0))
+  params = maskgit.init_params(model, jax.random.key(0))
   ref = np.random.default_rng(0).integers(0, 17, (40, 64)).astype(np.float64)
   labels = jnp.arange(24) % 10
   variant = {"name": "tiny", "steps": 2, "batch_size": 4, "aux_updates": 1, "warmup_steps": 1}

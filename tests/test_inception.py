@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimo_jax import inception
-
+from dimo_jax.converters import pytorch_fid
+from dimo_jax.networks import inception
 
 torch = pytest.importorskip('torch')
 F = torch.nn.functional
@@ -219,7 +219,7 @@ def test_parity_with_pytorch_reference(reference):
   images = rng.uniform(0.0, 1.0, size=(2, 139, 139, 3)).astype(np.float32)
   with torch.no_grad():
     t_pool, t_logits = net(torch.from_numpy(images).permute(0, 3, 1, 2), resize=False)
-  variables = inception.convert_pytorch_fid_state_dict(state)
+  variables = pytorch_fid.convert_pytorch_fid_state_dict(state)
   model = inception.InceptionV3(resize_input=False)
   pool, logits = jax.jit(model.apply)(variables, jnp.asarray(images))
   assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
@@ -248,7 +248,7 @@ def test_load_fid_inception_roundtrip(tmp_path, reference):
   net, _ = reference
   path = tmp_path / 'pt_inception.pth'
   torch.save(net.state_dict(), path)  # includes num_batches_tracked entries
-  apply_fn, variables = inception.load_fid_inception(path)
+  apply_fn, variables = pytorch_fid.load_fid_inception(path)
   assert variables['params']['fc']['kernel'].shape == (2048, 1008)
   np.testing.assert_array_equal(
       np.asarray(variables['params']['Conv2d_1a_3x3']['conv']['kernel']),
@@ -268,7 +268,7 @@ def test_load_fid_inception_roundtrip(tmp_path, reference):
 
 def test_load_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match='nope.pth'):
-    inception.load_fid_inception(tmp_path / 'nope.pth')
+    pytorch_fid.load_fid_inception(tmp_path / 'nope.pth')
 
 
 def test_convert_rejects_missing_extra_and_misshaped(reference):
@@ -278,7 +278,7 @@ def test_convert_rejects_missing_extra_and_misshaped(reference):
   bad['AuxLogits.fc.weight'] = np.zeros((1000, 768), np.float32)
   bad['fc.weight'] = np.zeros((1000, 2048), np.float32)
   with pytest.raises(ValueError) as info:
-    inception.convert_pytorch_fid_state_dict(bad)
+    pytorch_fid.convert_pytorch_fid_state_dict(bad)
   msg = str(info.value)
   assert 'Mixed_6b.branch7x7_2.conv.weight' in msg and '(128, 128, 1, 7)' in msg
   assert 'AuxLogits.fc.weight' in msg and '(1000, 768)' in msg
@@ -290,10 +290,10 @@ def test_convert_with_other_num_classes(reference):
   bad = dict(state)
   bad['fc.weight'] = np.zeros((10, 2048), np.float32)
   bad['fc.bias'] = np.zeros((10,), np.float32)
-  variables = inception.convert_pytorch_fid_state_dict(bad, num_classes=10)
+  variables = pytorch_fid.convert_pytorch_fid_state_dict(bad, num_classes=10)
   assert variables['params']['fc']['kernel'].shape == (2048, 10)
 
 
 def test_convert_empty_lists_missing_keys():
   with pytest.raises(ValueError, match=r'Conv2d_1a_3x3\.conv\.weight \(32, 3, 3, 3\)'):
-    inception.convert_pytorch_fid_state_dict({})
+    pytorch_fid.convert_pytorch_fid_state_dict({})

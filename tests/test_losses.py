@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimo_jax import losses
+from dimo_jax.core import losses
 
 B, L, K = 3, 7, 5
 

@@ -7,6 +7,7 @@ import pytest
 from absl import flags
 
 from dimo_jax import main as cli
+from dimo_jax.core import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, L, K = 64, 8, 6
@@ -70,15 +71,6 @@ def test_modes_and_errors(tmp_path, monkeypatch):
     cli.run(c, str(tmp_path))
   with pytest.raises(ValueError, match="--workdir"):
     cli.run(tokens.get_config(), "")
-  # A mode whose function is missing gives a clear error (not an AttributeError).
-  monkeypatch.setitem(cli.MODES, "distill", ("dimo_jax.train", "no_such_function"))
-  c.mode = "distill"
-  with pytest.raises(NotImplementedError, match=r"dimo_jax.train.no_such_function"):
-    cli.run(c, str(tmp_path))
-  monkeypatch.setitem(cli.MODES, "evaluate", ("dimo_jax.no_such_module", "run_evaluate"))
-  c.mode = "evaluate"
-  with pytest.raises(NotImplementedError, match="no_such_module"):
-    cli.run(c, str(tmp_path))
   # npy data without a path: the data layer's error.
   c.mode = "teacher"
   with pytest.raises(ValueError, match="data.path"):
@@ -86,16 +78,16 @@ def test_modes_and_errors(tmp_path, monkeypatch):
 
 
 def test_multi_process_detection(monkeypatch):
-  assert not cli.is_multi_process_env({})
-  assert cli.is_multi_process_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
-  assert cli.is_multi_process_env({"JAX_NUM_PROCESSES": "4"})
-  assert not cli.is_multi_process_env({"JAX_NUM_PROCESSES": "1"})
-  assert cli.is_multi_process_env({"TPU_WORKER_HOSTNAMES": "a,b"})
-  assert not cli.is_multi_process_env({"TPU_WORKER_HOSTNAMES": "a"})
+  assert not sharding.is_multi_process_env({})
+  assert sharding.is_multi_process_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  assert sharding.is_multi_process_env({"JAX_NUM_PROCESSES": "4"})
+  assert not sharding.is_multi_process_env({"JAX_NUM_PROCESSES": "1"})
+  assert sharding.is_multi_process_env({"TPU_WORKER_HOSTNAMES": "a,b"})
+  assert not sharding.is_multi_process_env({"TPU_WORKER_HOSTNAMES": "a"})
   calls = []
   import jax
   monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(1))
-  assert not cli.maybe_initialize_distributed(None, environ={})
-  assert cli.maybe_initialize_distributed({"distributed": True}, environ={})
-  assert cli.maybe_initialize_distributed(None, environ={"JAX_COORDINATOR_ADDRESS": "x:1"})
+  assert not sharding.maybe_initialize_distributed(None, environ={})
+  assert sharding.maybe_initialize_distributed({"distributed": True}, environ={})
+  assert sharding.maybe_initialize_distributed(None, environ={"JAX_COORDINATOR_ADDRESS": "x:1"})
   assert calls == [1, 1]

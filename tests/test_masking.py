@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimo_jax import masking
+from dimo_jax.core import masking
 
 
 @pytest.mark.parametrize("schedule", masking.SCHEDULES)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dimo_jax import metrics
+from dimo_jax.evaluation import metrics
 
 
 def _random_spd(rng, d, scale=1.0):

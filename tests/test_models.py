@@ -4,13 +4,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dimo_jax import models
+from dimo_jax.networks import maskgit
 
 K, L, C = 16, 12, 5
 
 
 def small(arch="preln", **kw):
-  cls = models.ARCHS[arch]
+  cls = maskgit.ARCHS[arch]
   return cls(codebook_size=K, seq_len=L, num_classes=C, width=32, depth=3, heads=4, mlp_dim=64, **kw)
 
 
@@ -24,7 +24,7 @@ def inputs(seed=0, batch=3):
 @pytest.mark.parametrize("arch", ["preln", "bert"])
 def test_shapes_and_param_layout(arch):
   m = small(arch)
-  p = models.init_params(m, jax.random.key(0))
+  p = maskgit.init_params(m, jax.random.key(0))
   out = m.apply({"params": p}, *inputs())
   assert out.shape == (3, L, K + 1) and out.dtype == jnp.float32
   assert p["blocks"]["fc1"]["kernel"].shape == (3, 32, 64)  # stacked by nn.scan
@@ -36,35 +36,35 @@ def test_shapes_and_param_layout(arch):
 @pytest.mark.parametrize("arch,remat", [("preln", "none"), ("preln", "full"), ("bert", "dots")])
 def test_scanned_equals_unrolled(arch, remat):
   m = small(arch, remat=remat)
-  p = models.init_params(m, jax.random.key(1))
+  p = maskgit.init_params(m, jax.random.key(1))
   unrolled = m.clone(scan=False)
-  pu = models.unstack_layers(p, 3)
+  pu = maskgit.unstack_layers(p, 3)
   assert jax.tree_util.tree_structure(pu) == jax.tree_util.tree_structure(
-      models.init_params(unrolled, jax.random.key(1)))
+      maskgit.init_params(unrolled, jax.random.key(1)))
   x, y = inputs(1)
   kw = dict(noise_sigma=0.2, rngs={"noise": jax.random.key(5)})
   a = m.apply({"params": p}, x, y, **kw)
   b = unrolled.apply({"params": pu}, x, y, **kw)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5)
-  back = models.stack_layers(pu, 3)
+  back = maskgit.stack_layers(pu, 3)
   chex_equal = jax.tree_util.tree_map(lambda u, v: bool(jnp.all(u == v)), p, back)
   assert all(jax.tree_util.tree_leaves(chex_equal))
 
 
 def test_gradients_scanned_equal_unrolled():
   m = small(remat="full")
-  p = models.init_params(m, jax.random.key(2))
+  p = maskgit.init_params(m, jax.random.key(2))
   x, y = inputs(2)
   loss = lambda mod, pp: jnp.sum(jnp.sin(mod.apply({"params": pp}, x, y)))
-  g1 = models.unstack_layers(jax.grad(lambda pp: loss(m, pp))(p), 3)
-  g2 = jax.grad(lambda pp: loss(m.clone(scan=False, remat="none"), pp))(models.unstack_layers(p, 3))
+  g1 = maskgit.unstack_layers(jax.grad(lambda pp: loss(m, pp))(p), 3)
+  g2 = jax.grad(lambda pp: loss(m.clone(scan=False, remat="none"), pp))(maskgit.unstack_layers(p, 3))
   for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_compute_fp32_params():
   m = small(dtype=jnp.bfloat16, param_dtype=jnp.float32)
-  p = models.init_params(m, jax.random.key(3))
+  p = maskgit.init_params(m, jax.random.key(3))
   assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(p))
   x, y = inputs(3)
   out16 = m.apply({"params": p}, x, y)
@@ -77,7 +77,7 @@ def test_bf16_compute_fp32_params():
 
 def test_class_token_and_null_class():
   m = small()
-  p = models.init_params(m, jax.random.key(4))
+  p = maskgit.init_params(m, jax.random.key(4))
   x, _ = inputs(4, batch=1)
   outs = [m.apply({"params": p}, x, jnp.array([c])) for c in range(C + 1)]
   # Each label (null included) gives its own output; the null class is its own embedding row.
@@ -92,7 +92,7 @@ def test_class_token_and_null_class():
 
 
 def test_class_token_first_vs_last_differs():
-  p = models.init_params(small(), jax.random.key(5))
+  p = maskgit.init_params(small(), jax.random.key(5))
   x, y = inputs(5)
   a = small().apply({"params": p}, x, y)
   b = small(class_token="first").apply({"params": p}, x, y)
@@ -101,7 +101,7 @@ def test_class_token_first_vs_last_differs():
 
 def test_embedding_noise_statistics():
   m = small()
-  p = models.init_params(m, jax.random.key(6))
+  p = maskgit.init_params(m, jax.random.key(6))
   x, y = inputs(6, batch=64)
   sigma = 0.3
   get = lambda s, k: m.apply({"params": p}, x, y, noise_sigma=s, rngs={"noise": k},
@@ -122,46 +122,46 @@ def test_embedding_noise_statistics():
 
 def test_dropout_is_stochastic_only_when_training():
   m = small(dropout=0.5)
-  p = models.init_params(m, jax.random.key(9))
+  p = maskgit.init_params(m, jax.random.key(9))
   x, y = inputs(9)
   a = m.apply({"params": p}, x, y, deterministic=False, rngs={"dropout": jax.random.key(1)})
   b = m.apply({"params": p}, x, y, deterministic=False, rngs={"dropout": jax.random.key(2)})
   c = m.apply({"params": p}, x, y)
   assert not np.allclose(a, b)
-  np.testing.assert_allclose(c, models.with_dropout(m, 0.0).apply({"params": p}, x, y))
+  np.testing.assert_allclose(c, maskgit.with_dropout(m, 0.0).apply({"params": p}, x, y))
 
 
 def test_build_model_from_config_and_errors():
   cfg = ml_collections.ConfigDict(dict(arch="preln", width=32, depth=2, heads=4, mlp_dim=64, dtype="bfloat16"))
-  m = models.build_model(cfg, codebook_size=K, seq_len=L, num_classes=C)
-  assert isinstance(m, models.MaskTransformer) and m.dtype == jnp.bfloat16
+  m = maskgit.build_model(cfg, codebook_size=K, seq_len=L, num_classes=C)
+  assert isinstance(m, maskgit.MaskTransformer) and m.dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="arch='gpt'"):
-    models.build_model(ml_collections.ConfigDict(dict(arch="gpt")), codebook_size=K, seq_len=L, num_classes=C)
+    maskgit.build_model(ml_collections.ConfigDict(dict(arch="gpt")), codebook_size=K, seq_len=L, num_classes=C)
   with pytest.raises(ValueError, match="heads=5"):
-    models.build_model(ml_collections.ConfigDict(dict(width=32, heads=5)), codebook_size=K, seq_len=L,
+    maskgit.build_model(ml_collections.ConfigDict(dict(width=32, heads=5)), codebook_size=K, seq_len=L,
                        num_classes=C)
   with pytest.raises(ValueError, match="dtype 'fp8'"):
-    models.to_dtype("fp8")
+    maskgit.to_dtype("fp8")
 
 
 def test_maskgit_size_holds_teacher_layout():
-  m = models.MaskTransformer(codebook_size=1024, seq_len=256, num_classes=1000, width=768, depth=24, heads=16,
+  m = maskgit.MaskTransformer(codebook_size=1024, seq_len=256, num_classes=1000, width=768, depth=24, heads=16,
                              mlp_dim=3072)
-  shapes = jax.eval_shape(lambda: models.init_params(m, jax.random.key(0)))
+  shapes = jax.eval_shape(lambda: maskgit.init_params(m, jax.random.key(0)))
   assert shapes["tok_emb"]["embedding"].shape == (2026, 768)
   assert shapes["pos_emb"].shape == (1, 257, 768)
   assert shapes["out_bias"].shape == (257, 2026)
   assert shapes["blocks"]["attn"]["qkv"]["kernel"].shape == (24, 768, 2304)
-  n = models.count_params(shapes)
+  n = maskgit.count_params(shapes)
   assert 170e6 < n < 180e6  # about 174M
-  bert = models.BertMaskTransformer(codebook_size=1024, seq_len=256, num_classes=1000, width=768, depth=24,
+  bert = maskgit.BertMaskTransformer(codebook_size=1024, seq_len=256, num_classes=1000, width=768, depth=24,
                                     heads=16, mlp_dim=3072)
-  nb = models.count_params(jax.eval_shape(lambda: models.init_params(bert, jax.random.key(0))))
+  nb = maskgit.count_params(jax.eval_shape(lambda: maskgit.init_params(bert, jax.random.key(0))))
   assert 170e6 < nb < 175e6  # about 172.5M
 
 
 def test_frozen_mask():
-  p = models.init_params(small(), jax.random.key(0))
-  fm = models.frozen_mask(p)
+  p = maskgit.init_params(small(), jax.random.key(0))
+  fm = maskgit.frozen_mask(p)
   assert all(jax.tree_util.tree_leaves(fm["tok_emb"])) and fm["pos_emb"] and fm["out_bias"]
   assert not any(jax.tree_util.tree_leaves(fm["blocks"]))

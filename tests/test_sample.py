@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from configs import digits
-from dimo_jax import checkpoints, models, sample, samplers, train
+from dimo_jax.core import samplers
+from dimo_jax.modes import sample
+from dimo_jax.networks import conditioning, maskgit
+from dimo_jax.storage import checkpoints, loaders
 
 K, L, C = 5, 16, 3
 MODEL_CFG = {"arch": "preln", "width": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "dropout": 0.0}
@@ -16,8 +19,8 @@ def _teacher(workdir, arch="preln", num_classes=C, ema_shift=0.0, zeros=False):
   cfg = dict(MODEL_CFG, arch=arch)
   stored = {"model": cfg, "dataset": {"name": "npy:t.npy", "vocab_size": K, "seq_len": L,
                                       "num_classes": num_classes, "image_shape": [4, 4]}}
-  model = sample.model_from_stored(stored)
-  init = lambda k: models.init_params(model, k)
+  model = loaders.model_from_stored(stored)
+  init = lambda k: maskgit.init_params(model, k)
   if zeros:  # no compilation needed
     params = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), jax.eval_shape(init, jax.random.key(0)))
   else:
@@ -58,7 +61,7 @@ def test_run_sample_outputs_and_equivalence(teacher_dir, tmp_path):
   np.testing.assert_array_equal(labels, [0, 1, 2, 0, 1, 2, 0, 1, 2, 0])  # balanced
   assert os.path.isfile(tmp_path / "out" / "s.png")
   # Batch i is the confidence sampler with fold_in(key(seed), i) on the EMA parameters.
-  apply_fn = train.make_apply_fn(model)
+  apply_fn = conditioning.make_apply_fn(model)
   ref = samplers.confidence_sampler(apply_fn, ema, jax.random.fold_in(jax.random.key(0), 1),
                                     jnp.asarray([1, 2, 0, 1]), seq_len=L, codebook_size=K, steps=4,
                                     schedule="arccos", r_temp=4.5)
@@ -120,21 +123,13 @@ def test_guidance_needs_null_class(tmp_path):
     sample.run_sample(_config(tmp_path / "uncond", guidance=2.0), str(tmp_path))
 
 
-def test_generator_branch_not_available(teacher_dir, tmp_path, monkeypatch):
-  from dimo_jax import distill
-  monkeypatch.delattr(distill, "load_generator", raising=False)
-  d, *_ = teacher_dir
-  with pytest.raises(NotImplementedError, match="load_generator"):
-    sample.run_sample(_config(d, model="generator"), str(tmp_path))
-
-
 def test_load_teacher_raw_params_and_missing_config(teacher_dir, tmp_path):
   d, model, params, ema = teacher_dir
-  m, p, stored = sample.load_teacher(d, use_ema=False)
+  m, p, stored = loaders.load_teacher(d, use_ema=False)
   assert m == model and stored["dataset"]["vocab_size"] == K
   np.testing.assert_array_equal(jax.tree_util.tree_leaves(p)[0], jax.tree_util.tree_leaves(params)[0])
-  _, p_ema, _ = sample.load_teacher(d)
+  _, p_ema, _ = loaders.load_teacher(d)
   np.testing.assert_array_equal(jax.tree_util.tree_leaves(p_ema)[0], jax.tree_util.tree_leaves(ema)[0])
   checkpoints.save_params(tmp_path / "noconfig", params)
   with pytest.raises(FileNotFoundError, match="config.json"):
-    sample.load_teacher(tmp_path / "noconfig")
+    loaders.load_teacher(tmp_path / "noconfig")

@@ -1,10 +1,10 @@
-"""Tests for dimo_jax.samplers with hand-made logits tables and one tiny transformer."""
+"""Tests for dimo_jax.core.samplers with hand-made logits tables and one tiny transformer."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimo_jax import masking, samplers
+from dimo_jax.core import masking, samplers
 
 K = 4  # codebook size; mask id = K
 L = 6
@@ -360,11 +360,11 @@ def test_one_step_sampler_draws_every_position():
 
 def test_tiny_transformer_end_to_end():
   from configs import digits
-  from dimo_jax import models
+  from dimo_jax.networks import maskgit
   cfg = digits.get_config().model
   cfg.width, cfg.depth, cfg.heads, cfg.mlp_dim, cfg.dropout = 16, 1, 2, 32, 0.0
-  model = models.build_model(cfg, codebook_size=K, seq_len=L, num_classes=C)
-  params = jax.jit(lambda k: models.init_params(model, k))(key(0))
+  model = maskgit.build_model(cfg, codebook_size=K, seq_len=L, num_classes=C)
+  params = jax.jit(lambda k: maskgit.init_params(model, k))(key(0))
 
   def apply_fn(p, tokens, labels):
     return model.apply({"params": p}, tokens, labels, deterministic=True)

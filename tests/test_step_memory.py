@@ -3,9 +3,9 @@ import json
 import os
 
 import pytest
+from conftest import load_script
 
 from configs import maskgit
-from conftest import load_script
 
 sm = load_script("step_memory.py")
 

@@ -1,4 +1,4 @@
-"""Tests for dimo_jax.vqgan: Taming VQGAN (against a PyTorch reference) and Google's VQGAN layout."""
+"""Tests for dimo_jax.networks.vqgan: Taming VQGAN (against a PyTorch reference) and Google's VQGAN layout."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimo_jax import vqgan
+from dimo_jax.converters import google_vqgan, taming
+from dimo_jax.networks import vqgan, vqgan_google
 
 try:
   import torch
@@ -230,7 +231,7 @@ def taming_reference():
 @needs_torch
 def test_taming_matches_torch_reference(taming_reference):
   ref = taming_reference
-  params = vqgan.convert_taming_state_dict(ref["state_dict"], TAMING_CFG)
+  params = taming.convert_taming_state_dict(ref["state_dict"], TAMING_CFG)
   model = vqgan.TamingVQGAN(TAMING_CFG)
 
   @jax.jit
@@ -254,7 +255,7 @@ def test_taming_matches_torch_reference(taming_reference):
 @needs_torch
 def test_load_taming_checkpoint_lightning_and_plain(taming_reference, tmp_path):
   sd = taming_reference["state_dict"]
-  direct = vqgan.convert_taming_state_dict(sd, TAMING_CFG)
+  direct = taming.convert_taming_state_dict(sd, TAMING_CFG)
   lightning = dict(sd)
   lightning["loss.discriminator.main.0.weight"] = torch.zeros(64, 3, 4, 4)  # ignored
   lightning["loss.logvar"] = torch.zeros(())
@@ -263,7 +264,7 @@ def test_load_taming_checkpoint_lightning_and_plain(taming_reference, tmp_path):
   plain = tmp_path / "vqgan.pth"
   torch.save(sd, plain)
   for path in (ckpt, plain):
-    loaded = vqgan.load_taming_checkpoint(str(path), TAMING_CFG)
+    loaded = taming.load_taming_checkpoint(str(path), TAMING_CFG)
     assert set(loaded) == {"params"}
     flat_a = flax.traverse_util.flatten_dict(loaded["params"])
     flat_b = flax.traverse_util.flatten_dict(direct)
@@ -275,41 +276,41 @@ def test_load_taming_checkpoint_lightning_and_plain(taming_reference, tmp_path):
   got = direct["encoder"]["down_1_block_0"]["nin_shortcut"]["kernel"]
   np.testing.assert_array_equal(np.asarray(got), w.transpose(2, 3, 1, 0))
   with pytest.raises(FileNotFoundError, match="missing.ckpt"):
-    vqgan.load_taming_checkpoint(str(tmp_path / "missing.ckpt"), TAMING_CFG)
+    taming.load_taming_checkpoint(str(tmp_path / "missing.ckpt"), TAMING_CFG)
 
 
 def _numpy_taming_state_dict(cfg):
-  return {k: np.zeros(shape, np.float32) for k, (_, shape) in vqgan.taming_param_layout(cfg).items()}
+  return {k: np.zeros(shape, np.float32) for k, (_, shape) in taming.taming_param_layout(cfg).items()}
 
 
 def test_taming_converter_rejects_bad_state_dicts():
   cfg = vqgan.TamingConfig.small()
   good = _numpy_taming_state_dict(cfg)
   good["loss.perceptual_loss.net.slice1.0.weight"] = np.zeros((3,), np.float32)
-  params = vqgan.convert_taming_state_dict(good, cfg)  # loss.* keys are ignored
+  params = taming.convert_taming_state_dict(good, cfg)  # loss.* keys are ignored
   assert params["quantize"]["embedding"].shape == (cfg.n_embed, cfg.embed_dim)
 
   missing = dict(good)
   del missing["decoder.mid.attn_1.proj_out.bias"]
   with pytest.raises(ValueError, match=r"missing.*decoder\.mid\.attn_1\.proj_out\.bias"):
-    vqgan.convert_taming_state_dict(missing, cfg)
+    taming.convert_taming_state_dict(missing, cfg)
 
   wrong = dict(good)
   wrong["quantize.embedding.weight"] = np.zeros((cfg.n_embed + 1, cfg.embed_dim), np.float32)
   with pytest.raises(ValueError, match=r"quantize\.embedding\.weight: got \(65, 16\), expected \(64, 16\)"):
-    vqgan.convert_taming_state_dict(wrong, cfg)
+    taming.convert_taming_state_dict(wrong, cfg)
 
   extra = dict(good)
   extra["encoder.down.0.attn.0.q.weight"] = np.zeros((32, 32, 1, 1), np.float32)
   with pytest.raises(ValueError, match=r"unexpected.*encoder\.down\.0\.attn\.0\.q\.weight"):
-    vqgan.convert_taming_state_dict(extra, cfg)
+    taming.convert_taming_state_dict(extra, cfg)
 
   with pytest.raises(ValueError, match="not divisible by num_groups"):
     vqgan.TamingConfig(ch=24, ch_mult=(1, 2))
 
 
 def test_taming_f16_layout_matches_published_model():
-  layout = {k: s for k, (_, s) in vqgan.taming_param_layout(vqgan.TamingConfig()).items()}
+  layout = {k: s for k, (_, s) in taming.taming_param_layout(vqgan.TamingConfig()).items()}
   # Key count and size of the Taming f16 / 1024-code VQModel without its loss modules.
   assert len(layout) == 343
   assert sum(int(np.prod(s)) for s in layout.values()) == 72_141_699
@@ -334,7 +335,7 @@ def _random_taming_params(cfg, seed=0):
   """Random converted params with sensible scales, built from the expected torch layout."""
   rng = np.random.default_rng(seed)
   sd = {}
-  for key, (_, shape) in vqgan.taming_param_layout(cfg).items():
+  for key, (_, shape) in taming.taming_param_layout(cfg).items():
     if len(shape) == 4:
       std = 1.0 / np.sqrt(np.prod(shape[1:]))
       sd[key] = std * rng.standard_normal(shape)
@@ -344,7 +345,7 @@ def _random_taming_params(cfg, seed=0):
       sd[key] = 1.0 + 0.1 * rng.standard_normal(shape)
     else:
       sd[key] = 0.1 * rng.standard_normal(shape)
-  return vqgan.convert_taming_state_dict({k: v.astype(np.float32) for k, v in sd.items()}, cfg)
+  return taming.convert_taming_state_dict({k: v.astype(np.float32) for k, v in sd.items()}, cfg)
 
 
 def test_taming_small_shapes_and_token_clamping():
@@ -381,7 +382,7 @@ def test_taming_small_shapes_and_token_clamping():
 # Google MaskGIT VQGAN
 # ---------------------------------------------------------------------------------------------
 
-GOOGLE_CFG = vqgan.GoogleVQGANConfig.small()  # filters 32, mults (1, 2), 1 block, 16 px
+GOOGLE_CFG = vqgan_google.GoogleVQGANConfig.small()  # filters 32, mults (1, 2), 1 block, 16 px
 
 
 def _gn(c):
@@ -438,8 +439,8 @@ def _write_msgpack(path, tree):
 def test_google_layout_matches_public_names():
   want = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(
       _google_small_shapes(), is_leaf=lambda _, v: isinstance(v, tuple)).items()}
-  assert vqgan.google_param_shapes(GOOGLE_CFG) == want
-  full = vqgan.google_param_shapes(vqgan.GoogleVQGANConfig())
+  assert vqgan_google.google_param_shapes(GOOGLE_CFG) == want
+  full = vqgan_google.google_param_shapes(vqgan_google.GoogleVQGANConfig())
   assert len(full) == 168
   assert sum(int(np.prod(s)) for s in full.values()) == 54_515_587
   assert full["quantizer/codebook"] == (1024, 256)
@@ -453,8 +454,8 @@ def test_google_layout_matches_public_names():
 def test_google_msgpack_load_encode_decode(tmp_path):
   params = _random_tree(_google_small_shapes())
   path = _write_msgpack(tmp_path / "tokenizer_checkpoint", {"params": params})
-  variables = vqgan.load_google_tokenizer(path, GOOGLE_CFG)
-  model = vqgan.GoogleVQGAN(GOOGLE_CFG)
+  variables = google_vqgan.load_google_tokenizer(path, GOOGLE_CFG)
+  model = vqgan_google.GoogleVQGAN(GOOGLE_CFG)
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
 
   @jax.jit
@@ -462,7 +463,7 @@ def test_google_msgpack_load_encode_decode(tmp_path):
     with jax.default_matmul_precision("highest"):
       rec, codes = model.apply(variables, x)
       z = model.apply(variables, x, method="encode_features")
-      img01 = vqgan.google_decode_tokens(variables, codes.reshape(2, -1), config=GOOGLE_CFG)
+      img01 = vqgan_google.google_decode_tokens(variables, codes.reshape(2, -1), config=GOOGLE_CFG)
       return rec, codes, z, img01
 
   img, enc, z, img01 = run(variables, x)
@@ -477,7 +478,7 @@ def test_google_msgpack_load_encode_decode(tmp_path):
   np.testing.assert_array_equal(np.asarray(enc), dist.argmin(-1))
   assert len(np.unique(np.asarray(enc))) > 1
   # A bare params tree (without the 'params' wrapper) loads too.
-  bare = vqgan.load_google_tokenizer(_write_msgpack(tmp_path / "bare", params), GOOGLE_CFG)
+  bare = google_vqgan.load_google_tokenizer(_write_msgpack(tmp_path / "bare", params), GOOGLE_CFG)
   np.testing.assert_array_equal(np.asarray(bare["params"]["quantizer"]["codebook"]),
                                 params["quantizer"]["codebook"])
 
@@ -508,7 +509,7 @@ def test_google_resblock_shortcut_reads_the_block_output():
   rng = np.random.default_rng(3)
   x = rng.standard_normal((2, 6, 6, 32)).astype(np.float32)
   p = _random_tree(_resblock(32, 64), seed=4)
-  block = vqgan.GoogleResBlock(64)
+  block = vqgan_google.GoogleResBlock(64)
 
   @jax.jit
   def apply(p, x):
@@ -534,7 +535,7 @@ def test_google_resblock_shortcut_reads_the_block_output():
   # Same width: a plain identity skip, y = x + h.
   ps = _random_tree(_resblock(32, 32), seed=5)
   with jax.default_matmul_precision("highest"):
-    ys = np.asarray(jax.jit(vqgan.GoogleResBlock(32).apply)({"params": ps}, x), np.float64)
+    ys = np.asarray(jax.jit(vqgan_google.GoogleResBlock(32).apply)({"params": ps}, x), np.float64)
   hs = _np_conv3x3(_np_swish(_np_group_norm(x, ps["GroupNorm_0"]["scale"], ps["GroupNorm_0"]["bias"])),
                    ps["Conv_0"]["kernel"])
   hs = _np_conv3x3(_np_swish(_np_group_norm(hs, ps["GroupNorm_1"]["scale"], ps["GroupNorm_1"]["bias"])),
@@ -548,28 +549,28 @@ def test_google_loader_rejects_bad_checkpoints(tmp_path):
   del missing[("decoder", "Conv_0", "bias")]
   path = _write_msgpack(tmp_path / "missing", {"params": flax.traverse_util.unflatten_dict(missing)})
   with pytest.raises(ValueError, match=r"missing.*decoder/Conv_0/bias"):
-    vqgan.load_google_tokenizer(path, GOOGLE_CFG)
+    google_vqgan.load_google_tokenizer(path, GOOGLE_CFG)
 
   wrong = _random_tree(_google_small_shapes())
   wrong["quantizer"]["codebook"] = np.zeros((32, 16), np.float32)
   path = _write_msgpack(tmp_path / "wrong", {"params": wrong})
   with pytest.raises(ValueError, match=r"quantizer/codebook: got \(32, 16\), expected \(64, 16\)"):
-    vqgan.load_google_tokenizer(path, GOOGLE_CFG)
+    google_vqgan.load_google_tokenizer(path, GOOGLE_CFG)
 
   extra = _random_tree(_google_small_shapes())
   extra["encoder"]["ResBlock_0"]["Conv_2"] = {"kernel": np.zeros((1, 1, 32, 32), np.float32)}
   path = _write_msgpack(tmp_path / "extra", {"params": extra})
   with pytest.raises(ValueError, match=r"unexpected.*encoder/ResBlock_0/Conv_2/kernel"):
-    vqgan.load_google_tokenizer(path, GOOGLE_CFG)
+    google_vqgan.load_google_tokenizer(path, GOOGLE_CFG)
 
   # The full-size config rejects the small checkpoint.
   path = _write_msgpack(tmp_path / "small", {"params": params})
   with pytest.raises(ValueError, match="shape mismatch"):
-    vqgan.load_google_tokenizer(path, vqgan.GoogleVQGANConfig())
+    google_vqgan.load_google_tokenizer(path, vqgan_google.GoogleVQGANConfig())
 
   junk = tmp_path / "junk"
   junk.write_bytes(b"\x00not msgpack at all")
   with pytest.raises(ValueError, match="junk"):
-    vqgan.load_google_tokenizer(str(junk), GOOGLE_CFG)
+    google_vqgan.load_google_tokenizer(str(junk), GOOGLE_CFG)
   with pytest.raises(FileNotFoundError, match="nowhere"):
-    vqgan.load_google_tokenizer(str(tmp_path / "nowhere"), GOOGLE_CFG)
+    google_vqgan.load_google_tokenizer(str(tmp_path / "nowhere"), GOOGLE_CFG)

@@ -12,10 +12,10 @@ zero where x_t is not masked -> ONE vjp with cotangent g / normaliser -> optax u
 auxiliary: fresh x_init -> x_theta from the (updated) generator -> fresh masking ->
 cross-entropy of psi against x_theta at the masked positions (label smoothing) -> optax update.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import jax
@@ -24,9 +24,12 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from dimo_jax import divergences, masking, models, sharding
-from dimo_jax.losses import aux_loss
-from dimo_jax.samplers import filter_logits, sample_categorical
+from dimo_jax.core import divergences, masking, sharding
+from dimo_jax.core.losses import aux_loss
+from dimo_jax.core.memory import check_fits, device_bytes_limit
+from dimo_jax.core.optim import ema_update, make_optimizer
+from dimo_jax.core.samplers import filter_logits, sample_categorical
+from dimo_jax.networks import maskgit
 
 TrainState = train_state.TrainState
 
@@ -93,49 +96,6 @@ class DistillSettings:
     return cls(**kwargs)
 
 
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def make_schedule(lr: float, *, warmup_steps: int = 0, kind: str = "constant", steps: int = 0,
-                  key: str = "config.distill.gen_lr_schedule"):
-  """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then ``constant`` (the authors') or
-  ``cosine`` decay from ``lr`` to 0 at ``steps``."""
-  if kind not in LR_SCHEDULES:
-    raise ValueError(f"{key}={kind!r} is not valid; choose one of {list(LR_SCHEDULES)}")
-  if kind == "constant":
-    return optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else lr
-  if steps <= warmup_steps:
-    raise ValueError(f"{key}='cosine' decays to 0 at config.distill.steps={steps}, which must exceed "
-                     f"config.distill.warmup_steps={warmup_steps}")
-  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, steps, end_value=0.0)
-
-
-def make_optimizer(lr: float, *, warmup_steps: int = 0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=0.0,
-                   frozen: Optional[Any] = None, schedule_kind: str = "constant",
-                   steps: int = 0) -> optax.GradientTransformation:
-  """Adam with linear warm-up then a constant (or cosine-decaying) rate, optional global-norm
-  clipping, NaN/inf gradients zeroed, and ``frozen`` (a pytree of bools, True = frozen)
-  parameters left unchanged."""
-  schedule = make_schedule(lr, warmup_steps=warmup_steps, kind=schedule_kind, steps=steps)
-  parts = [optax.zero_nans()]
-  if grad_clip and grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(grad_clip))
-  parts.append(optax.adam(schedule, b1=b1, b2=b2, eps=eps))
-  tx = optax.chain(*parts)
-  if frozen is not None:
-    labels = jax.tree_util.tree_map(lambda f: "frozen" if f else "train", frozen)
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-  return tx
-
-
-def ema_update(ema, params, step, decay):
-  """EMA with the warm-up rate min(decay, (1 + t) / (10 + t))."""
-  t = step.astype(jnp.float32)
-  rate = jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
-  # e + (1 - rate)(p - e): frozen parameters (p == e) stay bit-exact.
-  return jax.tree_util.tree_map(lambda e, p: (e + (1.0 - rate) * (p - e)).astype(e.dtype), ema, params)
-
-
 class Distiller:
   """Holds the static parts of a run (networks, settings, optimizers) and builds the pure step.
 
@@ -160,10 +120,10 @@ class Distiller:
           f"config.teacher.guidance={settings.guidance} needs a null class, which the "
           f"{type(teacher_model).__name__} "
           "architecture lacks; set --config.teacher.guidance=1.0")
-    self.teacher_model = models.with_dropout(
+    self.teacher_model = maskgit.with_dropout(
         teacher_model, teacher_model.dropout if settings.teacher_dropout else 0.0)
-    self.gen_model = models.with_dropout(model, model.dropout if settings.gen_dropout else 0.0)
-    self.aux_model = models.with_dropout(model, model.dropout if settings.aux_dropout else 0.0)
+    self.gen_model = maskgit.with_dropout(model, model.dropout if settings.gen_dropout else 0.0)
+    self.aux_model = maskgit.with_dropout(model, model.dropout if settings.aux_dropout else 0.0)
     self.batch_sharding = None  # set by ``jit_step`` when a mesh is given
 
   # ------------------------------------------------------------------ state
@@ -352,94 +312,15 @@ class Distiller:
     return compiled, state
 
 
-def estimated_bytes(analysis) -> Optional[int]:
-  """Per device, live at once at worst: arguments, outputs not aliased to them, temporaries
-  (from ``compiled.memory_analysis()``); None where the backend gives no analysis."""
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  names = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
-  if analysis is None or not all(hasattr(analysis, n) for n in names):
-    return None
-  args, out, alias, temp = (int(getattr(analysis, n)) for n in names)
-  return args + out - alias + temp
-
-
-def device_bytes_limit() -> Optional[int]:
-  """The memory JAX may use on the first local device (GPU / TPU); None on the CPU."""
-  try:
-    stats = jax.local_devices()[0].memory_stats()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
-
-
-def check_fits(compiled, bytes_limit: Optional[int]) -> Optional[int]:
-  """XLA's estimate of the compiled step's bytes per device; raises when it exceeds ``bytes_limit``."""
-  try:
-    analysis = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  need = estimated_bytes(analysis)
-  if need is None or not bytes_limit or need <= bytes_limit:
-    return need
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0]
-  raise ValueError(
-      f"the distillation step needs about {need / 1e9:.1f} GB per device (XLA's estimate: state "
-      f"{analysis.argument_size_in_bytes / 1e9:.1f} GB, temporaries {analysis.temp_size_in_bytes / 1e9:.1f} GB) "
-      f"but JAX may use {bytes_limit / 1e9:.1f} GB of the device. Set --config.model.remat=full "
-      "(keeps only each layer's input for the backward passes), lower --config.distill.batch_size, "
-      "shard over more devices (config.mesh), or raise XLA_PYTHON_CLIENT_MEM_FRACTION on a GPU; "
-      "experiments/step_memory.py compares the remat policies without allocating anything")
-
-
 def build_distiller(config, model, teacher_model=None) -> Distiller:
   """A ``Distiller`` from a full config (``config.distill``, ``config.teacher``) and the model."""
   settings = DistillSettings.from_config(config)
   d = config.distill
-  shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
-  frozen = models.frozen_mask(shapes, tuple(d.get("freeze", ())))
+  shapes = jax.eval_shape(lambda: maskgit.init_params(model, jax.random.key(0)))
+  frozen = maskgit.frozen_mask(shapes, tuple(d.get("freeze", ())))
   gen_tx = make_optimizer(d.gen_lr, warmup_steps=d.warmup_steps, b1=d.b1, b2=d.b2, eps=d.eps,
                           grad_clip=d.gen_grad_clip, frozen=frozen,
                           schedule_kind=d.get("gen_lr_schedule", "constant"), steps=d.get("steps", 0))
   aux_tx = make_optimizer(d.aux_lr, warmup_steps=d.warmup_steps, b1=d.b1, b2=d.b2, eps=d.eps,
                           grad_clip=d.get("aux_grad_clip", 0.0), frozen=frozen)
   return Distiller(model, settings, gen_tx, aux_tx, teacher_model=teacher_model)
-
-
-def one_step_generate(model, params, key, labels, *, r_init=0.6, sigma=0.1, temperature=1.0,
-                      top_k=0, top_p=1.0):
-  """One-step samples from a generator: x_init -> one forward (with embedding noise) -> draw."""
-  k_x, k_noise, k_draw = jax.random.split(key, 3)
-  batch = labels.shape[0]
-  x_init = masking.make_x_init(k_x, batch, model.seq_len, model.codebook_size, r_init)
-  logits = model.apply({"params": params}, x_init, labels, deterministic=True, noise_sigma=sigma,
-                       rngs={"noise": k_noise})
-  z = filter_logits(logits[..., : model.codebook_size], temperature, top_k, top_p)
-  return sample_categorical(k_draw, z)
-
-
-
-GENERATOR_SUBDIR = "generator"
-
-
-def generator_dir(workdir) -> str:
-  """Where a distillation workdir keeps its params-only generator checkpoint."""
-  return os.path.join(os.fspath(workdir), GENERATOR_SUBDIR)
-
-
-def load_generator(path, *, use_ema: bool = True, overrides: Optional[dict] = None):
-  """``(model, params, stored_config)`` of a one-step generator: a distillation workdir (its
-  ``generator/`` folder) or a converted generator folder. EMA parameters when present."""
-  from dimo_jax import checkpoints, sample  # pylint: disable=import-outside-toplevel
-  path = os.fspath(path)
-  source = generator_dir(path) if os.path.isdir(generator_dir(path)) else path
-  if not os.path.isdir(source):
-    raise FileNotFoundError(
-        f"no generator at {path!r}: pass a distillation workdir (made by --config.mode=distill) or a "
-        "folder written by `python -m dimo_jax.convert dimo-generator`")
-  params, ema, stored = checkpoints.load_params(source)
-  if stored is None:
-    raise FileNotFoundError(f"no config.json in {source!r}; it is written by distillation or the converter")
-  model = sample.model_from_stored(stored, source, overrides)
-  return model, (ema if use_ema and ema is not None else params), stored

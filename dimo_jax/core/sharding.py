@@ -1,14 +1,17 @@
 """Device mesh and shardings: the batch over ``('data', 'fsdp')``, parameters and optimizer
 states over ``'fsdp'`` (each array split along its largest dimension that the fsdp size
 divides; small or indivisible arrays stay replicated)."""
+
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+pass
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -60,17 +63,42 @@ def check_batch(batch_size: int, mesh: Mesh, name: str = "batch_size"):
     raise ValueError(f"{name}={batch_size} must be a multiple of the {n} devices in the mesh")
 
 
-def is_multihost_env() -> bool:
-  """True when the environment describes several JAX processes (coordinator or TPU pod)."""
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS"):
+_MULTI_PROCESS_VARS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+def is_multi_process_env(environ=None) -> bool:
+  """True when the environment describes several JAX processes: a coordinator address,
+  ``JAX_NUM_PROCESSES`` > 1, or a multi-host TPU pod (``TPU_WORKER_HOSTNAMES``)."""
+  env = os.environ if environ is None else environ
+  if any(env.get(v) for v in _MULTI_PROCESS_VARS):
     return True
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h]) > 1
+  try:
+    if int(env.get("JAX_NUM_PROCESSES", "1") or 1) > 1:
+      return True
+  except ValueError:
+    pass
+  hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  return len(hosts) > 1
 
 
-def maybe_initialize_distributed(force: Optional[bool] = None) -> bool:
-  """Calls ``jax.distributed.initialize()`` on multi-host runs (once); returns whether it did."""
-  if force is False or (force is None and not is_multihost_env()):
+def maybe_initialize_distributed(config=None, environ=None) -> bool:
+  """``jax.distributed.initialize()`` for multi-process runs (the environment, or
+  ``config.distributed``); returns whether it was called."""
+  wanted = bool(config.get("distributed", False)) if config is not None and hasattr(config, "get") else False
+  if not (wanted or is_multi_process_env(environ)):
     return False
   jax.distributed.initialize()
+  logging.info("JAX distributed: process %d of %d.", jax.process_index(), jax.process_count())
   return True
+
+
+def host_array(x) -> np.ndarray:
+  """A numpy copy of a (possibly multi-host sharded) array, the same on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def global_batch(local, batch_shard):
+  return jax.make_array_from_process_local_data(batch_shard, local)

@@ -12,6 +12,7 @@ state-dict form; every non-empty top-level dict entry becomes its own orbax item
 entries go to the item ``_leaves``. Typed PRNG keys are stored as their key data and wrapped
 again on restore.
 """
+
 from __future__ import annotations
 
 import json
@@ -311,9 +312,3 @@ def save_params(workdir, params, config_dict: Optional[dict] = None, *, ema_para
   if config_dict is not None and jax.process_index() == 0:
     write_config(workdir, config_dict)
   return os.fspath(workdir)
-
-
-__all__ = [
-    "Checkpointer", "write_config", "read_config", "checkpoint_dir", "resolve_checkpoint_dir",
-    "load_params", "save_params", "CHECKPOINT_SUBDIR", "CONFIG_FILE",
-]

@@ -12,6 +12,7 @@ position of an intermediate state (q is approximated by the auxiliary model). Th
 
 Any other f-divergence is given by its per-token formula and differentiated with ``jax.grad``.
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -21,6 +21,7 @@ samplers only draw codes).
 Layers run under ``nn.scan`` (``scan=True``) with optional rematerialisation; ``dtype`` is the
 computation dtype and ``param_dtype`` the storage dtype.
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,4 @@
-"""Discrete token datasets, deterministic batch streams and image-grid output.
+"""Discrete token datasets: the sources, their checks and the train / validation split.
 
 A dataset is a set of token sequences ``tokens`` int32 [N, L] with values in
 [0, vocab_size) and optional class ``labels`` int32 [N] in [0, num_classes).
@@ -15,10 +15,8 @@ Sources:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import tempfile
-from typing import Any, Iterator, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -392,159 +390,3 @@ def load_dataset(data_config: Any) -> TokenDataset:
                      max_examples=get('max_examples', None) or None)
   raise ValueError(f'Unknown data.name {name!r}; valid names: '
                    f'{", ".join(VALID_NAMES)}.')
-
-
-# ----------------------------------------------------------------------------
-# Images.
-
-
-def tokens_to_images(tokens: np.ndarray, levels: int,
-                     image_shape: Sequence[int]) -> np.ndarray:
-  """Grey-level tokens [..., L] -> float32 images [..., H, W] in [0, 1].
-
-  Token t maps to t / (levels - 1); out-of-range ids (e.g. the mask id) are
-  clipped.
-  """
-  _check_levels(levels)
-  h, w = _normalize_image_shape(image_shape)
-  tokens = np.asarray(tokens)
-  if tokens.shape[-1] != h * w:
-    raise ValueError(f'tokens have length {tokens.shape[-1]} but image_shape '
-                     f'({h}, {w}) needs {h * w}.')
-  t = np.clip(tokens.astype(np.float32), 0, levels - 1) / (levels - 1)
-  return t.reshape(tokens.shape[:-1] + (h, w))
-
-
-def save_image_grid(images: np.ndarray, path: str,
-                    ncols: Optional[int] = None, scale: int = 4) -> None:
-  """Writes images [N, H, W] or [N, H, W, 3] in [0, 1] as one PNG grid.
-
-  Images are tiled row-major without padding, `ncols` per row (default
-  ceil(sqrt(N))), each pixel upscaled `scale` times (nearest). The file is
-  written to a temporary name in the same folder and then renamed.
-  """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  images = np.asarray(images, dtype=np.float32)
-  if images.ndim == 4 and images.shape[-1] == 1:
-    images = images[..., 0]
-  if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
-    raise ValueError(f'images must be [N, H, W] or [N, H, W, 3], got shape '
-                     f'{images.shape}.')
-  n = images.shape[0]
-  if n == 0:
-    raise ValueError('images is empty; nothing to save.')
-  scale = int(scale)
-  if scale < 1:
-    raise ValueError(f'scale must be >= 1, got {scale}.')
-  ncols = int(ncols) if ncols else int(math.ceil(math.sqrt(n)))
-  if ncols < 1:
-    raise ValueError(f'ncols must be >= 1, got {ncols}.')
-  ncols = min(ncols, n)
-  nrows = int(math.ceil(n / ncols))
-  h, w = images.shape[1:3]
-  pixels = np.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0)
-  pixels = np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
-  extra = pixels.shape[3:]
-  grid = np.zeros((nrows * ncols, h, w) + extra, np.uint8)
-  grid[:n] = pixels
-  grid = grid.reshape((nrows, ncols, h, w) + extra)
-  grid = np.swapaxes(grid, 1, 2).reshape((nrows * h, ncols * w) + extra)
-  if scale > 1:
-    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
-
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_', suffix='.png')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      Image.fromarray(grid).save(f, format='PNG')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-# ----------------------------------------------------------------------------
-# Batches.
-
-
-def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-  return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
-
-
-def batch_indices(num_examples: int, batch_size: int, seed: int, step: int, *,
-                  shard_index: int = 0, num_shards: int = 1) -> np.ndarray:
-  """Example indices of this shard's part of global batch `step`.
-
-  Global batches of batch_size * num_shards examples are cut from a fresh
-  permutation per epoch (seeded by (seed, epoch)); the remainder of each
-  epoch is dropped, so a global batch never repeats an example. Shard i gets
-  rows [i * batch_size, (i + 1) * batch_size) of the global batch.
-  """
-  global_bs = _check_batching(num_examples, batch_size, shard_index,
-                              num_shards)
-  if step < 0:
-    raise ValueError(f'step must be >= 0, got {step}.')
-  steps_per_epoch = num_examples // global_bs
-  epoch, k = divmod(int(step), steps_per_epoch)
-  perm = _epoch_permutation(num_examples, seed, epoch)
-  start = k * global_bs + shard_index * batch_size
-  return perm[start:start + batch_size]
-
-
-def _check_batching(num_examples, batch_size, shard_index, num_shards) -> int:
-  if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
-  if num_shards < 1 or not 0 <= shard_index < num_shards:
-    raise ValueError(f'shard_index must be in [0, num_shards={num_shards}), '
-                     f'got {shard_index}.')
-  global_bs = batch_size * num_shards
-  if num_examples < global_bs:
-    raise ValueError(
-        f'The dataset has {num_examples} examples, fewer than one global '
-        f'batch ({batch_size} per host x {num_shards} hosts = {global_bs}); '
-        f'lower the batch size or use more data.')
-  return global_bs
-
-
-def batch_iterator(tokens: np.ndarray, labels: Optional[np.ndarray],
-                   batch_size: int, seed: int, *, shard_index: int = 0,
-                   num_shards: int = 1, start_step: int = 0
-                   ) -> Iterator[Tuple[np.ndarray, Optional[np.ndarray]]]:
-  """Infinite stream of (tokens [B, L], labels [B] or None) numpy batches.
-
-  Batch k is a pure function of (seed, k) (see `batch_indices`): starting at
-  `start_step` = k yields exactly the batches k, k+1, ... of an uninterrupted
-  run. With num_shards hosts, each host gets a disjoint `batch_size` slice
-  of every global batch.
-  """
-  tokens = np.asarray(tokens)
-  if tokens.ndim != 2:
-    raise ValueError(f'tokens must be [N, L], got shape {tokens.shape}.')
-  n = tokens.shape[0]
-  if labels is not None:
-    labels = np.asarray(labels)
-    if labels.shape != (n,):
-      raise ValueError(f'labels must have shape ({n},) to match tokens, got '
-                       f'{labels.shape}.')
-  global_bs = _check_batching(n, batch_size, shard_index, num_shards)
-  if start_step < 0:
-    raise ValueError(f'start_step must be >= 0, got {start_step}.')
-  steps_per_epoch = n // global_bs
-
-  def gen():
-    step = int(start_step)
-    cached_epoch, perm = -1, None
-    while True:
-      epoch, k = divmod(step, steps_per_epoch)
-      if epoch != cached_epoch:
-        cached_epoch, perm = epoch, _epoch_permutation(n, seed, epoch)
-      start = k * global_bs + shard_index * batch_size
-      idx = perm[start:start + batch_size]
-      yield tokens[idx], (None if labels is None else labels[idx])
-      step += 1
-
-  return gen()

@@ -1,27 +1,21 @@
-"""A small token classifier trained on the project's data: features, logits and accuracy for
-sample-quality metrics on datasets without an Inception network (digits, ``npy`` tokens).
-
-Tokens [B, L] are embedded (a learned table over the vocabulary); an MLP reads the flattened
-embeddings (``arch='mlp'``, the default: fast on CPUs) or, for a grey image raster
-(``image_shape``), a small conv net reads the [H, W, E] grid (``arch='conv'``). The penultimate
-layer (after its ReLU) gives the features, a final dense layer the class logits.
+"""Training, caching and applying the token classifier (``networks.classifier``) used as a
+feature extractor on data without an Inception network.
 
 ``train_classifier`` fits it with AdamW on the training split; ``load_or_train_classifier``
 caches the result in a folder (``classifier.msgpack`` with the parameters, ``classifier.json``
 with the architecture, training settings, a fingerprint of the data and the validation
 accuracy) and reuses it when all of these match.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
 import time
 from typing import Any, Callable, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +23,8 @@ import optax
 from absl import logging
 from flax import serialization
 
-from dimo_jax import checkpoints
+from dimo_jax.networks.classifier import ClassifierSettings, build_classifier, make_apply_fn
+from dimo_jax.storage import checkpoints
 
 Dtype = Any
 PARAMS_FILE = "classifier.msgpack"
@@ -37,124 +32,10 @@ META_FILE = "classifier.json"
 FORMAT_VERSION = 1
 
 
-class TokenClassifier(nn.Module):
-  """Token sequences [B, L] -> (features [B, feature_dim], logits [B, num_classes]), float32.
-
-  Attributes:
-    vocab_size: number of token values (inputs are clipped to [0, vocab_size)).
-    seq_len: sequence length L.
-    num_classes: number of classes.
-    image_shape: (H, W) with H * W = L; the raster the conv net reads.
-    arch: 'mlp' (flattened embeddings) or 'conv' (needs image_shape).
-    embed_dim: token embedding width.
-    channels: MLP hidden widths, or conv channels (every second conv has stride 2).
-    feature_dim: width of the penultimate (feature) layer.
-    dropout: dropout rate on the features during training.
-    dtype: compute dtype; param_dtype: parameter dtype.
-  """
-  vocab_size: int
-  seq_len: int
-  num_classes: int
-  image_shape: Optional[Tuple[int, int]] = None
-  arch: str = "mlp"
-  embed_dim: int = 16
-  channels: Tuple[int, ...] = (256,)
-  feature_dim: int = 128
-  dropout: float = 0.1
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, tokens, *, deterministic: bool = True):
-    if tokens.ndim != 2 or tokens.shape[1] != self.seq_len:
-      raise ValueError(f"tokens must be [B, {self.seq_len}], got shape {tokens.shape}")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    tokens = jnp.clip(tokens.astype(jnp.int32), 0, self.vocab_size - 1)
-    x = nn.Embed(self.vocab_size, self.embed_dim, name="embed", **kw)(tokens)  # [B, L, E]
-    batch = tokens.shape[0]
-    if self.arch == "conv":
-      if self.image_shape is None:
-        raise ValueError("arch='conv' needs image_shape (H, W); use arch='mlp' for other token data")
-      h, w = self.image_shape
-      x = x.reshape(batch, h, w, self.embed_dim)
-      for i, ch in enumerate(self.channels):
-        stride = 2 if i % 2 == 1 else 1
-        x = nn.relu(nn.Conv(ch, (3, 3), strides=(stride, stride), padding="SAME", name=f"conv_{i}", **kw)(x))
-      x = x.reshape(batch, -1)
-    elif self.arch == "mlp":
-      x = x.reshape(batch, -1)
-      for i, ch in enumerate(self.channels):
-        x = nn.relu(nn.Dense(ch, name=f"hidden_{i}", **kw)(x))
-    else:
-      raise ValueError(f"classifier arch must be 'mlp' or 'conv', got {self.arch!r}")
-    feats = nn.relu(nn.Dense(self.feature_dim, name="features", **kw)(x))
-    h = nn.Dropout(self.dropout, deterministic=deterministic)(feats)
-    logits = nn.Dense(self.num_classes, name="head", **kw)(h)
-    return feats.astype(jnp.float32), logits.astype(jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassifierSettings:
-  """Architecture and training settings (stored in ``classifier.json``)."""
-  arch: str = "mlp"
-  embed_dim: int = 16
-  channels: Tuple[int, ...] = (256,)
-  feature_dim: int = 128
-  dropout: float = 0.1
-  steps: int = 400
-  batch_size: int = 128
-  lr: float = 3e-3
-  weight_decay: float = 1e-4
-  seed: int = 0
-
-  def __post_init__(self):
-    for name in ("embed_dim", "feature_dim", "steps", "batch_size"):
-      if int(getattr(self, name)) < 1:
-        raise ValueError(f"classifier setting {name} must be >= 1, got {getattr(self, name)!r}")
-    if not self.channels or any(int(c) < 1 for c in self.channels):
-      raise ValueError(f"classifier setting channels must be a non-empty list of positive ints, "
-                       f"got {self.channels!r}")
-    if self.arch not in ("mlp", "conv"):
-      raise ValueError(f"classifier setting arch must be 'mlp' or 'conv', got {self.arch!r}")
-    if not 0.0 <= float(self.dropout) < 1.0:
-      raise ValueError(f"classifier setting dropout must be in [0, 1), got {self.dropout!r}")
-    if float(self.lr) <= 0:
-      raise ValueError(f"classifier setting lr must be > 0, got {self.lr!r}")
-
-  def to_json(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["channels"] = [int(c) for c in self.channels]
-    return d
-
-
-def build_classifier(vocab_size: int, seq_len: int, num_classes: int, image_shape=None,
-                     settings: Optional[ClassifierSettings] = None) -> TokenClassifier:
-  """The classifier module for the given data sizes and settings."""
-  s = settings or ClassifierSettings()
-  if image_shape is not None:
-    image_shape = tuple(int(v) for v in image_shape)
-    if len(image_shape) != 2 or image_shape[0] * image_shape[1] != seq_len:
-      raise ValueError(f"image_shape {image_shape} must be (H, W) with H * W = seq_len = {seq_len}")
-  if s.arch == "conv" and image_shape is None:
-    raise ValueError("classifier arch='conv' needs data with an image_shape; use arch='mlp'")
-  if num_classes < 2:
-    raise ValueError(f"the classifier needs labelled data with at least 2 classes, got num_classes={num_classes}")
-  return TokenClassifier(vocab_size=int(vocab_size), seq_len=int(seq_len), num_classes=int(num_classes),
-                         image_shape=image_shape, arch=s.arch, embed_dim=int(s.embed_dim),
-                         channels=tuple(int(c) for c in s.channels), feature_dim=int(s.feature_dim),
-                         dropout=float(s.dropout))
-
-
-@functools.lru_cache(maxsize=16)
-def make_apply_fn(model: TokenClassifier) -> Callable:
-  """``apply_fn(params, tokens) -> (features, logits)`` in eval mode, jitted (cached per model)."""
-  return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens, deterministic=True))
-
-
 def _check_dataset(dataset):
   for name in ("train_tokens", "train_labels", "val_tokens", "val_labels", "vocab_size", "num_classes"):
     if not hasattr(dataset, name):
-      raise ValueError(f"dataset must be a dimo_jax.data.TokenDataset (missing attribute {name!r})")
+      raise ValueError(f"dataset must be a dimo_jax.data.datasets.TokenDataset (missing attribute {name!r})")
   if dataset.train_labels is None or dataset.num_classes < 2:
     raise ValueError(f"dataset {getattr(dataset, 'name', '')!r} has no class labels (num_classes="
                      f"{dataset.num_classes}); the classifier needs labelled data (data.labels for npy)")
@@ -274,7 +155,7 @@ def load_classifier(folder) -> Tuple[Callable, Any, dict]:
   for p in (meta_path, params_path):
     if not os.path.isfile(p):
       raise FileNotFoundError(f"classifier file not found: {p}; train one with "
-                              "dimo_jax.classifier.load_or_train_classifier(dataset, folder)")
+                              "dimo_jax.evaluation.classifier_features.load_or_train_classifier(dataset, folder)")
   with open(meta_path) as f:
     try:
       meta = json.load(f)
@@ -348,10 +229,3 @@ def settings_from_config(cfg) -> ClassifierSettings:
   if "channels" in items:
     items["channels"] = tuple(int(c) for c in items["channels"])
   return ClassifierSettings(**items)
-
-
-__all__ = [
-    "TokenClassifier", "ClassifierSettings", "build_classifier", "make_apply_fn", "train_classifier",
-    "predict", "accuracy", "dataset_fingerprint", "save_classifier", "load_classifier",
-    "load_or_train_classifier", "settings_from_config",
-]

@@ -4,6 +4,7 @@ Conventions: token sequences are int32 ``[B, L]`` with values in ``[0, K)`` wher
 codebook size; the mask token is ``K`` (``mask_id``). A schedule maps ``u`` in ``[0, 1]`` to a
 mask ratio ``r`` in ``[0, 1]``: ``u = 0`` masks nothing, ``u = 1`` masks everything.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -179,10 +180,3 @@ def parse_r_init(spec) -> Callable:
 def masks_for_step(seq_len: int, counts: np.ndarray) -> np.ndarray:
   """Tokens still masked after each sampler step, from ``step_counts``."""
   return seq_len - np.cumsum(counts)
-
-
-__all__ = [
-    "SCHEDULES", "mask_ratio", "sample_mask_ratio", "step_counts", "num_masked", "random_ranks",
-    "unique_random_scores", "exact_count_mask", "bernoulli_mask", "apply_mask", "forward_mask", "make_x_init",
-    "parse_r_init", "masks_for_step",
-]

@@ -1,22 +1,19 @@
 """Known joint distributions for checking one-step distillation exactly.
 
-- ``copy_pair``: two positions that are always equal, (x, x) with x uniform over V values, and
-  ``ExactConditionalTeacher``, the exact conditional p(x_i | visible tokens) of any enumerable
-  joint as a parameter-free Linen module with the models' calling convention.
+- ``copy_pair``: two positions that are always equal, (x, x) with x uniform over V values (its
+  exact conditionals as a network: ``networks.exact.ExactConditionalTeacher``).
 - ``markov_mixture``: a mixture of Markov chains over V values and L positions, whose
   dependence between positions parallel sampling cannot capture.
 - ``tv_distance``: the exact total-variation distance of a sample to an enumerable joint;
   ``sampling_floor`` the same for an i.i.d. sample of the truth; ``diversity`` and
   ``position_entropy`` summarise how spread a sample is.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import itertools
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -114,69 +111,3 @@ def position_entropy(samples: np.ndarray, vocab_size: int, position: int = 0) ->
   f = np.bincount(values, minlength=vocab_size) / len(values)
   f = f[f > 0]
   return float(-(f * np.log(f)).sum() / np.log(vocab_size))
-
-
-class ExactConditionalTeacher(nn.Module):
-  """p(x_i | visible tokens) of an enumerable joint, per position, by summing over the support.
-
-  Inputs follow the models' convention (mask id = V, ``[B, L]``); the output is ``[B, L, V + 1]``
-  log-probabilities with the mask column at -1e9. At visible positions it predicts the visible
-  token (the behaviour of a teacher trained with the loss on all positions).
-  """
-  support: np.ndarray
-  probs: np.ndarray
-  codebook_size: int
-  num_classes: int = 0
-  dropout: float = 0.0
-
-  @property
-  def seq_len(self) -> int:
-    return int(self.support.shape[1])
-
-  @property
-  def has_null_class(self) -> bool:
-    return True
-
-  @nn.compact
-  def __call__(self, tokens, labels, *, deterministic: bool = True, noise_sigma=0.0):
-    v = self.codebook_size
-    support = jnp.asarray(self.support)  # [S, L]
-    log_p = jnp.log(jnp.maximum(jnp.asarray(self.probs, jnp.float32), 1e-30))  # [S]
-    visible = tokens < v  # [B, L]
-    agree = (support[None] == tokens[:, None]) | ~visible[:, None]  # [B, S, L]
-    consistent = jnp.all(agree, axis=-1)  # [B, S]
-    w = jnp.where(consistent, log_p[None], -jnp.inf)  # [B, S]
-    w = w - jax.scipy.special.logsumexp(w, axis=-1, keepdims=True)
-    onehot = jax.nn.one_hot(support, v)  # [S, L, V]
-    probs = jnp.einsum("bs,slv->blv", jnp.exp(w), onehot)
-    logits = jnp.log(jnp.maximum(probs, 1e-30))
-    return jnp.concatenate([logits, jnp.full(logits.shape[:-1] + (1,), -1e9)], axis=-1)
-
-
-def exact_teacher(joint: Joint) -> ExactConditionalTeacher:
-  return ExactConditionalTeacher(support=joint.support, probs=joint.probs, codebook_size=joint.vocab_size)
-
-
-def pretrain_copy_mdm(model, key, steps: int, *, loss_on: str = "masked", lr: float = 3e-3, batch: int = 256):
-  """An MDM trained on fresh samples of the copy pair (x, x) with Adam, as a student to start
-  Di[M]O from. With ``loss_on='masked'`` it knows p(x_i | x_j) but not how to copy a visible
-  token, so its one-step samples from x_init rarely agree."""
-  import optax  # pylint: disable=import-outside-toplevel
-  from dimo_jax import losses, masking, models  # pylint: disable=import-outside-toplevel
-  vocab = model.codebook_size
-  tx = optax.adam(lr)
-  params = models.init_params(model, key)
-
-  def step(carry, k):
-    p, opt = carry
-    k1, k2 = jax.random.split(k)
-    x0 = jax.random.randint(k1, (batch,), 0, vocab)
-    x0 = jnp.stack([x0, x0], 1)
-    x_t, mask, _ = masking.forward_mask(k2, x0, vocab, "arccos")
-    loss_fn = lambda q: losses.mdm_loss(model.apply({"params": q}, x_t, jnp.zeros((batch,), jnp.int32)),
-                                        x0, mask, loss_on=loss_on)[0]
-    updates, opt = tx.update(jax.grad(loss_fn)(p), opt, p)
-    return (optax.apply_updates(p, updates), opt), None
-
-  run = jax.jit(lambda p, ks: jax.lax.scan(step, (p, tx.init(p)), ks)[0][0])
-  return run(params, jax.random.split(jax.random.fold_in(key, 1), steps))

@@ -6,32 +6,29 @@ parameters (EMA by default) and the ``config.json`` written beside them, draws
 writes ``<output>.npy`` (tokens ``[N, L]``), ``<output>_labels.npy`` (labels ``[N]``) and, when
 the tokens are grey-level images, ``<output>.png``.
 """
+
 from __future__ import annotations
 
 import functools
 import math
 import os
 import tempfile
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
-from dimo_jax import checkpoints, models
+from dimo_jax.core import samplers
+from dimo_jax.core.samplers import SAMPLERS
+from dimo_jax.core.sharding import host_array
+from dimo_jax.data import image_grids
+from dimo_jax.modes import loop
+from dimo_jax.networks import conditioning, maskgit
+from dimo_jax.networks.conditioning import balanced_labels
+from dimo_jax.storage import loaders
 
-SAMPLERS = ("confidence", "ancestral")
 SAMPLE_MODELS = ("teacher", "generator")
-
-
-# ---------------------------------------------------------------------------- labels
-def balanced_labels(num: int, num_classes: int) -> np.ndarray:
-  """``0, 1, ..., C-1, 0, 1, ...`` (length ``num``); all null labels (0) when unconditional."""
-  if num_classes <= 0:
-    return np.zeros((num,), np.int32)
-  return (np.arange(num) % num_classes).astype(np.int32)
 
 
 def parse_labels(spec: str, num: int, num_classes: int) -> np.ndarray:
@@ -56,46 +53,6 @@ def parse_labels(spec: str, num: int, num_classes: int) -> np.ndarray:
                        f"(the model has {num_classes} classes)")
     values.append(value)
   return np.resize(np.asarray(values, np.int32), num).astype(np.int32)
-
-
-# ---------------------------------------------------------------------------- loading
-def _sizes(stored: dict, path) -> dict:
-  sizes = stored.get("dataset") or stored.get("data") or {}
-  missing = [k for k in ("vocab_size", "seq_len", "num_classes") if sizes.get(k) is None]
-  if missing:
-    raise ValueError(f"config.json in {os.fspath(path)!r} lacks the data sizes {missing} under 'dataset'; "
-                     "it was not written by teacher training or the converter")
-  return sizes
-
-
-def model_from_stored(stored: dict, path="", overrides: Optional[dict] = None):
-  """Builds the network described by a stored ``config.json`` dict (``model`` + ``dataset``)."""
-  if not stored or "model" not in stored:
-    raise ValueError(f"no model config in {os.fspath(path)!r}/config.json; the checkpoint folder needs the "
-                     "config.json written by `--config.mode=teacher` (or the converter)")
-  model_cfg = dict(stored["model"])
-  model_cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
-  sizes = _sizes(stored, path)
-  return models.build_model(ml_collections.ConfigDict(model_cfg), codebook_size=int(sizes["vocab_size"]),
-                            seq_len=int(sizes["seq_len"]), num_classes=int(sizes["num_classes"]))
-
-
-def load_teacher(path, *, use_ema: bool = True, overrides: Optional[dict] = None):
-  """``(model, params, stored_config)`` of a teacher workdir (EMA parameters when present and
-  ``use_ema``). ``overrides`` replaces compute-only model fields (e.g. ``dtype``)."""
-  if not path:
-    raise ValueError("no teacher checkpoint given: set --config.sample.checkpoint=<teacher workdir> "
-                     "(or --workdir)")
-  params, ema, stored = checkpoints.load_params(path)
-  if stored is None:
-    raise FileNotFoundError(f"no config.json beside the checkpoints in {os.fspath(path)!r}; it is written "
-                            "by `--config.mode=teacher` (or the converter) and is needed to rebuild the model")
-  model = model_from_stored(stored, path, overrides)
-  if use_ema and ema is not None:
-    return model, ema, stored
-  if use_ema:
-    logging.info("%s has no EMA parameters; sampling with the raw parameters.", path)
-  return model, params, stored
 
 
 # ---------------------------------------------------------------------------- output
@@ -125,8 +82,7 @@ def output_paths(output: str, workdir: str) -> dict:
 
 def decode_with_vqgan(vqgan_dir: str, tokens: np.ndarray, batch_size: int = 64) -> np.ndarray:
   """Images ``[N, H, W, 3]`` in [0, 1] from code tokens ``[N, h*w]`` through a converted VQGAN."""
-  from dimo_jax import convert  # pylint: disable=import-outside-toplevel
-  module, variables = convert.load_vqgan(vqgan_dir)
+  module, variables = loaders.load_vqgan(vqgan_dir)
   decode = jax.jit(lambda v, t: module.apply(v, t, method="decode_tokens"))
   out = [np.asarray(decode(variables, jnp.asarray(tokens[i:i + batch_size])))
          for i in range(0, len(tokens), batch_size)]
@@ -143,27 +99,24 @@ def write_outputs(tokens: np.ndarray, labels: np.ndarray, paths: dict, *, vocab_
   _atomic_save_npy(paths["tokens"], np.asarray(tokens, np.int32))
   _atomic_save_npy(paths["labels"], np.asarray(labels, np.int32))
   if vqgan_dir:
-    from dimo_jax import data  # pylint: disable=import-outside-toplevel
-    images = decode_with_vqgan(vqgan_dir, np.asarray(tokens, np.int32))
-    data.save_image_grid(images, paths["image"], scale=1)
+    pictures = decode_with_vqgan(vqgan_dir, np.asarray(tokens, np.int32))
+    image_grids.save_image_grid(pictures, paths["image"], scale=1)
     folder = paths["image"][: -len(".png")] + "_images"
-    for i, (image, label) in enumerate(zip(images, np.asarray(labels))):
-      data.save_image_grid(image[None], os.path.join(folder, f"{i:06d}_class{int(label)}.png"), ncols=1, scale=1)
+    for i, (image, label) in enumerate(zip(pictures, np.asarray(labels))):
+      image_grids.save_image_grid(image[None], os.path.join(folder, f"{i:06d}_class{int(label)}.png"), ncols=1, scale=1)
     written["image"] = paths["image"]
     written["images_dir"] = folder
   elif image_shape is not None:
-    from dimo_jax import data  # pylint: disable=import-outside-toplevel
-    images = data.tokens_to_images(tokens, vocab_size, image_shape)
-    data.save_image_grid(images, paths["image"])
+    image_grids.save_image_grid(image_grids.tokens_to_images(tokens, vocab_size, image_shape), paths["image"])
     written["image"] = paths["image"]
   return written
 
 
-def _image_shape(stored: dict):
+def _image_shape(stored_config: dict):
   """Grey-level image shape of the stored data (None for code tokens of converted models)."""
-  if "converted" in stored:
+  if "converted" in stored_config:
     return None
-  shape = (stored.get("dataset") or {}).get("image_shape")
+  shape = (stored_config.get("dataset") or {}).get("image_shape")
   return None if shape is None else tuple(int(s) for s in shape)
 
 
@@ -175,11 +128,6 @@ def _check_common(sc, seq_len: int) -> int:
   if int(sc.get("batch_size", num)) < 1:
     raise ValueError(f"config.sample.batch_size must be >= 1, got {sc.batch_size}")
   return num
-
-
-def host_array(x) -> np.ndarray:
-  from dimo_jax import train  # pylint: disable=import-outside-toplevel
-  return train.host_array(x)
 
 
 def _batched(fn, labels: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
@@ -201,7 +149,6 @@ def _batched(fn, labels: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
 
 def sample_teacher(model, params, labels: np.ndarray, sample_cfg) -> np.ndarray:
   """Draws one sequence per label with the configured iterative sampler."""
-  from dimo_jax import samplers, train  # pylint: disable=import-outside-toplevel
   sc = sample_cfg
   name = sc.get("sampler", "confidence")
   if name not in SAMPLERS:
@@ -221,7 +168,7 @@ def sample_teacher(model, params, labels: np.ndarray, sample_cfg) -> np.ndarray:
                 guidance=guidance, guidance_schedule=sc.get("guidance_schedule", "constant"),
                 null_label=model.null_label if model.has_null_class else None,
                 top_k=int(sc.get("top_k", 0)), top_p=float(sc.get("top_p", 1.0)))
-  apply_fn = train.make_apply_fn(model)
+  apply_fn = conditioning.make_apply_fn(model)
   if name == "confidence":
     sampler = functools.partial(samplers.confidence_sampler, r_temp=float(sc.get("r_temp", 4.5)), **kwargs)
   else:
@@ -243,14 +190,14 @@ def _source(config, workdir: str) -> str:
 def _run_sample_teacher(config, workdir: str) -> dict:
   sc = config.sample
   path = _source(config, workdir)
-  overrides = models.compute_overrides(config.model) if "model" in config else None
+  overrides = maskgit.compute_overrides(config.model) if "model" in config else None
   use_ema = bool(sc.get("use_ema", config.teacher.get("use_ema", True) if "teacher" in config else True))
-  model, params, stored = load_teacher(path, use_ema=use_ema, overrides=overrides)
+  model, params, stored_config = loaders.load_teacher(path, use_ema=use_ema, overrides=overrides)
   num = _check_common(sc, model.seq_len)
   labels = parse_labels(sc.get("labels", ""), num, model.num_classes)
   paths = output_paths(sc.get("output", ""), workdir or path)
   tokens = sample_teacher(model, params, labels, sc)
-  written = write_outputs(tokens, labels, paths, vocab_size=model.codebook_size, image_shape=_image_shape(stored),
+  written = write_outputs(tokens, labels, paths, vocab_size=model.codebook_size, image_shape=_image_shape(stored_config),
                           vqgan_dir=_vqgan_dir(config))
   logging.info("Wrote %d samples from %s to %s", num, path, written)
   return dict(written, num=num)
@@ -258,38 +205,22 @@ def _run_sample_teacher(config, workdir: str) -> dict:
 
 # ---------------------------------------------------------------------------- generator (distilled)
 def _run_sample_generator(config, workdir: str) -> dict:
-  """One-step samples from a distilled generator (``dimo_jax.distill.load_generator``).
-
-  Expects ``load_generator(path) -> (model, params, stored_config)`` and
-  ``distill.one_step_generate(model, params, key, labels, r_init=, sigma=, temperature=,
-  top_k=, top_p=)``.
-  """
-  try:
-    from dimo_jax import distill  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise NotImplementedError(
-        "config.sample.model='generator' needs dimo_jax.distill, which could not be imported "
-        f"({e}); sample a teacher with --config.sample.model=teacher") from e
-  load_generator = getattr(distill, "load_generator", None)
-  generate = getattr(distill, "one_step_generate", None)
-  if load_generator is None or generate is None:
-    raise NotImplementedError(
-        "config.sample.model='generator' needs dimo_jax.distill.load_generator, which this version does "
-        "not provide yet; sample a teacher with --config.sample.model=teacher")
+  """One-step samples from a distilled generator (``loaders.load_generator``,
+  ``samplers.one_step_generate``)."""
   sc = config.sample
   path = _source(config, workdir)
-  model, params, stored = load_generator(path)
+  model, params, stored_config = loaders.load_generator(path)
   num = _check_common(sc, model.seq_len)
   labels = parse_labels(sc.get("labels", ""), num, model.num_classes)
   paths = output_paths(sc.get("output", ""), workdir or path)
   gen = jax.jit(functools.partial(
-      generate, model, r_init=float(sc.get("r_init", 0.6)), sigma=float(sc.get("sigma", 0.1)),
+      samplers.one_step_generate, model, r_init=float(sc.get("r_init", 0.6)), sigma=float(sc.get("sigma", 0.1)),
       temperature=float(sc.get("temperature", 1.0)), top_k=int(sc.get("top_k", 0)),
       top_p=float(sc.get("top_p", 1.0))))
   tokens = _batched(lambda key, lab: gen(params, key, lab), labels, int(sc.get("batch_size", num)),
                     int(sc.get("seed", 0)))
   written = write_outputs(tokens, labels, paths, vocab_size=model.codebook_size,
-                          image_shape=_image_shape(stored or {}), vqgan_dir=_vqgan_dir(config))
+                          image_shape=_image_shape(stored_config or {}), vqgan_dir=_vqgan_dir(config))
   return dict(written, num=num)
 
 
@@ -304,7 +235,4 @@ def run_sample(config, workdir: str) -> dict:
   raise ValueError(f"config.sample.model={kind!r} is not known; choose one of {SAMPLE_MODELS}")
 
 
-__all__ = [
-    "SAMPLERS", "SAMPLE_MODELS", "balanced_labels", "parse_labels", "model_from_stored", "load_teacher",
-    "output_paths", "write_outputs", "sample_teacher", "run_sample",
-]
+run = loop.entry(run_sample)  # what ``dimo_jax.main`` calls for ``config.mode='sample'``

@@ -5,6 +5,7 @@ in ``[0, K)``. Label smoothing ``eps`` spreads ``eps`` uniformly over the ``K`` 
 (the mask column never receives target mass): the target of a position with code ``c`` is
 ``(1 - eps) * onehot(c) + eps / K`` on every code column.
 """
+
 from __future__ import annotations
 
 import jax
@@ -106,6 +107,3 @@ def aux_loss(logits, targets, mask, label_smoothing: float = 0.0, soft_target_pr
       "aux_acc_masked": jnp.sum((pred == targets) * mask_f) / n_masked,
   }
   return loss, metrics
-
-
-__all__ = ["LOSS_ON", "smoothed_targets", "token_cross_entropy", "mdm_loss", "aux_loss"]

@@ -8,6 +8,7 @@ mask id is ``K``. The loops run inside ``lax.scan`` and the samplers are jit-com
 compiled program. Numeric knobs (temperature, r_temp, top_p, a non-static guidance weight) are
 traced, so sweeping them does not recompile.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,7 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dimo_jax import masking
+from dimo_jax.core import masking
+
+pass
+
+def one_step_generate(model, params, key, labels, *, r_init=0.6, sigma=0.1, temperature=1.0,
+                      top_k=0, top_p=1.0):
+  """One-step samples from a generator: x_init -> one forward (with embedding noise) -> draw."""
+  k_x, k_noise, k_draw = jax.random.split(key, 3)
+  batch = labels.shape[0]
+  x_init = masking.make_x_init(k_x, batch, model.seq_len, model.codebook_size, r_init)
+  logits = model.apply({"params": params}, x_init, labels, deterministic=True, noise_sigma=sigma,
+                       rngs={"noise": k_noise})
+  z = filter_logits(logits[..., : model.codebook_size], temperature, top_k, top_p)
+  return sample_categorical(k_draw, z)
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
 
@@ -358,7 +372,5 @@ def one_step_sampler(apply_fn: Callable, params, key, labels, x_init, *, codeboo
                    use_top_p=_use_top_p(top_p))
 
 
-__all__ = [
-    "GUIDANCE_SCHEDULES", "sample_categorical", "filter_logits", "guided_logits",
-    "confidence_sampler", "ancestral_sampler", "one_step_sampler",
-]
+
+SAMPLERS = ("confidence", "ancestral")

@@ -1,0 +1,1 @@
+"""Token data sets, batch streams, image grids and known joints."""

@@ -1,0 +1,1 @@
+"""Sample-quality evaluation: settings, sample sets, feature extractors, metrics, tables."""

@@ -1,0 +1,133 @@
+"""The options of one evaluation (``config.evaluate``), read and checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Tuple
+
+from dimo_jax.core import masking, samplers
+
+
+# ---------------------------------------------------------------------------- settings
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """The options of one evaluation (``config.evaluate``; see ``settings_from_config``)."""
+  teacher_checkpoint: str = ""
+  generator: str = ""
+  teacher_steps: Tuple[int, ...] = (1, 2, 4, 8, 16)
+  teacher_samplers: Tuple[str, ...] = ()  # () : config.sample.sampler only; several: rows for each
+  generator_temperatures: Tuple[float, ...] = (1.0,)
+  r_init: Any = 0.6
+  sigma: float = 0.1
+  per_class: int = 50
+  num_samples: int = 0
+  batch_size: int = 100
+  seed: int = 0
+  use_ema: bool = True
+  reference_split: str = "val"
+  real_rows: bool = True
+  inception_path: str = ""
+  reference_stats: str = ""
+  reference_images: str = ""
+  reference_image_size: int = 256
+  classifier_dir: str = ""
+  classifier: Any = None
+  prdc_k: int = 3
+  is_splits: int = 10
+  entropy_samples: int = 256
+  entropy_threshold: float = 1e-3
+  timing_repeats: int = 3
+  grid_steps: Tuple[int, ...] = (1, 4, 16)
+  grid_columns: int = 10
+  output_dir: str = ""
+
+
+REFERENCE_SPLITS = ("val", "train", "all")
+
+
+def as_tuple(value, cast, name):
+  if value is None:
+    return ()
+  if isinstance(value, str):
+    value = [v for v in value.replace(",", " ").split() if v]
+  if isinstance(value, (int, float)):
+    value = [value]
+  try:
+    return tuple(cast(v) for v in value)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.evaluate.{name}={value!r} must be a list of numbers, e.g. [1, 2, 4]") from e
+
+
+def settings_from_config(config) -> EvalSettings:
+  """Reads ``config.evaluate`` (a ConfigDict or dict; missing fields take their defaults, some
+  from ``config.sample`` and ``config.teacher``). Unknown fields raise ValueError."""
+  ev = config.get("evaluate", None) if hasattr(config, "get") else None
+  ev = dict(ev.items()) if ev is not None and hasattr(ev, "items") else {}
+  names = {f.name for f in dataclasses.fields(EvalSettings)}
+  unknown = sorted(set(ev) - names)
+  if unknown:
+    raise ValueError(f"config.evaluate has unknown field(s) {unknown}; known fields: {sorted(names)}")
+  sc = config.get("sample", None) if hasattr(config, "get") else None
+  sget = (lambda k, d: sc.get(k, d)) if sc is not None else (lambda k, d: d)
+  defaults = dict(r_init=sget("r_init", 0.6), sigma=float(sget("sigma", 0.1)),
+                  batch_size=int(sget("batch_size", 100)), seed=int(sget("seed", 0)))
+  teacher = config.get("teacher", None) if hasattr(config, "get") else None
+  if teacher is not None:
+    defaults["use_ema"] = bool(teacher.get("use_ema", True))
+  kwargs = {**defaults, **{k: v for k, v in ev.items() if v is not None or k == "classifier"}}
+  for key in ("teacher_steps", "grid_steps"):
+    if key in kwargs:
+      kwargs[key] = as_tuple(kwargs[key], int, key)
+  clf = kwargs.get("classifier")
+  if clf is not None:
+    if not hasattr(clf, "items"):
+      raise ValueError(f"config.evaluate.classifier must be a dict of classifier settings, got {clf!r}")
+    kwargs["classifier"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in clf.items()}
+  if "teacher_samplers" in kwargs:
+    kwargs["teacher_samplers"] = as_tuple(kwargs["teacher_samplers"] or (), str, "teacher_samplers")
+  if "generator_temperatures" in kwargs:
+    kwargs["generator_temperatures"] = as_tuple(kwargs["generator_temperatures"], float, "generator_temperatures")
+  s = EvalSettings(**kwargs)
+  check_settings(s)
+  return s
+
+
+def check_settings(s: EvalSettings):
+  if any(t < 1 for t in s.teacher_steps):
+    raise ValueError(f"config.evaluate.teacher_steps={list(s.teacher_steps)}: step counts must be >= 1")
+  if any(not math.isfinite(t) or t < 0 for t in s.generator_temperatures):
+    raise ValueError(f"config.evaluate.generator_temperatures={list(s.generator_temperatures)}: "
+                     "temperatures must be finite and >= 0")
+  checks = [("per_class", s.per_class >= 0, ">= 0"), ("num_samples", s.num_samples >= 0, ">= 0 (0: per_class x classes)"),
+            ("batch_size", s.batch_size >= 1, ">= 1"), ("prdc_k", s.prdc_k >= 1, ">= 1"),
+            ("is_splits", s.is_splits >= 1, ">= 1"), ("entropy_samples", s.entropy_samples >= 0, ">= 0 (0: off)"),
+            ("timing_repeats", s.timing_repeats >= 0, ">= 0 (0: off)"), ("grid_columns", s.grid_columns >= 0, ">= 0"),
+            ("entropy_threshold", 0.0 < s.entropy_threshold < 1.0, "in (0, 1)"),
+            ("sigma", 0.0 <= s.sigma <= 1.0, "in [0, 1]"),
+            ("reference_image_size", s.reference_image_size >= 1, ">= 1")]
+  for name, ok, what in checks:
+    if not ok:
+      raise ValueError(f"config.evaluate.{name}={getattr(s, name)!r} must be {what}")
+  unknown = [n for n in s.teacher_samplers if n not in samplers.SAMPLERS]
+  if unknown or len(set(s.teacher_samplers)) != len(s.teacher_samplers):
+    raise ValueError(f"config.evaluate.teacher_samplers={list(s.teacher_samplers)}: name each of {list(samplers.SAMPLERS)} "
+                     "at most once (empty: config.sample.sampler only)")
+  if s.reference_split not in REFERENCE_SPLITS:
+    raise ValueError(f"config.evaluate.reference_split={s.reference_split!r} is not valid; choose one of "
+                     f"{list(REFERENCE_SPLITS)}")
+  r_init_value(s.r_init)
+
+
+def r_init_value(spec):
+  """A fixed r_init (number) or ``None`` plus the parsed function for a random range."""
+  try:
+    fn = masking.parse_r_init(float(spec) if isinstance(spec, (int, float)) else spec)
+  except ValueError as e:
+    raise ValueError(f"config.evaluate.r_init={spec!r} is not valid ({e}); use a number in [0, 1], "
+                     "'fix_0.6' or 'random_0.4_0.8'") from e
+  if isinstance(spec, (int, float)):
+    return float(spec), fn
+  if isinstance(spec, str) and spec.startswith("fix_"):
+    return float(spec[len("fix_"):]), fn
+  return None, fn

@@ -1,0 +1,129 @@
+"""The Table-1 markdown of an evaluation, Di[M]O's ratio to the teacher's best row, and the
+sample grid.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from dimo_jax.data import image_grids
+from dimo_jax.evaluation.entropy import format_entropy
+from dimo_jax.evaluation.features import Extractors
+from dimo_jax.evaluation.settings import EvalSettings
+
+pass
+
+# Column key -> (header, number format). The table shows the columns some row has.
+COLUMNS = (
+    ("steps", "steps", "{:d}"),
+    ("fid", "FID", "{:.2f}"),
+    ("fd_pixel", "FD-pixel", "{:.2f}"),
+    ("fd_classifier", "FD-classifier", "{:.2f}"),
+    ("accuracy", "Acc", "{:.3f}"),
+    ("inception_score", "IS", "{:.2f}"),
+    ("precision", "Prec", "{:.3f}"),
+    ("recall", "Rec", "{:.3f}"),
+    ("density", "Dens", "{:.3f}"),
+    ("coverage", "Cov", "{:.3f}"),
+    ("ms_per_sample", "ms/sample", "{:.3f}"),
+)
+
+
+# ---------------------------------------------------------------------------- table
+def _row_label(row: dict) -> str:
+  return row.get("label") or row.get("name", "")
+
+
+def format_table(results: dict) -> str:
+  """The paper's Table 1 layout (markdown): one row per model / step count, the metric columns
+  that some row has."""
+  rows = results.get("rows", [])
+  cols = [(k, h, f) for k, h, f in COLUMNS if any(r.get(k) is not None for r in rows)]
+  title = results.get("title", "Model")
+  lines = ["| " + " | ".join([title] + [h for _, h, _ in cols]) + " |",
+           "|---|" + "---|" * len(cols)]
+  for r in rows:
+    cells = [_row_label(r)]
+    for k, _, f in cols:
+      v = r.get(k)
+      if v is None:
+        cells.append("-")
+      elif k == "steps":
+        cells.append(f.format(int(v)))
+      else:
+        cells.append(f.format(float(v)))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def ratio_to_teacher_best(results: dict) -> Optional[dict]:
+  """Each generator row's distance over the teacher's best (lowest) over all its rows (every step
+  count and sampler): FID when the rows have it, else FD-pixel. None without both kinds of rows."""
+  rows = results.get("rows", [])
+  metric = next((k for k in ("fid", "fd_pixel") if any(r.get(k) is not None for r in rows)), None)
+  teachers = [r for r in rows if r.get("model") == "teacher" and r.get(metric) is not None]
+  generators = [r for r in rows if r.get("model") == "generator" and r.get(metric) is not None]
+  if metric is None or not teachers or not generators:
+    return None
+  best = min(teachers, key=lambda r: r[metric])
+  return {"metric": metric, "teacher_best": float(best[metric]), "teacher_best_row": best.get("name"),
+          "teacher_best_label": f"{_row_label(best)}, {best.get('steps')} steps",
+          "generators": {r.get("name"): float(r[metric]) / max(float(best[metric]), 1e-12) for r in generators}}
+
+
+def ratio_note(results: dict) -> str:
+  """One sentence: the generator's distance as a multiple of the teacher's best ("" if no ratio)."""
+  ratio = ratio_to_teacher_best(results)
+  if not ratio:
+    return ""
+  name = {"fid": "FID", "fd_pixel": "FD-pixel"}[ratio["metric"]]
+  gens = ", ".join(f"{r:.2f}x" for r in ratio["generators"].values())
+  return f"Di[M]O {name} over the teacher's best ({ratio['teacher_best']:.2f}: {ratio['teacher_best_label']}): {gens}."
+
+
+def _notes(results: dict) -> str:
+  note = ratio_note(results)
+  lines = [note] if note else []
+  ref = results.get("reference", {})
+  if ref:
+    lines.append(f"Reference: {ref.get('name')} ({ref.get('num')} samples). Samples per row: "
+                 f"{results.get('num_samples')}.")
+  clf = results.get("classifier")
+  if clf:
+    lines.append(f"Classifier: validation accuracy {clf.get('val_accuracy'):.4f}"
+                 if clf.get("val_accuracy") is not None else "Classifier: no validation split")
+  rows = results.get("rows", [])
+  prdc = sorted({r.get("prdc_features") for r in rows if r.get("prdc_features")})
+  if prdc:
+    lines.append(f"Precision / recall / density / coverage (k={results.get('settings', {}).get('prdc_k', 3)}) on "
+                 f"{', '.join(prdc)} features. FD-pixel: Frechet distance of the grey-level token values.")
+  return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+  parts = ["# Evaluation", "", format_table(results), "", _notes(results)]
+  ent = results.get("entropy_shift")
+  if ent and ("teacher" in ent or "generator" in ent):
+    parts += ["", "## Entropy shift", "", format_entropy(ent)]
+  return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------- grid
+def write_grid(results_sets: Dict[str, np.ndarray], order: Sequence[str], s: EvalSettings, ex: Extractors, ds,
+          vocab: int, path: str) -> Optional[str]:
+  names = [n for n in order if n in results_sets]
+  if not names or s.grid_columns == 0:
+    return None
+  cols = min(s.grid_columns, min(results_sets[n].shape[0] for n in names))
+  tokens = np.concatenate([results_sets[n][:cols] for n in names])
+  if ex.decode is not None:
+    images = ex.decode(tokens)
+  elif ds is not None and ds.image_shape is not None:
+    images = image_grids.tokens_to_images(tokens, vocab, ds.image_shape)
+  else:
+    return None
+  scale = 4 if images.shape[1] <= 64 else 1
+  image_grids.save_image_grid(images, path, ncols=cols, scale=scale)
+  return path

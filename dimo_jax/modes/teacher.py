@@ -1,0 +1,162 @@
+"""``mode=teacher``: trains a masked diffusion model on token data (``method.mdm``).
+
+Resumes from the latest checkpoint of its workdir; each step's randomness and batch are pure
+functions of the step, so an interrupted run ends with the parameters of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from dimo_jax.core import sharding
+from dimo_jax.core.sharding import global_batch
+from dimo_jax.data import batching, datasets
+from dimo_jax.method.mdm import TeacherSettings, compile_teacher, evaluate_val_loss
+from dimo_jax.modes import loop
+from dimo_jax.modes.loop import (
+  PreemptionGuard,
+  create_progress,
+  create_writer,
+  dataset_info,
+  log_window,
+  loop_setup,
+  make_checkpointer,
+  write_sample_grid,
+)
+from dimo_jax.networks import maskgit
+from dimo_jax.networks.conditioning import make_apply_fn, null_labels
+from dimo_jax.storage import checkpoints
+
+
+# ---------------------------------------------------------------------------- mode=teacher
+def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
+  """Trains a teacher MDM; checkpoints in ``<workdir>/checkpoints``, config in ``config.json``.
+
+  Resumes from the latest checkpoint in ``workdir``. ``stop_after`` (or ``config.train.stop_after``)
+  ends the loop after that many steps without a final checkpoint, as if the run were killed.
+  Returns the final metrics: ``step``, ``train_loss`` (mean of the last logging window),
+  ``val_loss`` and ``val_acc`` (EMA parameters, see ``evaluate_val_loss``; only when the run
+  reached ``config.train.steps``) and ``val_loss_initial`` (before the first step, when
+  ``eval_every`` > 0 and the run started from scratch).
+  """
+  tc = config.train
+  steps, stop_after, workdir = loop_setup(tc, "train", workdir, stop_after)
+
+  ds = datasets.load_dataset(config.data)
+  info = dataset_info(ds)
+  model = maskgit.build_model(config.model, codebook_size=ds.vocab_size, seq_len=ds.seq_len,
+                             num_classes=ds.num_classes)
+  label_dropout = float(tc.get("label_dropout", 0.0) or 0.0)
+  if label_dropout > 0 and ds.num_classes > 0 and not model.has_null_class:
+    raise ValueError(f"config.train.label_dropout={label_dropout} needs a null class, which "
+                     f"model.arch={config.model.arch!r} lacks; set --config.train.label_dropout=0")
+  mask_id = ds.vocab_size
+  null_label = ds.num_classes
+
+  mesh = sharding.make_mesh(int(config.mesh.get("data", -1)), int(config.mesh.get("fsdp", 1)))
+  batch_size = int(tc.batch_size)
+  sharding.check_batch(batch_size, mesh, "config.train.batch_size")
+  n_proc, proc = jax.process_count(), jax.process_index()
+  if batch_size % n_proc:
+    raise ValueError(f"config.train.batch_size={batch_size} must be a multiple of the {n_proc} processes")
+
+  ckpt, start = make_checkpointer(tc, "train", workdir, steps)
+  writer = None
+  try:
+    # Batch k of the run is a pure function of (seed, k): a resumed run continues the stream.
+    batches = batching.batch_iterator(ds.train_tokens, ds.train_labels, batch_size // n_proc,
+                                  int(tc.get("data_seed", config.seed)), shard_index=proc, num_shards=n_proc,
+                                  start_step=start)
+
+    settings = TeacherSettings.from_config(tc, steps)
+    fns = compile_teacher(model, mesh, settings, mask_id, ds.num_classes)
+    state = fns.init(jnp.int32(int(config.seed)))
+    batch_shard = fns.batch_sharding
+    if start:
+      state = ckpt.restore(start, state)
+      logging.info("Resumed from %s at step %d.", ckpt.directory, start)
+    if proc == 0:
+      cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+      checkpoints.write_config(workdir, dict(cfg, dataset=info))
+    train_step = fns.step
+
+    apply_fn = make_apply_fn(model)
+    val_key = jax.random.fold_in(jax.random.key(int(config.seed)), 2)
+    sample_key = jax.random.fold_in(jax.random.key(int(config.seed)), 3)
+
+    def validate():
+      return evaluate_val_loss(apply_fn, state.ema_params, ds.val_tokens, ds.val_labels, mask_id=mask_id,
+                               null_label=null_label, key=val_key,
+                               batch_size=int(tc.get("eval_batch_size", 0) or batch_size),
+                               schedule=tc.get("mask_schedule", "arccos"), exact=True)
+
+    def write_samples(step):
+      if ds.image_shape is None:
+        return
+      path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+      write_sample_grid(path, apply_fn, state.ema_params, jax.random.fold_in(sample_key, step),
+                        num_classes=ds.num_classes, seq_len=ds.seq_len, vocab_size=ds.vocab_size,
+                        image_shape=ds.image_shape, sample_cfg=config.sample, has_null_class=model.has_null_class)
+      if proc == 0:
+        logging.info("Wrote %s", path)
+
+    writer = create_writer(workdir)
+    log_every = max(int(tc.get("log_every", 100)), 1)
+    eval_every = int(tc.get("eval_every", 0) or 0)
+    sample_every = int(tc.get("sample_every", 0) or 0)
+    progress = create_progress(steps, writer, every_steps=log_every)
+    logging.info("Teacher: %s, %d parameters, %d train / %d val sequences of length %d, vocabulary %d, %d classes.",
+                 type(model).__name__, maskgit.count_params(state.params), ds.num_train, ds.num_val,
+                 ds.seq_len, ds.vocab_size, ds.num_classes)
+
+    final = {"step": start, "train_loss": float("nan")}
+    history = []
+    step = start
+    t0 = time.time()
+    if start == 0 and eval_every:
+      val = validate()
+      writer.write_scalars(0, {f"val/{k[4:]}": v for k, v in val.items()})
+      final["val_loss_initial"] = val["val_loss"]
+    with PreemptionGuard() as guard:
+      while step < steps:
+        tokens, labels = next(batches)
+        if labels is None:
+          labels = null_labels(tokens.shape[0], null_label)
+        state, metrics = train_step(state, global_batch(tokens, batch_shard), global_batch(labels, batch_shard))
+        step += 1
+        history.append(metrics)
+        progress(step)
+        if step % log_every == 0 or step == steps:
+          final["train_loss"] = log_window(history, step, writer, "train/")["loss"]
+        ckpt.save(step, state, force=step == steps or guard.requested)
+        if eval_every and step % eval_every == 0 and step != steps:
+          writer.write_scalars(step, {f"val/{k[4:]}": v for k, v in validate().items()})
+        if sample_every and step % sample_every == 0:
+          write_samples(step)
+        if guard.requested or (stop_after and step >= stop_after and step < steps):
+          logging.info("Stopping at step %d.", step)
+          break
+    final["step"] = step
+    if step == steps:
+      ckpt.save(step, state, force=True)
+      val = validate()
+      writer.write_scalars(step, {f"val/{k[4:]}": v for k, v in val.items()})
+      final.update(val)
+      if sample_every and step % sample_every:
+        write_samples(step)
+    writer.flush()
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+  logging.info("Teacher training finished at step %d after %.1fs: %s", step, time.time() - t0, final)
+  return final
+
+
+run = loop.entry(train_teacher)  # what ``dimo_jax.main`` calls for ``config.mode='teacher'``

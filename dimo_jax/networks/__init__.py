@@ -1,0 +1,1 @@
+"""Network families (Linen modules), one module per family, and the conditioning convention they share."""

@@ -1,0 +1,1 @@
+"""Checkpoints on disk and loading trained or converted models from a folder."""
