@@ -12,11 +12,11 @@ import numpy as np
 
 from dimo_jax.converters.common import problems, shape_of
 from dimo_jax.converters.maskgit_common import (
-  _BERT_FIELDS,
-  _apply_overrides,
-  _split_sizes,
-  _stack_blocks,
+  BERT_FIELDS,
+  apply_overrides,
   save_converted,
+  split_sizes,
+  stack_blocks,
 )
 from dimo_jax.core.trees import flatten, unflatten
 from dimo_jax.storage.loaders import read_msgpack
@@ -114,7 +114,7 @@ def convert_google_maskgit(src: Union[str, bytes, os.PathLike, Mapping[str, Any]
   if msg:
     raise ValueError(msg)
 
-  codebook_size, num_classes = _split_sizes(
+  codebook_size, num_classes = split_sizes(
       rows, overrides.pop("codebook_size", None), overrides.pop("num_classes", None),
       extra_rows=1, published_rows=GOOGLE_ROWS, source=source)
   kwargs: Dict[str, Any] = dict(codebook_size=codebook_size, seq_len=positions - 1, num_classes=num_classes,
@@ -122,7 +122,7 @@ def convert_google_maskgit(src: Union[str, bytes, os.PathLike, Mapping[str, Any]
                                 gelu_approximate=True)
   fixed = {k: kwargs[k] for k in ("codebook_size", "seq_len", "num_classes", "width", "depth", "heads",
                                   "mlp_dim")}
-  kwargs = _apply_overrides(kwargs, overrides, _BERT_FIELDS, fixed, source)
+  kwargs = apply_overrides(kwargs, overrides, BERT_FIELDS, fixed, source)
 
   f32 = lambda k: np.asarray(flat[k], np.float32)
   out = {
@@ -150,7 +150,7 @@ def convert_google_maskgit(src: Union[str, bytes, os.PathLike, Mapping[str, Any]
         "ln2/scale": f32(f"{m}/layer_output_ln/scale"), "ln2/bias": f32(f"{m}/layer_output_ln/bias"),
     })
   params = unflatten(out)
-  params.update(_stack_blocks(per_layer, bool(kwargs.get("scan", True))))
+  params.update(stack_blocks(per_layer, bool(kwargs.get("scan", True))))
   return params, kwargs
 
 

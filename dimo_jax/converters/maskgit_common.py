@@ -19,17 +19,17 @@ PUBLISHED_WIDTH = 768
 PUBLISHED_HEADS = 16
 
 # MaskTransformer constructor fields a caller may set on top of what the tensors determine.
-_PRELN_FIELDS = ("codebook_size", "seq_len", "num_classes", "width", "depth", "heads", "mlp_dim",
+PRELN_FIELDS = ("codebook_size", "seq_len", "num_classes", "width", "depth", "heads", "mlp_dim",
                  "dropout", "gelu_approximate", "dtype", "param_dtype", "logits_dtype", "scan",
                  "remat", "attention_impl", "class_token", "ln_eps", "ln_eps_io")
-_BERT_FIELDS = tuple(f for f in _PRELN_FIELDS if f not in ("class_token", "ln_eps_io"))
+BERT_FIELDS = tuple(f for f in PRELN_FIELDS if f not in ("class_token", "ln_eps_io"))
 # Fields of the returned model kwargs that config.json stores under "model" (the rest are data sizes).
-_SIZE_FIELDS = ("codebook_size", "seq_len", "num_classes")
-_ARCH_FIELDS = ("width", "depth", "heads", "mlp_dim", "class_token", "ln_eps", "ln_eps_io",
+SIZE_FIELDS = ("codebook_size", "seq_len", "num_classes")
+ARCH_FIELDS = ("width", "depth", "heads", "mlp_dim", "class_token", "ln_eps", "ln_eps_io",
                 "gelu_approximate")
 
 
-def _split_sizes(rows: int, codebook_size: Optional[int], num_classes: Optional[int],
+def split_sizes(rows: int, codebook_size: Optional[int], num_classes: Optional[int],
                  extra_rows: int, published_rows: int, source: str) -> Tuple[int, int]:
   """Embedding rows = codes + classes + ``extra_rows`` -> (codebook_size, num_classes)."""
   if codebook_size is None and num_classes is None:
@@ -51,7 +51,7 @@ def _split_sizes(rows: int, codebook_size: Optional[int], num_classes: Optional[
   return codebook_size, num_classes
 
 
-def _apply_overrides(kwargs: Dict[str, Any], overrides: Optional[Mapping[str, Any]],
+def apply_overrides(kwargs: Dict[str, Any], overrides: Optional[Mapping[str, Any]],
                      allowed: Sequence[str], fixed: Mapping[str, Any], source: str) -> Dict[str, Any]:
   """Adds caller fields; a field the tensors fix must agree with them."""
   overrides = dict(overrides or {})
@@ -67,7 +67,7 @@ def _apply_overrides(kwargs: Dict[str, Any], overrides: Optional[Mapping[str, An
   return kwargs
 
 
-def _stack_blocks(per_layer: List[Dict[str, np.ndarray]], scan: bool) -> Params:
+def stack_blocks(per_layer: List[Dict[str, np.ndarray]], scan: bool) -> Params:
   if scan:
     return {"blocks": unflatten({k: np.stack([layer[k] for layer in per_layer]) for k in per_layer[0]})}
   return {f"block_{i}": unflatten(layer) for i, layer in enumerate(per_layer)}
@@ -79,7 +79,7 @@ def _stack_blocks(per_layer: List[Dict[str, np.ndarray]], scan: bool) -> Params:
 def model_config_from_kwargs(model_kwargs: Mapping[str, Any], arch: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Constructor kwargs -> (``config.model`` fields, ``config.data`` sizes) as plain dicts."""
   model = {"arch": arch}
-  model.update({k: model_kwargs[k] for k in _ARCH_FIELDS if k in model_kwargs})
+  model.update({k: model_kwargs[k] for k in ARCH_FIELDS if k in model_kwargs})
   data = {"vocab_size": int(model_kwargs["codebook_size"]), "num_classes": int(model_kwargs["num_classes"]),
           "seq_len": int(model_kwargs["seq_len"])}
   side = int(round(data["seq_len"] ** 0.5))

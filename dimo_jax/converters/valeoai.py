@@ -12,13 +12,13 @@ import numpy as np
 
 from dimo_jax.converters.common import problems, shape_of, to_numpy
 from dimo_jax.converters.maskgit_common import (
-  _PRELN_FIELDS,
+  PRELN_FIELDS,
   PUBLISHED_HEADS,
   PUBLISHED_WIDTH,
-  _apply_overrides,
-  _split_sizes,
-  _stack_blocks,
+  apply_overrides,
   save_converted,
+  split_sizes,
+  stack_blocks,
 )
 from dimo_jax.converters.torch_files import extract_state_dict, load_torch_file
 from dimo_jax.core.trees import unflatten
@@ -123,7 +123,7 @@ def convert_valeoai_state_dict(state_dict: Mapping[str, Any],
   if msg:
     raise ValueError(msg)
 
-  codebook_size, num_classes = _split_sizes(
+  codebook_size, num_classes = split_sizes(
       rows, overrides.pop("codebook_size", None), overrides.pop("num_classes", None),
       extra_rows=2, published_rows=VALEOAI_ROWS, source=source)
   heads = overrides.pop("heads", None)
@@ -140,7 +140,7 @@ def convert_valeoai_state_dict(state_dict: Mapping[str, Any],
       depth=depth, heads=heads, mlp_dim=mlp_dim, class_token="last", ln_eps=1e-5, ln_eps_io=1e-12,
       gelu_approximate=False)
   fixed = {k: kwargs[k] for k in ("codebook_size", "seq_len", "num_classes", "width", "depth", "mlp_dim")}
-  kwargs = _apply_overrides(kwargs, overrides, _PRELN_FIELDS, fixed, source)
+  kwargs = apply_overrides(kwargs, overrides, PRELN_FIELDS, fixed, source)
 
   def take(key: str, transpose: bool) -> np.ndarray:
     a = to_numpy(sd[key]).astype(np.float32)
@@ -150,7 +150,7 @@ def convert_valeoai_state_dict(state_dict: Mapping[str, Any],
   per_layer = [{path: take(f"transformer.layers.{i}.{k}", t) for k, (path, t) in _VALEOAI_LAYER.items()}
                for i in range(depth)]
   params = unflatten(flat)
-  params.update(_stack_blocks(per_layer, bool(kwargs.get("scan", True))))
+  params.update(stack_blocks(per_layer, bool(kwargs.get("scan", True))))
   return params, kwargs
 
 
