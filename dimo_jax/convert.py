@@ -1,4 +1,4 @@
-"""Converters from published MaskGIT checkpoints to dimo_jax checkpoints.
+"""Converters from published MaskGIT, Di[M]O and Meissonic checkpoints to dimo_jax checkpoints.
 
 Sources (layouts: ``reference/dimo_reference.md`` section 3):
 
@@ -9,13 +9,21 @@ Sources (layouts: ``reference/dimo_reference.md`` section 3):
 - ``google-maskgit``: Google's JAX MaskGIT msgpack (``maskgit_imagenet256_checkpoint``) ->
   ``BertMaskTransformer`` (arch ``'bert'``).
 - ``taming-vqgan`` / ``google-vqgan``: the two VQGAN tokenizers (``dimo_jax.networks.vqgan``, ``dimo_jax.networks.vqgan_google``).
+- ``meissonic`` / ``meissonic-vq`` / ``clip-text``: the three networks of the Meissonic release
+  (``transformer/``, ``vqvae/``, ``text_encoder/``; safetensors only) -> ``MeissonicTransformer``,
+  ``MeissonicVQModel``, ``CLIPTextModel`` (``dimo_jax.converters.meissonic``, ``meissonic_vq``,
+  ``clip_text``). ``--input`` is the released subfolder, the Meissonic folder holding it, or the
+  ``.safetensors`` file; the architecture comes from the ``config.json`` beside the weights.
 
 Transformer outputs are checkpoint directories: the orbax checkpoint of
 ``{'params', 'ema_params'}`` (both the converted weights) plus ``config.json`` with the model
 configuration and the data sizes (``dimo_jax.storage.checkpoints`` format, read by ``load_params``).
 VQGAN outputs are directories holding ``params.msgpack`` (``flax.serialization.to_bytes`` of
 ``{'params': ...}``) and ``vqgan.json`` (``{"kind": "taming"|"google", "config": {...}}``); read
-them with ``load_vqgan``.
+them with ``load_vqgan``. Meissonic outputs are directories holding ``params.msgpack`` and
+``config.json`` (``{"kind": "meissonic"|"meissonic-vq"|"clip-text", "config": {...}}``); read them
+with ``load_meissonic``, ``load_meissonic_vq``, ``load_clip_text``. The Meissonic tokenizer needs no
+conversion: ``configs/meissonic.py`` points at the released ``tokenizer/`` folder.
 
 Files are read without executing code: ``torch.load(..., weights_only=True)`` (torch is imported
 only here, inside the functions) and ``flax.serialization.msgpack_restore``. Every converter
@@ -28,21 +36,29 @@ Command line::
   python -m dimo_jax.convert google-maskgit --input=maskgit_imagenet256_checkpoint --output=pretrained/maskgit_google
   python -m dimo_jax.convert taming-vqgan --input=last.ckpt --output=pretrained/vqgan_taming
   python -m dimo_jax.convert google-vqgan --input=tokenizer_imagenet256_checkpoint --output=pretrained/vqgan_google
+  python -m dimo_jax.convert meissonic --input=Meissonic/transformer --output=pretrained/meissonic/transformer
+  python -m dimo_jax.convert meissonic-vq --input=Meissonic/vqvae --output=pretrained/meissonic/vqvae
+  python -m dimo_jax.convert clip-text --input=Meissonic/text_encoder --output=pretrained/meissonic/text_encoder
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
-from dimo_jax.converters import google_vqgan, taming
+import jax.numpy as jnp
+
+from dimo_jax.converters import clip_text, google_vqgan, meissonic, meissonic_vq, taming
 from dimo_jax.converters.google_maskgit import convert_google_maskgit_file
 from dimo_jax.converters.valeoai import convert_dimo_generator, convert_valeoai_file
 from dimo_jax.storage.loaders import _vqgan_config, save_vqgan
 
-KINDS = ("valeoai", "dimo-generator", "google-maskgit", "taming-vqgan", "google-vqgan")
+KINDS = ("valeoai", "dimo-generator", "google-maskgit", "taming-vqgan", "google-vqgan",
+         "meissonic", "meissonic-vq", "clip-text")
+MEISSONIC_KINDS = ("meissonic", "meissonic-vq", "clip-text")
 
 
 def convert_vqgan_file(kind: str, input_path: str, output: str,
@@ -56,12 +72,49 @@ def convert_vqgan_file(kind: str, input_path: str, output: str,
   return save_vqgan(output, variables, kind, cfg)
 
 
+def convert_meissonic_kind(kind: str, input_path: str, output: str, overwrite: bool = False,
+                           param_dtype: str = "") -> str:
+  """One network of the Meissonic release (``kind`` in ``MEISSONIC_KINDS``) -> ``output``.
+
+  Refuses an ``output`` that already holds a converted model unless ``overwrite``;
+  ``param_dtype`` (transformer only) stores its parameters in that dtype (e.g. ``bfloat16``).
+  """
+  if kind not in MEISSONIC_KINDS:
+    raise ValueError(f"{kind!r} is not a Meissonic kind; choose one of {MEISSONIC_KINDS}")
+  if param_dtype and kind != "meissonic":
+    raise ValueError(f"--param_dtype applies to the meissonic transformer only, not {kind}")
+  if param_dtype:
+    try:
+      param_dtype = jnp.dtype(param_dtype).name
+    except TypeError:
+      raise ValueError(f"--param_dtype={param_dtype!r} is not a dtype; use float32, bfloat16 or "
+                       "float16") from None
+  held = [f for f in ("params.msgpack", "config.json") if os.path.isfile(os.path.join(output, f))]
+  if held and not overwrite:
+    raise FileExistsError(f"{output} already holds {' and '.join(held)}; pass --overwrite to "
+                          "replace them, or choose another --output")
+  if kind == "meissonic":
+    overrides = {"param_dtype": param_dtype} if param_dtype else {}
+    meissonic.convert_meissonic(input_path, output, **overrides)
+  elif kind == "meissonic-vq":
+    meissonic_vq.convert_meissonic_vq(input_path, output)
+  else:
+    clip_text.convert_clip_text(input_path, output)
+  return output
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m dimo_jax.convert",
-      description="Convert published MaskGIT / Di[M]O / VQGAN checkpoints into dimo_jax checkpoints.")
+      description="Convert published MaskGIT / Di[M]O / VQGAN / Meissonic checkpoints into "
+                  "dimo_jax checkpoints.",
+      epilog="Meissonic (text-to-image): meissonic --input=<Meissonic>/transformer, meissonic-vq "
+             "--input=<Meissonic>/vqvae, clip-text --input=<Meissonic>/text_encoder; --input may "
+             "also be the Meissonic folder itself or a .safetensors file (safetensors only).")
   parser.add_argument("kind", choices=KINDS)
-  parser.add_argument("--input", required=True, help="the published checkpoint file")
+  parser.add_argument("--input", required=True,
+                      help="the published checkpoint file (Meissonic kinds: the released subfolder, "
+                           "the Meissonic folder holding it, or its .safetensors file)")
   parser.add_argument("--output", required=True, help="the directory to write")
   parser.add_argument("--heads", type=int, default=None,
                       help="attention heads (valeoai / dimo-generator; default 16 for width 768)")
@@ -71,8 +124,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--overwrite", action="store_true", help="replace checkpoints already in --output")
   parser.add_argument("--vqgan_config", default="",
                       help="JSON object of TamingConfig / GoogleVQGANConfig fields (default: published)")
+  parser.add_argument("--param_dtype", default="",
+                      help="meissonic only: store the transformer's parameters in this dtype "
+                           "(e.g. bfloat16, half the bytes; default float32)")
   args = parser.parse_args(argv)
-  if args.kind == "valeoai":
+  if args.kind in MEISSONIC_KINDS:
+    out = convert_meissonic_kind(args.kind, args.input, args.output, overwrite=args.overwrite,
+                                 param_dtype=args.param_dtype)
+  elif args.kind == "valeoai":
     out = convert_valeoai_file(args.input, args.output, heads=args.heads,
                                codebook_size=args.codebook_size, num_classes=args.num_classes,
                                overwrite=args.overwrite)

@@ -16,6 +16,7 @@ from dimo_jax.converters import meissonic as conv
 from dimo_jax.converters.safetensors_io import save_safetensors
 from dimo_jax.core import meissonic_sampler as ms
 from dimo_jax.networks import meissonic as net
+from dimo_jax.networks import meissonic_blocks as blocks
 
 TINY = net.MeissonicConfig.tiny()   # 2 heads x 16, 2 dual + 2 single blocks, vocab 40, codebook 32
 TEXT_LEN = 7
@@ -347,12 +348,12 @@ def test_embedding_noise(released):
 
 
 def test_rope_hand_computed():
-  ids = net.position_ids(text_len=1, grid_h=2, grid_w=2)
+  ids = blocks.position_ids(text_len=1, grid_h=2, grid_w=2)
   np.testing.assert_array_equal(ids, [[0, 0, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]])
-  cos, sin = net.rope_tables(ids, axes_dims=(2, 2, 4), theta=10000.0)
+  cos, sin = blocks.rope_tables(ids, axes_dims=(2, 2, 4), theta=10000.0)
   x = np.arange(1, 9, dtype=np.float32)   # one head, 8 dims
   xs = np.broadcast_to(x, (1, 5, 1, 8))
-  got = np.asarray(net.apply_rope(jnp.asarray(xs), cos, sin))[0, :, 0]
+  got = np.asarray(blocks.apply_rope(jnp.asarray(xs), cos, sin))[0, :, 0]
 
   def rotate(v, pairs_angles):
     out = v.copy()
@@ -372,7 +373,7 @@ def test_token_compression_hand_computed():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1, 4, 6, 3)).astype(np.float32)
   k = rng.normal(size=(2, 2, 3, 5)).astype(np.float32)
-  got = np.asarray(net.downsample_2x2(jnp.asarray(x), jnp.asarray(k)))
+  got = np.asarray(blocks.downsample_2x2(jnp.asarray(x), jnp.asarray(k)))
   want = np.zeros((1, 2, 3, 5), np.float32)
   for i in range(2):
     for j in range(3):
@@ -381,13 +382,13 @@ def test_token_compression_hand_computed():
           want[0, i, j] += x[0, 2 * i + a, 2 * j + c] @ k[a, c]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   # Odd sizes read one zero row / column at the bottom / right, as the upstream padding does.
-  odd = np.asarray(net.downsample_2x2(jnp.asarray(x[:, :3, :5]), jnp.asarray(k)))
+  odd = np.asarray(blocks.downsample_2x2(jnp.asarray(x[:, :3, :5]), jnp.asarray(k)))
   padded = np.pad(x[:, :3, :5], ((0, 0), (0, 1), (0, 1), (0, 0)))
-  np.testing.assert_allclose(odd, np.asarray(net.downsample_2x2(jnp.asarray(padded), jnp.asarray(k))))
+  np.testing.assert_allclose(odd, np.asarray(blocks.downsample_2x2(jnp.asarray(padded), jnp.asarray(k))))
 
   y = rng.normal(size=(1, 2, 3, 5)).astype(np.float32)
   ku = rng.normal(size=(2, 2, 5, 3)).astype(np.float32)
-  got = np.asarray(net.upsample_2x2(jnp.asarray(y), jnp.asarray(ku)))
+  got = np.asarray(blocks.upsample_2x2(jnp.asarray(y), jnp.asarray(ku)))
   want = np.zeros((1, 4, 6, 3), np.float32)
   for i in range(2):
     for j in range(3):
@@ -474,6 +475,24 @@ def test_sampler_guidance_uses_negative_condition():
   away = _cond(np.eye(K)[[3]] * 4.0)
   out = run(peaked, away, guidance=9.0)
   assert (out == 5).all()
+
+
+def test_sampler_per_row_keys_match_a_batch_of_one():
+  rng = np.random.default_rng(1)
+  cond, neg = _cond(rng.normal(size=(3, K))), _cond(rng.normal(size=(1, K)))
+  params = {"scale": jnp.float32(0.5)}
+  keys = jnp.stack([jax.random.PRNGKey(s) for s in (7, 8, 9)])
+  run = lambda key, c: np.asarray(ms.meissonic_sample(
+      _table_apply, params, key, c, neg, seq_len=L, mask_id=K, codebook_size=K, steps=5))
+  batched = run(keys, cond)
+  for b in range(3):
+    alone = run(keys[b], jax.tree_util.tree_map(lambda x: x[b:b + 1], cond))
+    np.testing.assert_array_equal(batched[b:b + 1], alone)
+  assert not np.array_equal(batched[0], batched[1])
+  typed = run(jax.random.wrap_key_data(keys), cond)
+  np.testing.assert_array_equal(typed, batched)
+  with pytest.raises(ValueError, match="one per row"):
+    run(keys[:2], cond)
 
 
 def test_samplers_with_tiny_model(released):

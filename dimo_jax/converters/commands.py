@@ -15,6 +15,9 @@ _DEFAULT_INPUTS = {
     "google-maskgit": "maskgit_imagenet256_checkpoint",
     "taming-vqgan": "VQGAN/last.ckpt",
     "google-vqgan": "tokenizer_imagenet256_checkpoint",
+    "meissonic": "Meissonic/transformer",
+    "meissonic-vq": "Meissonic/vqvae",
+    "clip-text": "Meissonic/text_encoder",
 }
 
 
@@ -66,3 +69,64 @@ def check_paths(config, which: Sequence[str] = ("teacher", "vqgan")) -> None:
           f"config.sample.checkpoint {path!r} does not exist or has no config.json. Use a distillation "
           "workdir, or convert the Di[M]O authors' generator:\n  "
           + convert_command("dimo-generator", path, "", heads))
+
+# config.meissonic field -> (converter kind, released subfolder).
+MEISSONIC_FOLDERS = {
+    "transformer": ("meissonic", "transformer"),
+    "vqvae": ("meissonic-vq", "vqvae"),
+    "text_encoder": ("clip-text", "text_encoder"),
+}
+
+
+def _converted_kind(path: str) -> Optional[str]:
+  """The ``kind`` of a converted folder (``params.msgpack`` + ``config.json``), else None."""
+  if not (os.path.isfile(os.path.join(path, "params.msgpack"))
+          and os.path.isfile(os.path.join(path, "config.json"))):
+    return None
+  import json  # pylint: disable=import-outside-toplevel
+  try:
+    with open(os.path.join(path, "config.json")) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return ""
+  return meta.get("kind", "") if isinstance(meta, dict) else ""
+
+
+def check_meissonic_paths(config, which: Sequence[str] = ("transformer", "vqvae", "text_encoder",
+                                                          "tokenizer")) -> None:
+  """Raises ``FileNotFoundError`` naming every missing or wrong Meissonic folder of
+  ``config.meissonic`` and the command that writes each (one message for all of them).
+
+  ``transformer``, ``vqvae`` and ``text_encoder`` are converted folders (``params.msgpack`` +
+  ``config.json`` of the right kind, written by ``python -m dimo_jax.convert``); ``tokenizer`` is
+  the released ``tokenizer/`` folder itself (no conversion). The commands read the released
+  folders under ``config.meissonic.source``.
+  """
+  if "meissonic" not in config:
+    raise ValueError("the config has no meissonic section; use --config=configs/meissonic.py")
+  mc = config.meissonic
+  source = mc.get("source", "") or "Meissonic"
+  problems = []
+  for field in which:
+    path = mc.get(field, "")
+    flag = f"config.meissonic.{field}"
+    if field == "tokenizer":
+      if not path or not os.path.isdir(path):
+        problems.append(f"{flag} {path!r} is not a folder. Point --{flag} at the tokenizer/ folder "
+                        f"of the Meissonic release (vocab.json + merges.txt), e.g. {source}/tokenizer")
+      continue
+    kind, sub = MEISSONIC_FOLDERS[field]
+    command = convert_command(kind, path or f"pretrained/meissonic/{sub}", f"{source}/{sub}")
+    if not path:
+      problems.append(f"{flag} is not set. Convert the released {sub}/ folder:\n    {command}")
+      continue
+    found = _converted_kind(path)
+    if found is None:
+      what = "does not exist" if not os.path.exists(path) else "has no params.msgpack + config.json"
+      problems.append(f"{flag} {path!r} {what} (a released {sub}/ folder must be converted "
+                      f"first):\n    {command}")
+    elif found != kind:
+      problems.append(f"{flag} {path!r} holds a converted {found or 'unknown'} model, not "
+                      f"{kind}; point it at the folder written by:\n    {command}")
+  if problems:
+    raise FileNotFoundError("Meissonic folders missing or wrong:\n  " + "\n  ".join(problems))

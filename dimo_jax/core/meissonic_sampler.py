@@ -96,6 +96,16 @@ def mask_schedule_counts(seq_len: int, steps: int) -> np.ndarray:
   return np.asarray(counts, np.int32)
 
 
+def _is_key_batch(key, batch: int) -> bool:
+  """Whether ``key`` is one key per batch row (``[B]`` typed or ``[B, 2]`` raw) or one key."""
+  single_ndim = 0 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 1
+  if key.ndim == single_ndim:
+    return False
+  if key.ndim == single_ndim + 1 and key.shape[0] == batch:
+    return True
+  raise ValueError(f"key must be one PRNG key or one per row ({batch} rows); got shape {key.shape}")
+
+
 def _check(seq_len: int, mask_id: int, codebook_size: int, steps: int = 1) -> None:
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
@@ -128,6 +138,9 @@ def meissonic_sample(apply_fn: Callable, params, key, cond: Cond, neg_cond: Opti
   ``guidance=1`` from the prompt alone (upstream skips guidance for ``guidance <= 1``, which
   differs from this formula below 1). ``None`` samples from ``cond`` without guidance.
   ``temperature = (tau_first, tau_last)``: the Gumbel noise on the confidence ramps linearly.
+  ``key`` is one key for the batch, or one key per row (``[B]`` typed or ``[B, 2]`` raw keys): then
+  row ``b`` draws exactly what a batch of one with ``key[b]`` draws, whatever else is in the batch
+  (up to floating-point differences of the network between batch sizes).
   With ``return_trace`` also returns the masked counts after each step ``[steps, B]``.
   """
   _check(seq_len, mask_id, codebook_size, steps)
@@ -152,15 +165,24 @@ def meissonic_sample(apply_fn: Callable, params, key, cond: Cond, neg_cond: Opti
   base = jnp.asarray(cosine_mask_lengths(seq_len, steps))
   taus = jnp.linspace(jnp.asarray(temperature[0], jnp.float32),
                       jnp.asarray(temperature[1], jnp.float32), steps)
+  per_row = _is_key_batch(key, batch)
+
+  def noise(k, logits):
+    """A categorical draw from ``logits`` and Gumbel noise of the confidence's shape."""
+    k_draw, k_gumbel = jax.random.split(k)
+    drawn = jax.random.categorical(k_draw, logits, axis=-1).astype(jnp.int32)
+    return drawn, jax.random.gumbel(k_gumbel, logits.shape[:-1])
 
   def step(tokens, i):
-    k_draw, k_gumbel = jax.random.split(jax.random.fold_in(key, i))
     logits = logits_fn(tokens, (steps - 1 - i).astype(jnp.float32))
+    if per_row:
+      drawn, gumbel = jax.vmap(noise)(jax.vmap(lambda k: jax.random.fold_in(k, i))(key), logits)
+    else:
+      drawn, gumbel = noise(jax.random.fold_in(key, i), logits)
     unknown = tokens == mask_id
-    drawn = jax.random.categorical(k_draw, logits, axis=-1).astype(jnp.int32)
     drawn = jnp.where(unknown, drawn, tokens)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), drawn[..., None], axis=-1)[..., 0]
-    confidence = jnp.maximum(logp, _LOG_MIN_PROB) + taus[i] * jax.random.gumbel(k_gumbel, logp.shape)
+    confidence = jnp.maximum(logp, _LOG_MIN_PROB) + taus[i] * gumbel
     confidence = jnp.where(unknown, confidence, jnp.inf)   # known tokens are never re-masked
     mask_len = jnp.maximum(1, jnp.minimum(unknown.sum(-1) - 1, base[i]))
     rank = jnp.argsort(jnp.argsort(confidence, axis=-1), axis=-1)

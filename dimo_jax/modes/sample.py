@@ -28,7 +28,7 @@ from dimo_jax.networks import conditioning, maskgit
 from dimo_jax.networks.conditioning import balanced_labels
 from dimo_jax.storage import loaders
 
-SAMPLE_MODELS = ("teacher", "generator")
+SAMPLE_MODELS = ("teacher", "generator", "meissonic")
 
 
 def parse_labels(spec: str, num: int, num_classes: int) -> np.ndarray:
@@ -232,6 +232,9 @@ def run_sample(config, workdir: str) -> dict:
     return _run_sample_teacher(config, workdir)
   if kind == "generator":
     return _run_sample_generator(config, workdir)
+  if kind == "meissonic":  # text-to-image from a prompt file (configs/meissonic.py)
+    from dimo_jax.modes import sample_text  # pylint: disable=import-outside-toplevel
+    return sample_text.run(config, workdir)
   raise ValueError(f"config.sample.model={kind!r} is not known; choose one of {SAMPLE_MODELS}")
 
 

@@ -1,7 +1,8 @@
 """The Meissonic text-to-image transformer (the Di[M]O text-to-image teacher), in Linen.
 
-This module owns the network only: its configuration, its layers and the pure helpers the
-layers are built from (RoPE tables, the 2x2 token compression, the sinusoidal embedding). The
+This module owns the network's configuration and its assembly; the layers and the pure helpers
+they are built from (RMSNorm, RoPE tables, the 2x2 token compression, the sinusoidal embedding,
+the dual- and single-stream blocks) live in ``dimo_jax/networks/meissonic_blocks.py``. The
 diffusers-checkpoint converter lives in ``dimo_jax/converters/meissonic.py`` and the multi-step
 sampler in ``dimo_jax/core/meissonic_sampler.py``.
 
@@ -48,21 +49,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dimo_jax.networks.meissonic_blocks import (REMAT_POLICIES, DualBlock, MLMHead, Resample,
+                                                RMSNorm, SingleBlock, TimeTextEmbed, TokenEmbed,
+                                                TwoLayer, position_ids, rope_tables,
+                                                stack_blocks, timestep_embedding)
+
 Dtype = Any
 Cond = Mapping[str, jax.Array]
-
-REMAT_POLICIES: Dict[str, Optional[Callable]] = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 DEFAULT_MICRO_CONDS = (1024.0, 1024.0, 0.0, 0.0, 6.0)
 NUM_MICRO_CONDS = 5
@@ -171,301 +171,6 @@ class MeissonicConfig:
     return cls(**dict(d))
 
 
-# --------------------------------------------------------------------------- pure helpers
-
-
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-  """Sinusoidal embedding ``[cos(t w), sin(t w)]`` (flip_sin_to_cos, no frequency shift); fp32.
-
-  ``t`` ``[N]`` -> ``[N, dim]`` with ``w_k = max_period^(-k / (dim / 2))``.
-  """
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
-def position_ids(text_len: int, grid_h: int, grid_w: int) -> np.ndarray:
-  """RoPE ids ``[text_len + grid_h * grid_w, 3]``: zeros for text, ``(0, row, col)`` for image."""
-  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
-  img = np.stack([np.zeros(grid_h * grid_w), rows.reshape(-1), cols.reshape(-1)], axis=-1)
-  return np.concatenate([np.zeros((text_len, 3)), img], axis=0).astype(np.float64)
-
-
-def rope_tables(ids: np.ndarray, axes_dims: Sequence[int],
-                theta: float = 10000.0) -> Tuple[np.ndarray, np.ndarray]:
-  """Axial RoPE ``cos``, ``sin`` tables ``[S, sum(axes_dims)]`` (float32, computed in float64).
-
-  Axis ``i`` of ``ids`` rotates ``axes_dims[i]`` dimensions with frequencies
-  ``theta^(-2k / d_i)``; each angle covers an adjacent pair of dimensions (repeat-interleaved).
-  """
-  cos, sin = [], []
-  for axis, d in enumerate(axes_dims):
-    freqs = theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
-    angles = np.repeat(np.outer(ids[:, axis].astype(np.float64), freqs), 2, axis=-1)
-    cos.append(np.cos(angles))
-    sin.append(np.sin(angles))
-  return (np.concatenate(cos, -1).astype(np.float32), np.concatenate(sin, -1).astype(np.float32))
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates adjacent pairs ``(x[2k], x[2k+1])`` of ``x [B, S, heads, D]`` in fp32.
-
-  ``out = x * cos + rot(x) * sin`` with ``rot(x)[2k] = -x[2k+1]``, ``rot(x)[2k+1] = x[2k]``.
-  """
-  x32 = x.astype(jnp.float32)
-  pairs = x32.reshape(*x.shape[:-1], -1, 2)
-  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-  cos = jnp.asarray(cos, jnp.float32)[None, :, None, :]
-  sin = jnp.asarray(sin, jnp.float32)[None, :, None, :]
-  return (x32 * cos + rotated * sin).astype(x.dtype)
-
-
-def downsample_2x2(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """2x2 stride-2 convolution, channel-last: ``[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), O]``.
-
-  ``out[i, j, o] = sum_{a, c, ch} x[2i + a, 2j + c, ch] * kernel[a, c, ch, o]``, the input padded
-  with one zero row / column at the bottom / right when odd (as upstream, which always pads one
-  and never reads it for even sizes). ``kernel[a, c, ch, o]`` = torch ``weight[o, ch, a, c]``.
-  """
-  b, h, w, ch = x.shape
-  x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-  x = x.reshape(b, (h + 1) // 2, 2, (w + 1) // 2, 2, ch)
-  return jnp.einsum("biajcd,acdo->bijo", x, kernel)
-
-
-def upsample_2x2(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """2x2 stride-2 transposed convolution: ``[B, h, w, C] -> [B, 2h, 2w, O]``.
-
-  The output windows do not overlap: ``out[2i + a, 2j + c, o] = sum_ch x[i, j, ch] *
-  kernel[a, c, ch, o]``, with ``kernel[a, c, ch, o]`` = torch ``weight[ch, o, a, c]``.
-  """
-  b, h, w, _ = x.shape
-  out = jnp.einsum("bijd,acdo->biajco", x, kernel)
-  return out.reshape(b, 2 * h, 2 * w, kernel.shape[-1])
-
-
-def _attention(q, k, v, implementation: Optional[str]):
-  """Scaled dot-product attention (scale 1/sqrt(D), no mask) on ``[B, S, heads, D]``."""
-  t = q.shape[1]
-  if implementation == "cudnn" and t % 64:
-    pad = 64 - t % 64
-    padder = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    lengths = jnp.full((q.shape[0],), t, jnp.int32)
-    return jax.nn.dot_product_attention(
-        padder(q), padder(k), padder(v), query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-        implementation="cudnn")[:, :t]
-  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-
-
-def _modulate(x, shift, scale):
-  return x * (1 + scale[:, None]) + shift[:, None]
-
-
-def _gelu_tanh(x):
-  return nn.gelu(x, approximate=True)
-
-
-# --------------------------------------------------------------------------- layers
-
-
-class RMSNorm(nn.Module):
-  """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis, the statistics in fp32."""
-  eps: float = 1e-6
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(self.dtype)
-
-
-class _Module(nn.Module):
-  """A layer configured by a ``MeissonicConfig`` (dense / norm factories in its dtypes)."""
-  config: MeissonicConfig
-
-  def dense(self, features: int, name: str, use_bias: bool = True, zero: bool = False):
-    init = nn.initializers.zeros if zero else nn.initializers.lecun_normal()
-    return nn.Dense(features, use_bias=use_bias, kernel_init=init, dtype=self.config.compute_dtype,
-                    param_dtype=self.config.storage_dtype, name=name)
-
-  def rms(self, name: str):
-    return RMSNorm(self.config.norm_eps, self.config.compute_dtype, self.config.storage_dtype,
-                   name=name)
-
-  def layer_norm(self, x):
-    """LayerNorm without affine parameters (eps 1e-6), as inside AdaLN-Zero."""
-    return nn.LayerNorm(epsilon=self.config.norm_eps, use_bias=False, use_scale=False,
-                        dtype=self.config.compute_dtype)(x)
-
-
-class _TwoLayer(_Module):
-  """``linear_2(silu(linear_1(x)))``: cond_embed, timestep_embedder and text_embedder."""
-  use_bias: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    x = self.dense(self.config.width, "linear_1", self.use_bias)(x)
-    return self.dense(self.config.width, "linear_2", self.use_bias)(nn.silu(x))
-
-
-class _TimeTextEmbed(_Module):
-  """``timestep_embedder(sinusoid_256(t)) + text_embedder(pooled)`` (``time_text_embed``)."""
-
-  @nn.compact
-  def __call__(self, t, pooled):
-    t_emb = timestep_embedding(t, 256).astype(self.config.compute_dtype)
-    return (_TwoLayer(self.config, name="timestep_embedder")(t_emb)
-            + _TwoLayer(self.config, name="text_embedder")(pooled))
-
-
-class _AdaLNZero(_Module):
-  """``chunks`` modulation vectors ``Linear(silu(temb))`` (zero-initialised), each ``[B, D]``."""
-  chunks: int = 6
-
-  @nn.compact
-  def __call__(self, temb):
-    mod = self.dense(self.chunks * self.config.width, "linear", zero=True)(nn.silu(temb))
-    return jnp.split(mod, self.chunks, axis=-1)
-
-
-class _FeedForward(_Module):
-  """Linear D -> 4D, GELU (tanh), Linear 4D -> D (diffusers ``ff.net.0.proj`` / ``ff.net.2``)."""
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.config
-    x = _gelu_tanh(self.dense(cfg.mlp_ratio * cfg.width, "fc1")(x))
-    return self.dense(cfg.width, "fc2")(x)
-
-
-class _Attention(_Module):
-  """Multi-head attention with RMS QK-norm and RoPE; ``joint`` adds the text stream's weights.
-
-  Joint: the text (``add_*_proj``) and image (``to_*``) queries, keys and values are concatenated
-  as ``[text; image]``, attended together, and split again into ``to_add_out`` / ``to_out``.
-  Not joint (single-stream blocks): no output projection.
-  """
-  joint: bool = False
-
-  def _heads(self, x, proj: str, norm: Optional[str]):
-    cfg = self.config
-    h = self.dense(cfg.width, proj)(x).reshape(*x.shape[:-1], cfg.num_heads, cfg.head_dim)
-    return self.rms(norm)(h) if norm else h
-
-  @nn.compact
-  def __call__(self, x, c, rope):
-    cfg = self.config
-    q = self._heads(x, "to_q", "norm_q")
-    k = self._heads(x, "to_k", "norm_k")
-    v = self._heads(x, "to_v", None)
-    if self.joint:
-      q = jnp.concatenate([self._heads(c, "add_q_proj", "norm_added_q"), q], axis=1)
-      k = jnp.concatenate([self._heads(c, "add_k_proj", "norm_added_k"), k], axis=1)
-      v = jnp.concatenate([self._heads(c, "add_v_proj", None), v], axis=1)
-    cos, sin = rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = _attention(q, k, v.astype(q.dtype), cfg.attention_impl)
-    out = out.reshape(*out.shape[:2], cfg.width)
-    if not self.joint:
-      return out
-    t = c.shape[1]
-    return self.dense(cfg.width, "to_out")(out[:, t:]), self.dense(cfg.width, "to_add_out")(out[:, :t])
-
-
-def _clip_fp16(x):
-  return jnp.clip(x, -65504, 65504) if x.dtype == jnp.float16 else x
-
-
-class DualBlock(_Module):
-  """Dual-stream (MM-DiT) block, a scan body ``((text, image), temb, rope) -> ((text, image), None)``."""
-
-  @nn.compact
-  def __call__(self, carry, temb, rope):
-    c, x = carry
-    ln = self.layer_norm
-    sx, scx, gx, sx2, scx2, gx2 = _AdaLNZero(self.config, 6, name="norm1")(temb)
-    sc, scc, gc, sc2, scc2, gc2 = _AdaLNZero(self.config, 6, name="norm1_context")(temb)
-    xa, ca = _Attention(self.config, joint=True, name="attn")(
-        _modulate(ln(x), sx, scx), _modulate(ln(c), sc, scc), rope)
-    x = x + gx[:, None] * xa
-    x = x + gx2[:, None] * _FeedForward(self.config, name="ff")(_modulate(ln(x), sx2, scx2))
-    c = c + gc[:, None] * ca
-    c = c + gc2[:, None] * _FeedForward(self.config, name="ff_context")(_modulate(ln(c), sc2, scc2))
-    return (_clip_fp16(c), x), None
-
-
-class SingleBlock(_Module):
-  """Single-stream block on ``[text; image]``, a scan body ``(h, temb, rope) -> (h, None)``.
-
-  ``h += gate * proj_out([attn(n); gelu(proj_mlp(n))])`` with ``n`` the AdaLN-modulated ``h``.
-  """
-
-  @nn.compact
-  def __call__(self, h, temb, rope):
-    cfg = self.config
-    shift, scale, gate = _AdaLNZero(cfg, 3, name="norm")(temb)
-    n = _modulate(self.layer_norm(h), shift, scale)
-    mlp = _gelu_tanh(self.dense(cfg.mlp_ratio * cfg.width, "proj_mlp")(n))
-    attn = _Attention(cfg, joint=False, name="attn")(n, None, rope)
-    out = self.dense(cfg.width, "proj_out")(jnp.concatenate([attn, mlp], axis=-1))
-    return _clip_fp16(h + gate[:, None] * out), None
-
-
-def _blocks(config: MeissonicConfig, block_cls, depth: int, name: str, carry, *broadcast):
-  """``depth`` blocks: scanned (params stacked on axis 0 under ``name``) or unrolled."""
-  cls = block_cls
-  if config.remat != "none":
-    cls = nn.remat(block_cls, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan)
-  if config.scan:
-    scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * len(broadcast), length=depth,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
-    carry, _ = scanned(config, name=name)(carry, *broadcast)
-    return carry
-  for i in range(depth):
-    carry, _ = cls(config, name=f"{name}_{i}")(carry, *broadcast)
-  return carry
-
-
-class _TokenEmbed(_Module):
-  """Embedding table (with the mask row) -> RMSNorm -> 1x1 conv (``embed``)."""
-
-  @nn.compact
-  def __call__(self, tokens):
-    cfg = self.config
-    e = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=nn.initializers.normal(0.02),
-                 dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name="embeddings")(tokens)
-    return self.dense(cfg.width, "conv", use_bias=False)(self.rms("layer_norm")(e))
-
-
-class _Resample(_Module):
-  """RMSNorm over channels, then the 2x2 stride-2 conv (``down``) or transposed conv (up)."""
-  down: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.config
-    in_axis = (0, 1, 2) if self.down else 2
-    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=in_axis, out_axis=3),
-                        (2, 2, cfg.width, cfg.width), cfg.storage_dtype)
-    x = self.rms("norm")(x)
-    kernel = kernel.astype(cfg.compute_dtype)
-    return downsample_2x2(x, kernel) if self.down else upsample_2x2(x, kernel)
-
-
-class _MLMHead(_Module):
-  """1x1 conv -> RMSNorm -> 1x1 conv to ``codebook_size`` logits (``mlm_layer``)."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = self.rms("layer_norm")(self.dense(self.config.width, "conv1", use_bias=False)(x))
-    return self.dense(self.config.codebook_size, "conv2", use_bias=False)(x)
-
-
 class MeissonicTransformer(nn.Module):
   """The Meissonic transformer; see the module docstring for the calling convention."""
   config: MeissonicConfig
@@ -517,16 +222,16 @@ class MeissonicTransformer(nn.Module):
 
     # Conditioning vector: pooled text + micro-conds, then the timestep (x 1000, see docstring).
     micro_emb = timestep_embedding(micro.reshape(-1), cfg.micro_cond_dim).reshape(b, -1)
-    pooled = _TwoLayer(cfg, use_bias=False, name="cond_embed")(
+    pooled = TwoLayer(cfg, use_bias=False, name="cond_embed")(
         jnp.concatenate([pooled.astype(jnp.float32), micro_emb], axis=-1).astype(dtype))
     t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (b,)) * 1000.0
-    temb = _TimeTextEmbed(cfg, name="time_text_embed")(t, pooled)
+    temb = TimeTextEmbed(cfg, name="time_text_embed")(t, pooled)
 
     # Image tokens -> embeddings (+ Di[M]O noise) -> compressed grid -> hidden width.
-    x = self._noisy(_TokenEmbed(cfg, name="embed")(tokens), noise_sigma)
+    x = self._noisy(TokenEmbed(cfg, name="embed")(tokens), noise_sigma)
     x = x.reshape(b, h, w, cfg.width)
     if cfg.downsample:
-      x = _Resample(cfg, down=True, name="down_block")(x)
+      x = Resample(cfg, down=True, name="down_block")(x)
     gh, gw = x.shape[1:3]
     x = x.reshape(b, gh * gw, cfg.width)
     x = dense(cfg.width, use_bias=False, name="project_to_hidden")(rms("project_to_hidden_norm")(x))
@@ -534,17 +239,17 @@ class MeissonicTransformer(nn.Module):
 
     cos, sin = rope_tables(position_ids(text.shape[1], gh, gw), cfg.axes_dims_rope, cfg.rope_theta)
     rope = (jnp.asarray(cos), jnp.asarray(sin))
-    c, x = _blocks(cfg, DualBlock, cfg.num_layers, "transformer_blocks", (c, x), temb, rope)
+    c, x = stack_blocks(cfg, DualBlock, cfg.num_layers, "transformer_blocks", (c, x), temb, rope)
     hcat = jnp.concatenate([c, x], axis=1)
-    hcat = _blocks(cfg, SingleBlock, cfg.num_single_layers, "single_transformer_blocks", hcat,
+    hcat = stack_blocks(cfg, SingleBlock, cfg.num_single_layers, "single_transformer_blocks", hcat,
                    temb, rope)
     x = hcat[:, text.shape[1]:]
 
     x = dense(cfg.width, use_bias=False, name="project_from_hidden")(rms("project_from_hidden_norm")(x))
     x = x.reshape(b, gh, gw, cfg.width)
     if cfg.upsample:
-      x = _Resample(cfg, down=False, name="up_block")(x)
-    logits = _MLMHead(cfg, name="mlm_layer")(x.reshape(b, seq_len, cfg.width))
+      x = Resample(cfg, down=False, name="up_block")(x)
+    logits = MLMHead(cfg, name="mlm_layer")(x.reshape(b, seq_len, cfg.width))
     return logits.astype(jnp.dtype(cfg.logits_dtype))
 
 
