@@ -1,0 +1,173 @@
+"""Prompt-following scores of the captioned-digits task: the teacher with its own multi-step
+sampler (``core.meissonic_sampler.meissonic_sample``, guidance against the empty prompt) at
+several step counts and the Di[M]O generator at one step, on every full prompt
+(``data.captions.full_prompt_ids``), the prompts seen in distillation and those held out scored
+apart.
+
+Per row and prompt set: prompt accuracy (the digit, the thickness and the slant all as the
+prompt says), each part's accuracy, FD-pixel (Frechet distance of the 64 grey values against the
+real images with the same captions) and the diversity per prompt (mean pairwise L2 distance of the
+grey values between samples of one prompt, averaged over prompts). The digit is read by the
+project's token classifier (``evaluation.classifier_features``, trained on the digits' training
+split and cached); the attributes are measured on the sample exactly as on the data
+(``data.captions.Thresholds``, with the prompt's digit), so real images score 100% on them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Callable, Dict, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dimo_jax.core import meissonic_sampler
+from dimo_jax.data import captions, image_grids
+from dimo_jax.evaluation import classifier_features, metrics
+
+SETS = ("seen", "held_out")
+
+
+@functools.lru_cache(maxsize=8)
+def timestep_free_apply(model) -> Callable:
+  """``apply_fn`` of ``core.meissonic_sampler`` for a ``TextTokenModel`` trained at timestep 0:
+  the sampler's step index is not fed (the captioned-digits teacher never saw another)."""
+  def apply_fn(params, tokens, cond, timestep, noise_sigma=0.0, rng=None):
+    del timestep
+    return model.apply({"params": params}, tokens, cond, noise_sigma=noise_sigma,
+                       rngs=None if rng is None else {"noise": rng})[..., : model.codebook_size]
+  return apply_fn
+
+
+def diversity_per_prompt(tokens: np.ndarray, prompt_ids: np.ndarray) -> float:
+  """Mean pairwise L2 distance of grey values between samples of one prompt, averaged over prompts."""
+  tokens, prompt_ids = np.asarray(tokens, np.float64), np.asarray(prompt_ids)
+  means = []
+  for c in np.unique(prompt_ids):
+    x = tokens[prompt_ids == c]
+    if len(x) < 2:
+      continue
+    sq = np.sum(x * x, 1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
+    means.append(np.sum(np.sqrt(d2)) / (len(x) * (len(x) - 1)))
+  return float(np.mean(means))
+
+
+def prompt_sets() -> Dict[str, np.ndarray]:
+  return {"seen": captions.distill_prompts(), "held_out": captions.held_out_prompts()}
+
+
+def real_captions(tokens, labels, thresholds: captions.Thresholds) -> np.ndarray:
+  """The full caption id of each real image."""
+  a = thresholds.attributes(tokens, labels)
+  return np.asarray(captions.caption_id(labels, a[:, 0], a[:, 1]), np.int32)
+
+
+class Scorer:
+  """Scores sample sets against the real digits (all of them, captioned with the thresholds)."""
+
+  def __init__(self, ds, thresholds: captions.Thresholds, classifier_dir: str):
+    self.thresholds = thresholds
+    self.real = np.concatenate([ds.train_tokens, ds.val_tokens]).astype(np.int32)
+    labels = np.concatenate([ds.train_labels, ds.val_labels])
+    self.real_ids = real_captions(self.real, labels, thresholds)
+    self.apply_fn, self.params, self.meta = classifier_features.load_or_train_classifier(ds, classifier_dir)
+
+  def score(self, tokens: np.ndarray, prompt_ids: np.ndarray) -> Dict[str, Dict[str, float]]:
+    tokens, prompt_ids = np.asarray(tokens), np.asarray(prompt_ids)
+    parts = np.asarray([captions.caption_parts(c) for c in prompt_ids])
+    _, logits = classifier_features.predict(self.apply_fn, self.params, tokens)
+    digit_ok = np.argmax(logits, -1) == parts[:, 0]
+    attrs = self.thresholds.attributes(tokens, parts[:, 0])
+    thick_ok, slant_ok = attrs[:, 0] == parts[:, 1], attrs[:, 1] == parts[:, 2]
+    out = {}
+    for name, ids in prompt_sets().items():
+      sel = np.isin(prompt_ids, ids)
+      if not sel.any():
+        continue
+      ref = self.real[np.isin(self.real_ids, ids)].astype(np.float64)
+      out[name] = {
+          "prompt_acc": 100.0 * float(np.mean(digit_ok[sel] & thick_ok[sel] & slant_ok[sel])),
+          "digit_acc": 100.0 * float(np.mean(digit_ok[sel])),
+          "thickness_acc": 100.0 * float(np.mean(thick_ok[sel])),
+          "slant_acc": 100.0 * float(np.mean(slant_ok[sel])),
+          "fd_pixel": float(metrics.fid_from_features(tokens[sel].astype(np.float64), ref)),
+          "diversity": diversity_per_prompt(tokens[sel], prompt_ids[sel]),
+      }
+    return out
+
+
+def eval_prompts(per_prompt: int) -> np.ndarray:
+  """Every full prompt ``per_prompt`` times (prompt-major)."""
+  return np.repeat(captions.full_prompt_ids(), int(per_prompt))
+
+
+def teacher_samples(model, params, table, prompt_ids, *, steps: int, guidance: float, temperature,
+                    seed: int, batch: int = 500) -> np.ndarray:
+  apply_fn = timestep_free_apply(model)
+  neg = captions.gather(table, np.zeros((1,), np.int32))
+  out = []
+  for i, start in enumerate(range(0, len(prompt_ids), batch)):
+    ids = prompt_ids[start:start + batch]
+    cond = captions.gather(table, ids)
+    toks = meissonic_sampler.meissonic_sample(
+        apply_fn, params, jax.random.fold_in(jax.random.key(seed), i), cond, neg, seq_len=model.seq_len,
+        mask_id=model.mask_id, codebook_size=model.codebook_size, steps=int(steps), guidance=float(guidance),
+        temperature=tuple(float(t) for t in temperature))
+    out.append(np.asarray(toks))
+  return np.concatenate(out)
+
+
+def generator_samples(model, params, table, prompt_ids, *, r_init: float, sigma: float, temperature: float,
+                      seed: int, batch: int = 500) -> np.ndarray:
+  apply_fn = timestep_free_apply(model)
+  out = []
+  for i, start in enumerate(range(0, len(prompt_ids), batch)):
+    cond = captions.gather(table, prompt_ids[start:start + batch])
+    toks = meissonic_sampler.one_step_text_sample(
+        apply_fn, params, jax.random.fold_in(jax.random.key(seed), i), cond, seq_len=model.seq_len,
+        mask_id=model.mask_id, codebook_size=model.codebook_size, r_init=float(r_init),
+        noise_sigma=float(sigma), temperature=float(temperature))
+    out.append(np.asarray(toks))
+  return np.concatenate(out)
+
+
+COLUMNS = (("prompt_acc", "prompt acc. % ↑", "{:.1f}"), ("digit_acc", "digit %", "{:.1f}"),
+           ("thickness_acc", "thickness %", "{:.1f}"), ("slant_acc", "slant %", "{:.1f}"),
+           ("fd_pixel", "FD-pixel ↓", "{:.1f}"), ("diversity", "diversity/prompt", "{:.1f}"))
+
+
+def format_table(rows: Sequence[dict]) -> str:
+  """Markdown: one line per row and prompt set."""
+  head = "| model | steps | prompts | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+  lines = [head, "|---|---|---|" + "---|" * len(COLUMNS)]
+  for r in rows:
+    for name in SETS:
+      if name not in r["scores"]:
+        continue
+      s = r["scores"][name]
+      cells = [r["model"], str(r["steps"]), name.replace("_", "-")] + [f.format(s[k]) for k, _, f in COLUMNS]
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def goal_note(rows: Sequence[dict], prompt_set: str = "seen") -> str:
+  """The generator against the teacher's best rows (best accuracy, best FD) on ``prompt_set``."""
+  teacher = [r for r in rows if r["model"].startswith("teacher")]
+  gen = [r for r in rows if r["model"].startswith("Di[M]O")]
+  if not teacher or not gen:
+    return ""
+  best_acc = max(r["scores"][prompt_set]["prompt_acc"] for r in teacher)
+  best_fd = min(r["scores"][prompt_set]["fd_pixel"] for r in teacher)
+  g = gen[0]["scores"][prompt_set]
+  return (f"Di[M]O at 1 step on the {prompt_set} prompts: prompt accuracy {g['prompt_acc']:.1f}% against the "
+          f"teacher's best {best_acc:.1f}% ({g['prompt_acc'] - best_acc:+.1f} points); FD-pixel {g['fd_pixel']:.1f} "
+          f"= {g['fd_pixel'] / best_fd:.2f}x the teacher's best {best_fd:.1f}.")
+
+
+def save_grid(tokens: np.ndarray, path: str, per_prompt: int, columns: int = 10, rows_per_prompt: int = 1):
+  """The first sample of each full prompt as a PNG grid (prompt order: digit-major)."""
+  first = np.asarray(tokens)[:: int(per_prompt)][:40]
+  image_grids.save_image_grid(image_grids.tokens_to_images(first, 17, (8, 8)), path, ncols=columns)
