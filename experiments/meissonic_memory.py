@@ -10,10 +10,12 @@ the network batch is twice the image batch ([negative prompt; prompt]); its comp
 ``--dtype`` (bf16 by default) and its parameters are stored in ``--param_dtype``; the VQ decoder
 runs in float32, one image at a time, as ``mode=sample`` does. Compile on the backend you will
 sample on: temporaries differ between backends. ``--lower_only`` skips the compile and reports
-XLA's cost analysis of the lowered program (FLOPs and bytes accessed) instead.
+XLA's cost analysis of the lowered program (FLOPs and bytes accessed) instead; with
+``--unrolled`` (the blocks without ``nn.scan``) that count covers all 42 blocks, where the scanned
+program's count covers each scan body once.
 
   python experiments/meissonic_memory.py --batches=1,4 --out=/tmp/meissonic_memory
-  python experiments/meissonic_memory.py --programs=forward --batches=1 --lower_only
+  python experiments/meissonic_memory.py --programs=forward --batches=1,4 --lower_only --unrolled
 
 Writes ``<out>/meissonic_memory.json`` and ``.md`` when ``--out`` is given; prints the table.
 """
@@ -51,9 +53,9 @@ def _tree_bytes(tree) -> int:
 
 
 def transformer_config(dtype: str = "bfloat16", param_dtype: str = "bfloat16",
-                       remat: str = "none") -> meissonic.MeissonicConfig:
+                       remat: str = "none", scan: bool = True) -> meissonic.MeissonicConfig:
   """The released transformer with the given compute / storage dtypes."""
-  return meissonic.MeissonicConfig(dtype=dtype, param_dtype=param_dtype, remat=remat)
+  return meissonic.MeissonicConfig(dtype=dtype, param_dtype=param_dtype, remat=remat, scan=scan)
 
 
 def abstract_transformer_params(config: meissonic.MeissonicConfig):
@@ -155,9 +157,9 @@ def device_info() -> Dict[str, str]:
 
 def run(programs: Sequence[str], batches: Sequence[int], dtype: str = "bfloat16",
         param_dtype: str = "bfloat16", steps: int = 48, lower_only: bool = False,
-        remat: str = "none") -> List[Dict[str, Any]]:
+        remat: str = "none", scan: bool = True) -> List[Dict[str, Any]]:
   rows = []
-  config = transformer_config(dtype, param_dtype, remat)
+  config = transformer_config(dtype, param_dtype, remat, scan)
   params = abstract_transformer_params(config) if {"forward", "sampler"} & set(programs) else None
   for program in programs:
     for images in (batches if program != "vq" else (1,)):
@@ -218,6 +220,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   parser.add_argument("--param_dtype", default="bfloat16", help="transformer parameter dtype")
   parser.add_argument("--remat", default="none", help="transformer remat policy")
   parser.add_argument("--steps", type=int, default=48, help="sampler steps")
+  parser.add_argument("--unrolled", action="store_true",
+                      help="unroll the transformer's blocks (no nn.scan): XLA's FLOP count then "
+                           "covers every block, where a scanned program counts each body once")
   parser.add_argument("--lower_only", action="store_true",
                       help="skip compiling; report the lowered program's cost analysis")
   parser.add_argument("--out", default="", help="folder for meissonic_memory.json / .md")
@@ -228,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     raise SystemExit(f"--programs={args.programs!r}: choose from {PROGRAMS}")
   batches = [int(b) for b in args.batches.split(",") if b.strip()]
   rows = run(programs, batches, args.dtype, args.param_dtype, args.steps, args.lower_only,
-             args.remat)
+             args.remat, scan=not args.unrolled)
   record = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.date.today().isoformat(), "lower_only": args.lower_only,
             **device_info(), "rows": rows}
