@@ -2,6 +2,8 @@
 
 Teacher:  python -m dimo_jax.main --config=configs/tokens.py --workdir=/tmp/tok_teacher \
             --config.data.path=tokens.npy [--config.data.labels=labels.npy]
+Distill:  python -m dimo_jax.main --config=configs/tokens.py --workdir=/tmp/tok_dimo --config.mode=distill \
+            --config.data.path=tokens.npy --config.teacher.checkpoint=/tmp/tok_teacher
 Sample:   python -m dimo_jax.main --config=configs/tokens.py --workdir=/tmp/tok_teacher \
             --config.mode=sample --config.sample.num=16
 Set --config.data.image_shape='(H, W)' when the tokens are grey-level images (PNG grids).
@@ -42,14 +44,45 @@ def get_config():
   c.model.mlp_dim = 256
   c.model.dropout = 0.0
 
-  c.train.steps = 2000
+  # Teacher: a budget that the validation loss ends early. Every eval_every steps the EMA
+  # parameters' validation loss is measured; after `patience` evaluations without a relative
+  # improvement of `min_delta` training stops and the best EMA parameters are kept (saved as the
+  # final checkpoint). The samples are then checked against structure the data always holds.
+  c.train.steps = 4000
   c.train.batch_size = 64
   c.train.warmup_steps = 100
-  c.train.ema_decay = 0.999
-  c.train.log_every = 100
-  c.train.eval_every = 500
+  c.train.ema_decay = 0.995
+  c.train.log_every = 250
+  c.train.eval_every = 250
+  c.train.patience = 4  # evaluations without improvement before stopping (0: run all steps)
+  c.train.min_delta = 1e-3  # relative improvement that counts
+  c.train.structure_samples = 2000  # teacher samples checked against the data's structure (0: off)
   c.train.checkpoint_every = 500
   c.train.sample_every = 0  # no image grids unless image_shape is set
+
+  # Di[M]O: the recipe chosen on the joint benchmark (docs/proofs.md, section 8). Forward KL
+  # (Jeffreys with beta < 0 diverges against teachers with zero probabilities), nothing frozen,
+  # the auxiliary four updates per step at three times the generator's lr, the generator's lr
+  # decayed by a cosine, the square masking schedule (more lightly masked states).
+  c.distill.divergence = "fkl"
+  c.distill.beta = 0.0
+  c.distill.gen_lr = 1e-3
+  c.distill.gen_lr_schedule = "cosine"
+  c.distill.aux_lr = 3e-3
+  c.distill.aux_updates = 4
+  c.distill.mask_schedule = "square"
+  c.distill.batch_size = 128
+  c.distill.steps = 1000
+  c.distill.freeze = ()
+  c.distill.aux_label_smoothing = 0.0
+  c.distill.sample_every = 0
+
+  # Evaluation without labels: per-position and pairwise TV to held-out data, the teacher's
+  # bound on the samples, diversity; exact sequence TV where the space is enumerable.
+  c.evaluate.num_samples = 5000
+  c.evaluate.teacher_steps = (1, 2, 4, 8, 16)  # counts above the sequence length are dropped
+  c.evaluate.entropy_samples = 0
+  c.evaluate.timing_repeats = 1
 
   c.teacher.checkpoint = ""  # distill: the teacher workdir trained above
   c.sample.num = 16

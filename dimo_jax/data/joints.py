@@ -111,3 +111,130 @@ def position_entropy(samples: np.ndarray, vocab_size: int, position: int = 0) ->
   f = np.bincount(values, minlength=vocab_size) / len(values)
   f = f[f > 0]
   return float(-(f * np.log(f)).sum() / np.log(vocab_size))
+
+
+# ---------------------------------------------------------------------------- benchmark families
+MAX_ENUMERABLE = 2**22
+
+
+def _check_enumerable(vocab_size: int, seq_len: int):
+  if vocab_size ** seq_len > MAX_ENUMERABLE:
+    raise ValueError(f"vocab_size ** seq_len = {vocab_size ** seq_len} sequences is too many to enumerate "
+                     f"(limit {MAX_ENUMERABLE}); use fewer positions or values")
+
+
+def _normalised(support: np.ndarray, probs: np.ndarray, vocab_size: int) -> Joint:
+  probs = np.asarray(probs, np.float64)
+  return Joint(support, probs / probs.sum(), vocab_size)
+
+
+def _chain_probs(support: np.ndarray, rng: np.random.Generator, vocab_size: int, order: int,
+                 concentration: float) -> np.ndarray:
+  """Probability of every row of ``support`` under one random Markov chain of ``order`` (>= 1):
+  sparse Dirichlet laws for the first ``order`` positions (chained) and for each context."""
+  seq_len = support.shape[1]
+  p = np.ones(len(support))
+  # The first positions: a chain of growing contexts (orders 1 .. order - 1), then the full order.
+  for i in range(seq_len):
+    k = min(i, order)
+    ctx = np.zeros(len(support), np.int64)
+    for j in range(i - k, i):
+      ctx = ctx * vocab_size + support[:, j]
+    table = rng.dirichlet(np.full(vocab_size, concentration), size=vocab_size ** k)
+    p = p * table[ctx, support[:, i]]
+  return p
+
+
+def markov_order_mixture(vocab_size: int = 4, seq_len: int = 6, num_chains: int = 2, order: int = 2,
+                         concentration: float = 0.3, seed: int = 0) -> Joint:
+  """Mixture of ``num_chains`` Markov chains of ``order`` (each position depends on the
+  ``order`` before it) with sparse Dirichlet laws; ``order=1`` is ``markov_mixture``'s family."""
+  _check_positive(vocab_size=vocab_size, seq_len=seq_len, num_chains=num_chains, order=order)
+  _check_enumerable(vocab_size, seq_len)
+  rng = np.random.default_rng(seed)
+  weights = rng.dirichlet(np.ones(num_chains))
+  support = _all_sequences(vocab_size, seq_len)
+  probs = sum(w * _chain_probs(support, rng, vocab_size, order, concentration) for w in weights)
+  return _normalised(support, probs, vocab_size)
+
+
+def hidden_markov(vocab_size: int = 4, seq_len: int = 6, num_states: int = 3, concentration: float = 0.3,
+                  seed: int = 0) -> Joint:
+  """A hidden Markov model: ``num_states`` hidden states with sparse transitions, each emitting
+  one of ``vocab_size`` values from a sparse law; probabilities by the forward algorithm."""
+  _check_positive(vocab_size=vocab_size, seq_len=seq_len, num_states=num_states)
+  _check_enumerable(vocab_size, seq_len)
+  rng = np.random.default_rng(seed)
+  init = rng.dirichlet(np.full(num_states, concentration))
+  trans = rng.dirichlet(np.full(num_states, concentration), size=num_states)
+  emit = rng.dirichlet(np.full(vocab_size, concentration), size=num_states)
+  support = _all_sequences(vocab_size, seq_len)
+  alpha = init[None, :] * emit[:, support[:, 0]].T  # [S, H]
+  for i in range(1, seq_len):
+    alpha = (alpha @ trans) * emit[:, support[:, i]].T
+  return _normalised(support, alpha.sum(1), vocab_size)
+
+
+def sum_rule(vocab_size: int = 3, seq_len: int = 6, num_chains: int = 2, concentration: float = 0.5,
+             seed: int = 0) -> Joint:
+  """The first ``seq_len - 1`` positions from a Markov-chain mixture, the last their sum modulo
+  ``vocab_size`` (a parity bit for two values): one position a deterministic function of the others."""
+  _check_positive(vocab_size=vocab_size, num_chains=num_chains)
+  if seq_len < 2:
+    raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+  _check_enumerable(vocab_size, seq_len)
+  head = markov_order_mixture(vocab_size, seq_len - 1, num_chains, 1, concentration, seed)
+  support = _all_sequences(vocab_size, seq_len)
+  ok = support[:, -1] == support[:, :-1].sum(1) % vocab_size
+  probs = np.where(ok, head.probs[head.index(support[:, :-1])], 0.0)
+  return _normalised(support, probs, vocab_size)
+
+
+def copy_permutation(vocab_size: int = 4, seq_len: int = 6, num_chains: int = 2, concentration: float = 0.5,
+                     seed: int = 0) -> Joint:
+  """The first ceil(L/2) positions from a Markov-chain mixture; each later position copies one
+  earlier position chosen by a seeded permutation, its value mapped by a seeded permutation of
+  the vocabulary (copy and permutation structure at long range)."""
+  _check_positive(vocab_size=vocab_size, num_chains=num_chains)
+  if seq_len < 2:
+    raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+  _check_enumerable(vocab_size, seq_len)
+  rng = np.random.default_rng(seed)
+  head_len = (seq_len + 1) // 2
+  sources = rng.permutation(head_len)[:seq_len - head_len]
+  maps = np.stack([rng.permutation(vocab_size) for _ in range(seq_len - head_len)])
+  head = markov_order_mixture(vocab_size, head_len, num_chains, 1, concentration, int(rng.integers(2**31)))
+  support = _all_sequences(vocab_size, seq_len)
+  ok = np.ones(len(support), bool)
+  for k, src in enumerate(sources):
+    ok &= support[:, head_len + k] == maps[k][support[:, src]]
+  probs = np.where(ok, head.probs[head.index(support[:, :head_len])], 0.0)
+  return _normalised(support, probs, vocab_size)
+
+
+FAMILIES = ("markov1", "markov2", "markov3", "hmm", "sum_rule", "copy_permutation")
+# (vocab_size, seq_len) pairs the benchmark draws from: every one has at most 5 ** 6 sequences.
+SIZES = ((3, 6), (3, 7), (3, 8), (4, 5), (4, 6), (5, 5))
+
+
+def draw_joint(seed: int, family: str = "", vocab_size: int = 0, seq_len: int = 0):
+  """A benchmark joint drawn from ``seed``: its family (cycling through ``FAMILIES`` unless
+  given), size (from ``SIZES`` unless given) and parameters. Returns (name, Joint)."""
+  rng = np.random.default_rng([int(seed), 7])
+  family = family or FAMILIES[int(seed) % len(FAMILIES)]
+  if not (vocab_size and seq_len):
+    v, l = SIZES[int(rng.integers(len(SIZES)))]
+    vocab_size, seq_len = vocab_size or v, seq_len or l
+  sub = int(rng.integers(2**31))
+  if family.startswith("markov"):
+    order = int(family[len("markov"):] or 1)
+    joint = markov_order_mixture(vocab_size, seq_len, int(rng.integers(2, 4)), order, 0.3, sub)
+  elif family == "hmm":
+    joint = hidden_markov(vocab_size, seq_len, int(rng.integers(2, 5)), 0.3, sub)
+  elif family == "sum_rule":
+    joint = sum_rule(vocab_size, seq_len, 2, 0.5, sub)
+  elif family == "copy_permutation":
+    joint = copy_permutation(vocab_size, seq_len, 2, 0.5, sub)
+  else:
+    raise ValueError(f"unknown joint family {family!r}; choose one of {FAMILIES}")
+  return f"{family}_v{vocab_size}_l{seq_len}_s{seed}", joint

@@ -1,5 +1,6 @@
 """The Table-1 markdown of an evaluation, Di[M]O's ratio to the teacher's best row, and the
-sample grid.
+sample grid. Token data without images adds the label-free columns of
+``evaluation.token_metrics`` (sequence / position / pair TV, the teacher's bound, diversity).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from dimo_jax.evaluation.entropy import format_entropy
 from dimo_jax.evaluation.features import Extractors
 from dimo_jax.evaluation.settings import EvalSettings
 
-pass
-
 # Column key -> (header, number format). The table shows the columns some row has.
 COLUMNS = (
     ("steps", "steps", "{:d}"),
@@ -27,8 +26,20 @@ COLUMNS = (
     ("recall", "Rec", "{:.3f}"),
     ("density", "Dens", "{:.3f}"),
     ("coverage", "Cov", "{:.3f}"),
+    ("tv_seq", "TV-seq", "{:.4f}"),
+    ("tv_pos_mean", "TV-pos", "{:.4f}"),
+    ("tv_pair_mean", "TV-pair", "{:.4f}"),
+    ("tv_pair_worst", "TV-pair worst", "{:.4f}"),
+    ("nll_bound", "NLL/token", "{:.3f}"),
+    ("distinct", "distinct", "{:d}"),
+    ("seq_entropy", "H(seq)", "{:.2f}"),
+    ("top_share", "top share", "{:.3f}"),
+    ("structure_broken", "rule breaks", "{:.3f}"),
     ("ms_per_sample", "ms/sample", "{:.3f}"),
 )
+# The distance Di[M]O's ratio to the teacher's best uses: the first that the rows have.
+RATIO_METRICS = ("fid", "fd_pixel", "tv_seq", "tv_pair_mean")
+METRIC_NAMES = {"fid": "FID", "fd_pixel": "FD-pixel", "tv_seq": "TV-seq", "tv_pair_mean": "mean pairwise TV"}
 
 
 # ---------------------------------------------------------------------------- table
@@ -50,7 +61,7 @@ def format_table(results: dict) -> str:
       v = r.get(k)
       if v is None:
         cells.append("-")
-      elif k == "steps":
+      elif f.endswith(":d}"):
         cells.append(f.format(int(v)))
       else:
         cells.append(f.format(float(v)))
@@ -60,9 +71,10 @@ def format_table(results: dict) -> str:
 
 def ratio_to_teacher_best(results: dict) -> Optional[dict]:
   """Each generator row's distance over the teacher's best (lowest) over all its rows (every step
-  count and sampler): FID when the rows have it, else FD-pixel. None without both kinds of rows."""
+  count and sampler): the first of ``RATIO_METRICS`` the rows have (FID, FD-pixel, the sequence
+  TV, the mean pairwise TV). None without both kinds of rows."""
   rows = results.get("rows", [])
-  metric = next((k for k in ("fid", "fd_pixel") if any(r.get(k) is not None for r in rows)), None)
+  metric = next((k for k in RATIO_METRICS if any(r.get(k) is not None for r in rows)), None)
   teachers = [r for r in rows if r.get("model") == "teacher" and r.get(metric) is not None]
   generators = [r for r in rows if r.get("model") == "generator" and r.get(metric) is not None]
   if metric is None or not teachers or not generators:
@@ -78,9 +90,36 @@ def ratio_note(results: dict) -> str:
   ratio = ratio_to_teacher_best(results)
   if not ratio:
     return ""
-  name = {"fid": "FID", "fd_pixel": "FD-pixel"}[ratio["metric"]]
+  name = METRIC_NAMES[ratio["metric"]]
   gens = ", ".join(f"{r:.2f}x" for r in ratio["generators"].values())
-  return f"Di[M]O {name} over the teacher's best ({ratio['teacher_best']:.2f}: {ratio['teacher_best_label']}): {gens}."
+  best = f"{ratio['teacher_best']:.4f}" if ratio["metric"] in ("tv_seq", "tv_pair_mean") else \
+      f"{ratio['teacher_best']:.2f}"
+  return f"Di[M]O {name} over the teacher's best ({best}: {ratio['teacher_best_label']}): {gens}."
+
+
+def token_note(results: dict) -> str:
+  """What the token columns mean and what a model of the data would need ("" without them)."""
+  tok = results.get("token_data")
+  if not tok:
+    return ""
+  b = tok.get("baselines", {})
+  lines = ["Token columns against the reference: TV-seq the exact TV between the empirical laws of whole "
+           "sequences" + ("" if tok.get("enumerable") else " (not shown: the space is too large to enumerate)")
+           + "; TV-pos / TV-pair the mean TV of single-position / pairwise marginals (and the worst pair); "
+           "NLL/token the teacher's masked-diffusion bound on the samples (nats); H(seq) the plug-in entropy "
+           "of the samples (nats)."]
+  if b:
+    ref_nll = tok.get("reference_nll_bound")
+    lines.append(f"Training data: unigram entropy {b['unigram']:.3f} nats/token (a model ignoring the other "
+                 f"positions), plug-in sequence entropy {b['plugin']:.3f} nats/token ({b['distinct']} distinct of "
+                 f"{b['num']}, {b['repeat_fraction']:.0%} of sequences repeat)"
+                 + (f"; the teacher's bound on the reference: {ref_nll:.3f}." if ref_nll is not None else "."))
+  rules = tok.get("rules") or []
+  if rules:
+    lines.append(f"Structure: {len(rules)} position(s) deterministic in every training sequence "
+                 f"({', '.join(r.get('kind', '') + ' ' + str(r.get('position')) for r in rules[:8])}); "
+                 "'rule breaks' is the largest share of a row's samples breaking one of them.")
+  return "\n".join(lines)
 
 
 def _notes(results: dict) -> str:
@@ -94,6 +133,9 @@ def _notes(results: dict) -> str:
   if clf:
     lines.append(f"Classifier: validation accuracy {clf.get('val_accuracy'):.4f}"
                  if clf.get("val_accuracy") is not None else "Classifier: no validation split")
+  tok = token_note(results)
+  if tok:
+    lines.append(tok)
   rows = results.get("rows", [])
   prdc = sorted({r.get("prdc_features") for r in rows if r.get("prdc_features")})
   if prdc:

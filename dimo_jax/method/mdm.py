@@ -107,6 +107,33 @@ def evaluate_val_loss(apply_fn, params, tokens, labels, *, mask_id: int, null_la
           "val_acc": float(totals["correct"] / max(totals["masked"], 1.0))}
 
 
+# ---------------------------------------------------------------------------- early stopping
+@dataclasses.dataclass
+class Plateau:
+  """Stops training when the validation loss has not improved for ``patience`` evaluations.
+
+  An evaluation improves when its loss is below ``best * (1 - min_delta)``; ``update`` returns
+  whether it did (the caller keeps those parameters as the best). ``patience`` 0 never stops.
+  """
+  patience: int = 0
+  min_delta: float = 1e-3
+  best: float = float("inf")
+  best_step: int = -1
+  waited: int = 0
+
+  def update(self, step: int, loss: float) -> bool:
+    first = not np.isfinite(self.best)
+    if np.isfinite(loss) and (first or loss < self.best * (1.0 - self.min_delta)):
+      self.best, self.best_step, self.waited = float(loss), int(step), 0
+      return True
+    self.waited += 1
+    return False
+
+  @property
+  def stop(self) -> bool:
+    return self.patience > 0 and self.waited >= self.patience
+
+
 # ---------------------------------------------------------------------------- the train step
 def make_train_step(model, tx, *, mask_id: int, num_classes: int, label_dropout: float = 0.0,
                     schedule: str = "arccos", exact: bool = False, loss_on: str = "all",
@@ -236,3 +263,49 @@ def compile_teacher(model, mesh, settings: TeacherSettings, mask_id: int, num_cl
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   return TeacherFns(tx=tx, init=jax.jit(init, out_shardings=shardings), step=step,
                     state_shardings=shardings, batch_sharding=batch_shard)
+
+
+# ---------------------------------------------------------------------------- the bound on sequences
+@functools.partial(jax.jit, static_argnames=("apply_fn", "mask_id", "draws"))
+def _nll_batch(apply_fn, params, tokens, labels, key, *, mask_id, draws):
+  n, seq_len = tokens.shape
+
+  def one(k):
+    k_num, k_order = jax.random.split(k)
+    num = jax.random.randint(k_num, (n, 1), 1, seq_len + 1)
+    rank = jnp.argsort(jnp.argsort(jax.random.uniform(k_order, (n, seq_len)), axis=1), axis=1)
+    mask = rank < num
+    logits = apply_fn(params, jnp.where(mask, mask_id, tokens), labels)
+    logp = jax.nn.log_softmax(logits[..., :mask_id].astype(jnp.float32), axis=-1)
+    ce = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    return jnp.sum(ce * mask, axis=1) / num[:, 0]
+
+  return jnp.mean(jax.vmap(one)(jax.random.split(key, draws)), axis=0)
+
+
+def nll_bound(apply_fn, params, tokens, labels=None, *, mask_id: int, null_label: int = 0, key=None,
+              batch_size: int = 256, draws: int = 4) -> np.ndarray:
+  """The masked-diffusion (any-order) bound on -log p(x) / L for each sequence, in nats per token.
+
+  -log p(x) <= L * E_{k ~ U{1..L}} E_{k positions masked} [(1/k) sum_masked -log p(x_i | visible)]
+  (the bound a masked diffusion model is trained on, with the masking schedule integrated out);
+  estimated with ``draws`` draws of (k, positions) per sequence. Returns [N] float64.
+  """
+  tokens = np.asarray(tokens, np.int32)
+  n = tokens.shape[0]
+  if n == 0:
+    return np.zeros((0,), np.float64)
+  labels = null_labels(n, null_label) if labels is None else np.asarray(labels, np.int32)
+  key = jax.random.key(0) if key is None else key
+  batch_size = int(min(batch_size, n))
+  out = []
+  for i, start in enumerate(range(0, n, batch_size)):
+    tok, lab = tokens[start:start + batch_size], labels[start:start + batch_size]
+    m = tok.shape[0]
+    if m < batch_size:
+      tok = np.concatenate([tok, np.repeat(tok[-1:], batch_size - m, axis=0)])
+      lab = np.concatenate([lab, np.repeat(lab[-1:], batch_size - m, axis=0)])
+    res = _nll_batch(apply_fn, params, tok, lab, jax.random.fold_in(key, i), mask_id=int(mask_id),
+                     draws=int(draws))
+    out.append(np.asarray(jax.device_get(res), np.float64)[:m])
+  return np.concatenate(out)

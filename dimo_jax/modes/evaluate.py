@@ -15,7 +15,13 @@ samples are scored with the feature extractors that apply:
   (the grey-level token values as a flat vector);
 * labelled token data: a classifier trained by the project (``dimo_jax.evaluation.classifier_features``, cached in
   ``evaluate.classifier_dir``): Frechet distance on its features, its accuracy on the
-  class-conditional samples and PRDC on its features.
+  class-conditional samples and PRDC on its features;
+* token data that is neither an image raster nor VQGAN codes (labelled or not):
+  the label-free distances of ``evaluation.token_metrics`` to the held-out tokens (TV of every
+  single-position and pairwise marginal, the exact sequence TV where ``vocab ** L`` is
+  enumerable), the teacher's masked-diffusion bound on the samples (nats per token), their
+  diversity and the share breaking structure the training data always holds. Unconditional
+  data needs no labels: the sample count defaults to ``DEFAULT_TOKEN_SAMPLES``.
 
 The reference is held-out real data (``evaluate.reference_split``) or the given statistics /
 images. Two real-data rows give the floors: a real set (the other split) against the same
@@ -39,9 +45,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from dimo_jax.evaluation import metrics
+from dimo_jax.evaluation import metrics, token_metrics
 from dimo_jax.evaluation.entropy import entropy_shift, save_entropy_png
 from dimo_jax.evaluation.features import (
+  Extractors,
+  Features,
   Reference,
   _reference_tokens,
   build_extractors,
@@ -63,6 +71,7 @@ from dimo_jax.evaluation.sample_sets import (
 )
 from dimo_jax.evaluation.settings import EvalSettings, settings_from_config
 from dimo_jax.evaluation.tables import format_table, markdown, ratio_note, ratio_to_teacher_best, write_grid
+from dimo_jax.method import mdm
 from dimo_jax.modes import loop
 from dimo_jax.networks import conditioning, maskgit
 from dimo_jax.storage import checkpoints, loaders
@@ -128,13 +137,71 @@ def _load_models(config, s: EvalSettings, workdir: str):
 
 
 # ---------------------------------------------------------------------------- main
+DEFAULT_TOKEN_SAMPLES = 5000  # samples per row when neither num_samples nor per_class x classes applies
+NLL_SAMPLES = 1000  # samples per row scored by the teacher's bound
+
+
 def _num_samples(s: EvalSettings, num_classes: int) -> int:
   if s.num_samples > 0:
     return int(s.num_samples)
   if num_classes > 0 and s.per_class > 0:
     return int(s.per_class * num_classes)
-  raise ValueError("config.evaluate.num_samples is 0 and the model is unconditional (or per_class is 0); set "
-                   "--config.evaluate.num_samples=N")
+  logging.info("config.evaluate.num_samples is 0 and the model is unconditional: %d samples per row.",
+               DEFAULT_TOKEN_SAMPLES)
+  return DEFAULT_TOKEN_SAMPLES
+
+
+def _teacher_steps(s: EvalSettings, seq_len: int) -> tuple:
+  """The configured step counts up to the sequence length (with L itself when some were cut)."""
+  steps = tuple(int(t) for t in s.teacher_steps if int(t) <= seq_len)
+  if len(steps) < len(s.teacher_steps) and seq_len not in steps:
+    steps = steps + (int(seq_len),)
+  return steps
+
+
+def _token_metrics_on(config, ds) -> bool:
+  """Token data that is neither an image raster nor VQGAN codes gets the label-free scores."""
+  if ds is None:
+    return False
+  vq = config.get("vqgan", None) if hasattr(config, "get") else None
+  return ds.image_shape is None and not (vq is not None and vq.get("checkpoint", ""))
+
+
+class _TokenScorer:
+  """Label-free scores of token sets against the held-out tokens, with the teacher's bound."""
+
+  def __init__(self, s: EvalSettings, ds, model, teacher):
+    self.vocab = int(model.codebook_size)
+    self.reference, _ = _reference_tokens(ds, s.reference_split)
+    self.rules = token_metrics.find_structure(ds.train_tokens, self.vocab)
+    self.baselines = token_metrics.entropy_baselines(ds.train_tokens, self.vocab)
+    self.nll_samples = int(NLL_SAMPLES)
+    self.teacher = teacher
+    self.seed = int(s.seed)
+
+  def nll(self, tokens: np.ndarray, labels) -> float:
+    if self.teacher is None or self.nll_samples <= 0:
+      return None
+    model, params, _ = self.teacher
+    n = min(self.nll_samples, tokens.shape[0])
+    lab = None if labels is None or model.num_classes == 0 else np.asarray(labels)[:n]
+    bound = mdm.nll_bound(conditioning.make_apply_fn(model), params, tokens[:n], lab,
+                          mask_id=model.codebook_size, null_label=model.num_classes,
+                          key=jax.random.key(self.seed + 17))
+    return float(bound.mean())
+
+  def __call__(self, tokens: np.ndarray, labels=None, reference=None) -> dict:
+    ref = self.reference if reference is None else reference
+    out = token_metrics.token_scores(tokens, ref, self.vocab, self.rules)
+    out.pop("tv_pair_at", None)
+    out["nll_bound"] = self.nll(tokens, labels)
+    return {k: v for k, v in out.items() if v is not None}
+
+  def summary(self) -> dict:
+    return {"baselines": self.baselines, "rules": [
+        {k: v for k, v in r.items() if k != "table"} for r in self.rules],
+            "reference_nll_bound": self.nll(self.reference, None),
+            "enumerable": token_metrics.enumerable(self.vocab, self.reference.shape[1])}
 
 
 def run_evaluate(config, workdir: str) -> dict:
@@ -166,11 +233,12 @@ def run_evaluate(config, workdir: str) -> dict:
     fp = params_fingerprint(teacher[1])
     default_sampler = sc.get("sampler", "confidence") if sc is not None else "confidence"
     teacher_samplers = s.teacher_samplers or (default_sampler,)
+    teacher_steps = _teacher_steps(s, teacher[0].seq_len)
     for i, name in enumerate(teacher_samplers):
       # The first sampler's sets keep the plain names (the grid and the sample mode use them).
       sc_i = dict(sc.items() if sc is not None else (), sampler=name)
       prefix = "teacher_" if i == 0 else f"teacher_{name}_"
-      for steps in s.teacher_steps:
+      for steps in teacher_steps:
         fn, meta = teacher_sample_fn(teacher[0], teacher[1], steps, sc_i)
         sets.append(SampleSet(f"{prefix}steps{steps}", "teacher", int(steps), None,
                               dict(meta, model="teacher", checkpoint=teacher[2], params=fp), fn))
@@ -182,8 +250,16 @@ def run_evaluate(config, workdir: str) -> dict:
                             dict(meta, model="generator", checkpoint=generator[2], params=fp), fn))
 
   ds = load_dataset(config, model)
-  ex = build_extractors(config, s, ds, model, out_dir, devices)
-  ref = build_reference(s, ds, ex, out_dir)
+  tokens_on = _token_metrics_on(config, ds)
+  if tokens_on and ds.image_shape is None and not (ds.train_labels is not None and ds.num_classes >= 2):
+    # Unlabelled token data: the label-free token scores are the whole evaluation.
+    ex = Extractors()
+    ref_tokens, _ = _reference_tokens(ds, s.reference_split)
+    ref = Reference(name=f"{ds.name} {s.reference_split} split", features=Features(), num=int(ref_tokens.shape[0]))
+  else:
+    ex = build_extractors(config, s, ds, model, out_dir, devices)
+    ref = build_reference(s, ds, ex, out_dir)
+  scorer = _TokenScorer(s, ds, model, teacher) if tokens_on else None
   logging.info("Evaluating %d samples per row against %s (%d samples), batch %d on %d device(s).", num, ref.name,
                ref.num, batch, devices.count)
 
@@ -204,6 +280,8 @@ def run_evaluate(config, workdir: str) -> dict:
     else:
       row["label"] = "Di[M]O" + (f" (T={sset.temperature:g})" if multi_temp else "")
     row.update(score(feats, labels if conditional else None, ref, s))
+    if scorer is not None:
+      row.update(scorer(tokens, labels))
     rows.append(row)
     logging.info("%s: %s", sset.name, {k: v for k, v in row.items() if isinstance(v, float)})
 
@@ -220,6 +298,8 @@ def run_evaluate(config, workdir: str) -> dict:
         row = dict(name=f"real_{other}", model="real", label=f"Real data ({other} split)", steps=None,
                    num_samples=int(idx.shape[0]), ms_per_sample=None)
         row.update(score(feats, None if r_labels is None else r_labels[idx], ref, s))
+        if scorer is not None:
+          row.update(scorer(r_tokens[idx], None if r_labels is None else r_labels[idx]))
         rows.append(row)
     all_tokens, all_labels = _reference_tokens(ds, "all")
     perm = rng.permutation(all_tokens.shape[0])
@@ -234,8 +314,11 @@ def run_evaluate(config, workdir: str) -> dict:
       row = dict(name="real_halves", model="real", label="Real data (two halves)", steps=None,
                  num_samples=int(half), ms_per_sample=None)
       row.update(score(fa, None if all_labels is None else all_labels[a_idx], half_ref, s))
+      if scorer is not None:
+        row.update(scorer(all_tokens[a_idx], None if all_labels is None else all_labels[a_idx],
+                          reference=all_tokens[b_idx]))
       rows.append(row)
-      floors = {k: row[k] for k in ("fd_pixel", "fd_classifier", "fid") if k in row}
+      floors = {k: row[k] for k in ("fd_pixel", "fd_classifier", "fid", "tv_seq", "tv_pair_mean") if k in row}
 
   results = {
       "title": "Model",
@@ -252,6 +335,8 @@ def run_evaluate(config, workdir: str) -> dict:
   }
   if ex.classifier_meta is not None:
     results["classifier"] = ex.classifier_meta
+  if scorer is not None:
+    results["token_data"] = scorer.summary()
   results["ratio_to_teacher_best"] = ratio_to_teacher_best(results)
 
   if s.entropy_samples > 0:
