@@ -22,6 +22,10 @@ reused by a rerun.
   python experiments/joint_benchmark.py --out=/tmp/jb_select --seeds=0,1,2,3 \\
       --variants='[{"name":"lr3e-4","gen_lr":3e-4,"aux_lr":1e-3}]'
   python experiments/joint_benchmark.py --out=/tmp/jb_report --seeds=100,101,102,103,104,105
+  python experiments/joint_benchmark.py --out=/tmp/jb_report --render   # the table so far
+
+The floor column is the TV of an i.i.d. sample of the truth as large as the scored rows; in
+brackets the training sample's own TV (what a teacher that learned the data exactly would show).
 """
 from __future__ import annotations
 
@@ -125,7 +129,7 @@ def _teacher_log(log_path: str) -> dict:
 
 def run_joint(seed: int, args, variants) -> list:
   """Teacher (cached), its rows (cached) and every variant (cached) on the joint of ``seed``."""
-  name, joint = joints.draw_joint(seed)
+  name, joint = joints.draw_joint(seed, args.family, args.vocab_size, args.seq_len)
   folder = os.path.join(args.out, name)
   os.makedirs(folder, exist_ok=True)
   data = os.path.join(folder, "tokens.npy")
@@ -144,6 +148,7 @@ def run_joint(seed: int, args, variants) -> list:
     with open(teacher_json, "w") as f:
       json.dump(teacher, f)
   floor = joints.sampling_floor(joint, args.num_samples, seed=seed + 7)
+  data_floor = joints.tv_distance(joint, np.load(data))  # the training sample's own distance
   best = min(teacher["rows"], key=lambda r: r["tv"])
   one = {s: next(r for r in teacher["rows"] if r["sampler"] == s and r["steps"] == 1)["tv"] for s in SAMPLERS}
   truth_top = float(joint.probs.max())
@@ -162,7 +167,7 @@ def run_joint(seed: int, args, variants) -> list:
     seconds = _cli("distill", workdir, data, extra, log)
     gen = _generator_row(workdir, joint, args.num_samples, seed)
     row = dict(joint=name, seed=seed, variant=vname, vocab_size=joint.vocab_size, seq_len=joint.seq_len,
-               support=int((joint.probs > 0).sum()), floor=floor, truth_top_share=truth_top,
+               support=int((joint.probs > 0).sum()), floor=floor, data_floor=data_floor, truth_top_share=truth_top,
                teacher_one_confidence=one["confidence"], teacher_one_ancestral=one["ancestral"],
                teacher_best=best["tv"], teacher_best_row=f"{best['sampler']} {best['steps']}",
                teacher_train_steps=teacher.get("teacher_steps"),
@@ -179,12 +184,13 @@ def run_joint(seed: int, args, variants) -> list:
 
 def table(results: list) -> str:
   """The markdown table of a list of run rows, then the summary per variant."""
-  head = ("| joint | variant | V^L (support) | floor | teacher 1 step (conf / anc) | teacher best (row) | "
+  head = ("| joint | variant | V^L (support) | floor (data) | teacher 1 step (conf / anc) | teacher best (row) | "
           "generator 1 step | ratio | top share (truth) | NaN |")
   lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     lines.append(
-        f"| {r['joint']} | {r['variant']} | {r['vocab_size'] ** r['seq_len']} ({r['support']}) | {r['floor']:.4f} | "
+        f"| {r['joint']} | {r['variant']} | {r['vocab_size'] ** r['seq_len']} ({r['support']}) | {r['floor']:.4f} "
+        f"({r.get('data_floor', float('nan')):.3f}) | "
         f"{r['teacher_one_confidence']:.3f} / {r['teacher_one_ancestral']:.3f} | {r['teacher_best']:.4f} "
         f"({r['teacher_best_row']}) | {r['generator']:.4f} | {r['ratio']:.2f}x | "
         f"{r['generator_top_share']:.3f} ({r['truth_top_share']:.3f}) | {r['nan_count']:g} |")
@@ -197,17 +203,38 @@ def table(results: list) -> str:
   return "\n".join(lines) + "\n"
 
 
+def render(out: str) -> list:
+  """The table of every run recorded in ``<out>/results.jsonl`` (the last record of a run wins)."""
+  runs = {}
+  with open(os.path.join(out, "results.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if "data_floor" not in r:
+        _, joint = joints.draw_joint(r["seed"], r["joint"].split("_v")[0], r["vocab_size"], r["seq_len"])
+        r["data_floor"] = joints.tv_distance(joint, np.load(os.path.join(out, r["joint"], "tokens.npy")))
+      runs[(r["joint"], r["variant"])] = r
+  results = list(runs.values())
+  print(table(results))
+  return results
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True)
   p.add_argument("--seeds", default="0,1,2,3", help="comma-separated joint seeds")
   p.add_argument("--variants", default='[{"name":"defaults"}]',
                  help="JSON list of config.distill overrides, each with a name")
+  p.add_argument("--family", default="", help="one family for every seed (default: cycle through them)")
+  p.add_argument("--vocab_size", type=int, default=0, help="one vocabulary size (default: drawn)")
+  p.add_argument("--seq_len", type=int, default=0, help="one sequence length (default: drawn)")
   p.add_argument("--train_size", type=int, default=5000, help="training sequences per joint")
   p.add_argument("--num_samples", type=int, default=20000, help="samples per scored row")
   p.add_argument("--teacher_args", default="", help="extra teacher flags (space separated), e.g. for a tiny run")
   p.add_argument("--distill_args", default="", help="extra distill flags (space separated)")
+  p.add_argument("--render", action="store_true", help="only print the table of <out>/results.jsonl")
   args = p.parse_args(argv)
+  if args.render:
+    return render(args.out)
   args.teacher_args = args.teacher_args.split()
   args.distill_args = args.distill_args.split()
   variants = json.loads(args.variants)

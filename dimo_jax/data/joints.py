@@ -222,9 +222,8 @@ def draw_joint(seed: int, family: str = "", vocab_size: int = 0, seq_len: int = 
   given), size (from ``SIZES`` unless given) and parameters. Returns (name, Joint)."""
   rng = np.random.default_rng([int(seed), 7])
   family = family or FAMILIES[int(seed) % len(FAMILIES)]
-  if not (vocab_size and seq_len):
-    v, l = SIZES[int(rng.integers(len(SIZES)))]
-    vocab_size, seq_len = vocab_size or v, seq_len or l
+  v, l = SIZES[int(rng.integers(len(SIZES)))]  # drawn always: the parameters below do not shift
+  vocab_size, seq_len = vocab_size or v, seq_len or l
   sub = int(rng.integers(2**31))
   if family.startswith("markov"):
     order = int(family[len("markov"):] or 1)

@@ -1,0 +1,78 @@
+"""The benchmark's joint families (exact probabilities) and the benchmark itself at a tiny size
+(one small joint, a tiny model, a few steps) through the command line."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import load_script
+from dimo_jax.data import joints
+
+
+@pytest.mark.parametrize("family", joints.FAMILIES)
+def test_families_are_distributions(family):
+  name, joint = joints.draw_joint(3, family)
+  assert name.startswith(family)
+  assert joint.probs.shape == (joint.vocab_size ** joint.seq_len,)
+  assert np.all(joint.probs >= 0) and joint.probs.sum() == pytest.approx(1.0)
+  again = joints.draw_joint(3, family)[1]
+  np.testing.assert_array_equal(joint.probs, again.probs)  # a seed is one joint
+
+
+def test_constraints_hold_on_the_support():
+  j = joints.sum_rule(3, 5, seed=1)
+  s = j.support[j.probs > 0]
+  assert np.all(s[:, -1] == s[:, :-1].sum(1) % 3)
+  c = joints.copy_permutation(4, 6, seed=2)
+  s = c.support[c.probs > 0]
+  assert len(s) <= 4 ** 3  # the last three positions are functions of the first three
+  assert len(np.unique(s[:, :3], axis=0)) == len(s)
+
+
+def test_hidden_markov_matches_brute_force():
+  j = joints.hidden_markov(2, 3, 2, seed=0)
+  rng = np.random.default_rng(0)
+  init = rng.dirichlet(np.full(2, 0.3))
+  trans = rng.dirichlet(np.full(2, 0.3), size=2)
+  emit = rng.dirichlet(np.full(2, 0.3), size=2)
+  probs = []
+  for x in j.support:
+    p = 0.0
+    for h in np.ndindex(2, 2, 2):
+      q = init[h[0]] * emit[h[0], x[0]]
+      for i in (1, 2):
+        q *= trans[h[i - 1], h[i]] * emit[h[i], x[i]]
+      p += q
+    probs.append(p)
+  np.testing.assert_allclose(j.probs, np.array(probs) / sum(probs), rtol=1e-10)
+
+
+def test_markov_order_two_depends_on_two_back():
+  j = joints.markov_order_mixture(2, 4, num_chains=1, order=2, seed=0)
+  p = j.probs.reshape(2, 2, 2, 2)
+  cond = p / p.sum(-1, keepdims=True)  # p(x3 | x0, x1, x2)
+  np.testing.assert_allclose(cond[0], cond[1], rtol=1e-9)  # x0 does not matter at order 2
+  assert not np.allclose(cond[:, 0], cond[:, 1])  # x1 does
+
+
+def test_benchmark_tiny(tmp_path):
+  """One 3-value, 3-position joint; teacher and distillation through the command line."""
+  bench = load_script("joint_benchmark.py")
+  tiny_model = "--config.model.width=16 --config.model.depth=1 --config.model.heads=2 --config.model.mlp_dim=32"
+  results = bench.main([
+      f"--out={tmp_path}", "--seeds=1", "--family=sum_rule", "--vocab_size=3", "--seq_len=3",
+      "--train_size=300", "--num_samples=500",
+      f"--teacher_args=--config.train.steps=40 --config.train.eval_every=20 --config.train.warmup_steps=5 "
+      f"--config.train.structure_samples=100 {tiny_model}",
+      "--distill_args=--config.distill.steps=4 --config.distill.warmup_steps=1 --config.distill.batch_size=16"])
+  assert len(results) == 1
+  r = results[0]
+  assert r["joint"] == "sum_rule_v3_l3_s1" and r["nan_count"] == 0 and r["finite"]
+  for k in ("floor", "teacher_best", "teacher_one_confidence", "generator"):
+    assert 0 <= r[k] <= 1
+  assert r["ratio"] == pytest.approx(r["generator"] / r["teacher_best"])
+  table = open(os.path.join(str(tmp_path), "table.md")).read()
+  assert "sum_rule_v3_l3_s1" in table and "within 1.5x" in table
+  with open(os.path.join(str(tmp_path), "results.jsonl")) as f:
+    assert json.loads(f.readline())["joint"] == r["joint"]
