@@ -160,3 +160,8 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
 
 
 run = loop.entry(train_teacher)  # what ``dimo_jax.main`` calls for ``config.mode='teacher'``
+
+
+def run(config, workdir: str, _classes=run):  # noqa: F811 (text-conditioned data: modes/teacher_text.py)
+  from dimo_jax.modes import teacher_text  # pylint: disable=import-outside-toplevel
+  return (teacher_text.run if config.get("data", {}).get("name", "") == "captioned_digits" else _classes)(config, workdir)
