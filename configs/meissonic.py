@@ -62,4 +62,61 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sample.output = ""  # a folder; default <workdir>/samples
   c.sample.grid_columns = 4
   c.sample.grid_image_size = 256  # pixels per image in grid.png (0: full size)
+
+  # ---------------------------------------------------------------- Di[M]O (mode=distill): the authors'
+  # text-to-image recipe (reference section 5.1: their evaluated run, EMA at 13000 steps).
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.guidance = 4.0  # against the negative prompt's condition, in the same batched call
+  c.teacher.guidance_schedule = "constant"
+  c.distill = ml_collections.ConfigDict()
+  c.distill.prompts = ""  # a UTF-8 text file, one prompt per line (the authors: aesthetics_6_plus.txt)
+  c.distill.negative_prompt = NEGATIVE_PROMPT
+  # Prompt conditions: '' = the CLIP tower under jax.jit on each step's prompts; a .npz path = every
+  # prompt's condition computed once and cached there (a cache written for another prompt file,
+  # tokenizer or text encoder stops with the difference).
+  c.distill.text_cache = ""
+  c.distill.steps = 13000
+  c.distill.batch_size = 16  # the authors: 2 per step x 8 accumulations, one GPU
+  c.distill.aux_updates = 1  # on 16 fresh prompts
+  c.distill.r_init = "fix_0.5"
+  c.distill.sigma = 0.3  # embedding noise on the generator's image tokens
+  c.distill.sigma_warmup_steps = 0
+  c.distill.gen_temp = 1.0
+  c.distill.top_k = 0
+  c.distill.top_p = 1.0
+  c.distill.mask_schedule = "cosine_clamped"  # r = cos(pi/2 u) clamped to [0.02, 0.98], exact count
+  c.distill.divergence = "fkl"  # Jeffreys with beta 0
+  c.distill.beta = 0.0
+  c.distill.normalization = "batch"  # sum over tokens / batch
+  c.distill.dmd_weight = False
+  c.distill.grad_input = "init"
+  c.distill.aux_guidance = 1.0
+  c.distill.gen_lr = 1e-6
+  c.distill.gen_lr_schedule = "constant"
+  c.distill.aux_lr = 1e-6
+  c.distill.warmup_steps = 100
+  c.distill.b1 = 0.9
+  c.distill.b2 = 0.999
+  c.distill.eps = 1e-6  # Adam (no weight decay), the authors' bf16 value
+  c.distill.gen_grad_clip = 1.0
+  c.distill.aux_grad_clip = 0.0
+  c.distill.freeze = ("embed", "mlm_layer")  # token embedding and output head, generator and auxiliary
+  c.distill.aux_label_smoothing = 0.1
+  c.distill.aux_soft_target = False
+  c.distill.smooth_teacher = False
+  c.distill.teacher_dropout = False
+  c.distill.gen_dropout = False
+  c.distill.aux_dropout = False
+  c.distill.ema_decay = 0.9999
+  c.distill.compute_dtype = "bfloat16"  # the three transformers compute in bf16 ...
+  c.distill.param_dtype = "float32"  # ... with float32 master weights and Adam states
+  c.distill.remat = "full"  # every block rematerialised (the authors: gradient checkpointing on all three)
+  c.distill.log_every = 50
+  c.distill.checkpoint_every = 500
+
+  # ---------------------------------------------------------------- devices: parameters and Adam
+  # states over fsdp (teacher, generator and auxiliary with Adam take about 40 GB in float32).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = -1  # -1: every device
   return c

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCHEDULES = ("linear", "square", "cosine", "arccos", "root", "truncnorm")
+SCHEDULES = ("linear", "square", "cosine", "arccos", "root", "truncnorm", "cosine_clamped")
 
 
 def _truncnorm_ratio(u, mean=1.0, std=0.25):
@@ -46,6 +46,8 @@ def mask_ratio(schedule: str, u):
     return jnp.sqrt(u)
   if schedule == "truncnorm":
     return _truncnorm_ratio(u)
+  if schedule == "cosine_clamped":  # Di[M]O's text-to-image intermediate states: cosine in [0.02, 0.98]
+    return jnp.clip(jnp.sin(0.5 * jnp.pi * u), 0.02, 0.98)
   raise ValueError(f"unknown mask schedule {schedule!r}; choose one of {SCHEDULES}")
 
 
