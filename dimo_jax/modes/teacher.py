@@ -17,7 +17,8 @@ from absl import logging
 from dimo_jax.core import sharding
 from dimo_jax.core.sharding import global_batch
 from dimo_jax.data import batching, datasets
-from dimo_jax.method.mdm import TeacherSettings, compile_teacher, evaluate_val_loss
+from dimo_jax.evaluation import token_metrics
+from dimo_jax.method.mdm import Plateau, TeacherSettings, compile_teacher, evaluate_val_loss
 from dimo_jax.modes import loop
 from dimo_jax.modes.loop import (
   PreemptionGuard,
@@ -35,6 +36,9 @@ from dimo_jax.storage import checkpoints
 
 
 # ---------------------------------------------------------------------------- mode=teacher
+EARLY_STOP_FILE = "early_stop.json"  # written when the validation loss stopped the run
+REPORT_FILE = "teacher_report.json"  # the bound next to the data's entropies, the structure checks
+
 def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
   """Trains a teacher MDM; checkpoints in ``<workdir>/checkpoints``, config in ``config.json``.
 
@@ -115,6 +119,12 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
                  type(model).__name__, maskgit.count_params(state.params), ds.num_train, ds.num_val,
                  ds.seq_len, ds.vocab_size, ds.num_classes)
 
+    # Early stopping (config.train.patience > 0): the best EMA parameters are kept and saved as the
+    # final checkpoint; a marker file keeps a rerun from training past them.
+    plateau = Plateau(int(tc.get("patience", 0) or 0), float(tc.get("min_delta", 1e-3) or 0.0))
+    marker = os.path.join(workdir, EARLY_STOP_FILE)
+    stopped = bool(start and os.path.exists(marker))
+    best_ema = None
     final = {"step": start, "train_loss": float("nan")}
     history = []
     step = start
@@ -124,7 +134,7 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
       writer.write_scalars(0, {f"val/{k[4:]}": v for k, v in val.items()})
       final["val_loss_initial"] = val["val_loss"]
     with PreemptionGuard() as guard:
-      while step < steps:
+      while step < steps and not stopped:
         tokens, labels = next(batches)
         if labels is None:
           labels = null_labels(tokens.shape[0], null_label)
@@ -136,18 +146,43 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
           final["train_loss"] = log_window(history, step, writer, "train/")["loss"]
         ckpt.save(step, state, force=step == steps or guard.requested)
         if eval_every and step % eval_every == 0 and step != steps:
-          writer.write_scalars(step, {f"val/{k[4:]}": v for k, v in validate().items()})
+          val = validate()
+          writer.write_scalars(step, {f"val/{k[4:]}": v for k, v in val.items()})
+          if plateau.update(step, val["val_loss"]) and plateau.patience:
+            best_ema = jax.device_get(state.ema_params)
+          if plateau.stop and best_ema is not None:
+            logging.info("Validation loss not improved by %g for %d evaluations (best %.5f at step %d): stopping "
+                         "at step %d with the best EMA parameters.", plateau.min_delta, plateau.patience,
+                         plateau.best, plateau.best_step, step)
+            state = state.replace(ema_params=jax.tree_util.tree_map(
+                lambda b, a: jax.device_put(b, a.sharding), best_ema, state.ema_params))
+            stopped = True
+            if proc == 0:
+              checkpoints.write_config(workdir, {"step": step, "best_step": plateau.best_step,
+                                                 "best_val_loss": plateau.best}, filename=EARLY_STOP_FILE)
+            break
         if sample_every and step % sample_every == 0:
           write_samples(step)
         if guard.requested or (stop_after and step >= stop_after and step < steps):
           logging.info("Stopping at step %d.", step)
           break
     final["step"] = step
-    if step == steps:
+    if stopped:
+      final["early_stop"] = True
+    if step == steps or stopped:
       ckpt.save(step, state, force=True)
       val = validate()
       writer.write_scalars(step, {f"val/{k[4:]}": v for k, v in val.items()})
       final.update(val)
+      if int(tc.get("structure_samples", 0) or 0) > 0 and (ds.num_classes == 0 or model.has_null_class):
+        report = token_metrics.teacher_report(
+            apply_fn, state.ema_params, ds.train_tokens, ds.val_tokens, vocab_size=ds.vocab_size, mask_id=mask_id,
+            null_label=null_label, key=jax.random.fold_in(jax.random.key(int(config.seed)), 5),
+            num_samples=int(tc.structure_samples))
+        final["val_nll_bound"] = report.get("val_nll_bound")
+        final["structure_warnings"] = len(report["warnings"])
+        if proc == 0:
+          checkpoints.write_config(workdir, report, filename=REPORT_FILE)
       if sample_every and step % sample_every:
         write_samples(step)
     writer.flush()
