@@ -57,6 +57,10 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   image_shape = info.get("image_shape")
   mesh = sharding.make_mesh(int(config.mesh.get("data", -1)), int(config.mesh.get("fsdp", 1)))
   dist = dimo.build_distiller(config, model)
+  if dist.s.divergence == "jeffreys" and dist.s.beta < 0:
+    logging.warning("config.distill.divergence='jeffreys' with beta=%g < 0 diverges against a teacher that gives "
+                    "some tokens zero (or near-zero) probability (docs/proofs.md, section 4); forward KL "
+                    "(divergence='fkl' or beta=0) is the safe choice.", dist.s.beta)
   state = dist.init_state(teacher_params, int(config.seed))
 
   ckpt, start = make_checkpointer(dc, "distill", workdir, steps)
@@ -119,7 +123,7 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   if step == steps and dc.get("evaluate_at_end", False):
     results = evaluate.run_evaluate(config, workdir)
     table = tables.format_table(results)
-    note = tables.ratio_note(results)
+    note = "\n".join(n for n in (tables.ratio_note(results), tables.token_note(results)) if n)
     table = table + ("\n\n" + note if note else "")
     if jax.process_index() == 0:
       print(table, flush=True)
