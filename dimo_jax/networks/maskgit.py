@@ -44,6 +44,15 @@ def _gelu(approximate: bool):
   return functools.partial(nn.gelu, approximate=approximate)
 
 
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype):
+  """LayerNorm with the two-pass variance (mean of ``(x - mean)^2``), as PyTorch computes it.
+
+  Flax's default ``E[x^2] - E[x]^2`` loses precision when the features share a large offset
+  (about 7e-4 relative error at an offset of 100x the spread, against 3e-6 here)."""
+  return functools.partial(nn.LayerNorm, epsilon=eps, use_fast_variance=False, dtype=dtype,
+                           param_dtype=param_dtype)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a packed q/k/v projection (torch ``in_proj`` layout)."""
   width: int
@@ -94,7 +103,7 @@ class PreLNBlock(_Block):
 
   @nn.compact
   def __call__(self, x, _=None):
-    ln = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+    ln = layer_norm(self.ln_eps, self.dtype, self.param_dtype)
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     x = x + SelfAttention(self.width, self.heads, self.dtype, self.param_dtype, self.dropout,
                           self.deterministic, self.attention_impl, name="attn")(ln(name="ln1")(x))
@@ -110,7 +119,7 @@ class PostLNBlock(_Block):
 
   @nn.compact
   def __call__(self, x, _=None):
-    ln = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+    ln = layer_norm(self.ln_eps, self.dtype, self.param_dtype)
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     a = SelfAttention(self.width, self.heads, self.dtype, self.param_dtype, self.dropout,
                       self.deterministic, self.attention_impl, name="attn")(x)
@@ -192,8 +201,7 @@ class MaskTransformer(_Base):
       raise ValueError(f"class_token must be 'first' or 'last', got {self.class_token!r}")
     k, c = self.codebook_size, self.num_classes
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    ln_io = functools.partial(nn.LayerNorm, epsilon=self.ln_eps_io, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+    ln_io = layer_norm(self.ln_eps_io, self.dtype, self.param_dtype)
     drop = lambda h: nn.Dropout(self.dropout)(h, deterministic=deterministic)
     gelu = _gelu(self.gelu_approximate)
 
@@ -247,7 +255,7 @@ class BertMaskTransformer(_Base):
   @nn.compact
   def __call__(self, tokens, labels, *, deterministic: bool = True, noise_sigma=0.0):
     k, c = self.codebook_size, self.num_classes
-    ln = functools.partial(nn.LayerNorm, epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+    ln = layer_norm(self.ln_eps, self.dtype, self.param_dtype)
     tokens = jnp.asarray(tokens, jnp.int32)
     ids = jnp.where(tokens >= k, k + c, tokens)
     class_ids = k + jnp.clip(jnp.asarray(labels, jnp.int32), 0, max(c - 1, 0))
