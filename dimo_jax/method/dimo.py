@@ -34,6 +34,13 @@ from dimo_jax.networks import maskgit
 TrainState = train_state.TrainState
 
 
+def zero_nonfinite(tree):
+  """``tree`` with every NaN / inf entry set to zero, and how many entries were (int32)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  count = sum((jnp.sum(~jnp.isfinite(a)).astype(jnp.int32) for a in leaves), jnp.int32(0))
+  return jax.tree_util.tree_map(lambda a: jnp.where(jnp.isfinite(a), a, jnp.zeros_like(a)), tree), count
+
+
 @struct.dataclass
 class DistillState:
   step: jax.Array
@@ -241,17 +248,22 @@ class Distiller:
       x_alt = jnp.where(x_init == self.codebook, x_init, x_theta)
       _, vjp_fn = jax.vjp(lambda p: fwd(p, x_alt), state.gen.params)
     (grads,) = vjp_fn(g.astype(z.dtype))
+    grads, grad_nonfinite = zero_nonfinite(grads)
     gen = state.gen.apply_gradients(grads=grads)
 
+    # The logged divergence sees what the gradient sees: masked positions only, non-finite
+    # values zeroed (the normaliser still counts every masked position).
     tok_div = divergences.divergence(s.divergence, t_logits, a_logits, s.beta)
+    tok_div = jnp.where(mask & jnp.isfinite(tok_div), tok_div, 0.0)
     n_masked = jnp.maximum(jnp.sum(mask), 1)
     metrics = {
         "gen/surrogate_loss": 0.5 * jnp.sum(jnp.square(g)) * s.batch_size,
         "gen/grad_norm": optax.tree.norm(grads),
-        "gen/token_divergence": jnp.sum(jnp.where(mask, tok_div, 0.0)) / n_masked,
+        "gen/token_divergence": jnp.sum(tok_div) / n_masked,
         "gen/entropy": jnp.mean(divergences.entropy(z[..., : self.codebook])),
         "gen/nan_count": nan_count.astype(jnp.float32),
         "gen/mask_ratio": jnp.mean(ratio),
+        "nonfinite": (nan_count.astype(jnp.int32) + grad_nonfinite).astype(jnp.float32),
     }
     return gen, metrics
 
@@ -271,21 +283,30 @@ class Distiller:
       return aux_loss(logits, x_theta, mask, s.aux_label_smoothing, soft)
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(aux.params)
+    grads, nonfinite = zero_nonfinite(grads)
     aux = aux.apply_gradients(grads=grads)
-    return aux, {"aux/loss": loss, "aux/grad_norm": optax.tree.norm(grads)}
+    return aux, {"aux/loss": loss, "aux/grad_norm": optax.tree.norm(grads),
+                 "aux/nonfinite": nonfinite.astype(jnp.float32)}
 
   def step(self, state: DistillState):
-    """One Di[M]O iteration: generator update, then the auxiliary update(s), then the EMA."""
+    """One Di[M]O iteration: generator update, then the auxiliary update(s), then the EMA.
+
+    Metrics: the generator's (``gen/...``), the last auxiliary update's (``aux/loss``,
+    ``aux/grad_norm``) and ``nonfinite``: how many NaN / inf entries the guards zeroed in this
+    step (token gradient at masked positions, generator and auxiliary parameter gradients);
+    0 on a healthy step. Every metric stays finite while the guards hold the networks finite."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     k_gen, k_aux = jax.random.split(key)
     gen, metrics = self.generator_update(state, k_gen)
 
     def body(i, carry):
-      aux, _ = carry
-      return self.auxiliary_update(aux, gen.params, state.step, jax.random.fold_in(k_aux, i))
+      aux, prev = carry
+      aux, m = self.auxiliary_update(aux, gen.params, state.step, jax.random.fold_in(k_aux, i))
+      return aux, {**m, "aux/nonfinite": prev["aux/nonfinite"] + m["aux/nonfinite"]}
 
-    aux_metrics0 = {"aux/loss": jnp.float32(0), "aux/grad_norm": jnp.float32(0)}
+    aux_metrics0 = {"aux/loss": jnp.float32(0), "aux/grad_norm": jnp.float32(0), "aux/nonfinite": jnp.float32(0)}
     aux, aux_metrics = jax.lax.fori_loop(0, self.s.aux_updates, body, (state.aux, aux_metrics0))
+    metrics["nonfinite"] = metrics["nonfinite"] + aux_metrics.pop("aux/nonfinite")
     ema = ema_update(state.ema_params, gen.params, state.step, self.s.ema_decay)
     new_state = state.replace(step=state.step + 1, gen=gen, aux=aux, ema_params=ema)
     return new_state, {**metrics, **aux_metrics}
