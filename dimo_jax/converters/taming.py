@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dimo_jax.converters.common import to_numpy
+from dimo_jax.converters.torch_files import find_placeholders, load_torch_file
 from dimo_jax.core.trees import unflatten_paths
 from dimo_jax.networks.vqgan import TamingConfig, TamingVQGAN, abstract_params, format_problems
 
@@ -101,24 +102,27 @@ def load_taming_checkpoint(path: str, config: TamingConfig = TamingConfig(),
                            param_dtype: Dtype = jnp.float32) -> Params:
   """Load a Taming VQGAN ``.ckpt`` / ``.pth`` (Lightning or plain state dict) -> ``{'params': ...}``.
 
-  Reads with ``torch.load(weights_only=True)``; torch is imported here only.
+  Read without executing code (``torch_files.load_torch_file`` with placeholders): the
+  ``last.ckpt`` files PyTorch Lightning 1.x writes, whose ``callbacks`` are keyed by Lightning
+  classes, load without pytorch_lightning; those objects become inert placeholders and only the
+  ``state_dict`` is used. torch is imported here only.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Taming VQGAN checkpoint not found: {path}")
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError as e:
     raise ImportError("load_taming_checkpoint needs PyTorch to read the checkpoint; "
                       "install it with `pip install torch`.") from e
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises UnpicklingError / RuntimeError for disallowed objects
-    raise ValueError(
-        f"{path}: cannot be read with torch.load(weights_only=True) ({e}). If you trust the "
-        "file, re-save only its tensors: torch.save(torch.load(path, weights_only=False)"
-        "['state_dict'], 'vqgan_state_dict.pth') and load that file.") from e
+  state = load_torch_file(path, placeholders=True)
   if not isinstance(state, Mapping):
     raise ValueError(f"{path}: expected a state dict (mapping of names to tensors), "
                      f"got {type(state).__name__}.")
+  weights = state["state_dict"] if isinstance(state.get("state_dict"), Mapping) else state
+  used = {k: v for k, v in weights.items() if not str(k).startswith("loss.")}
+  odd = find_placeholders(used, "state_dict" if weights is not state else "")
+  if odd:
+    raise ValueError(f"{path}: the state dict holds objects that are not tensors: "
+                     + ", ".join(f"{where}: {label}" for where, label in odd))
   return {"params": convert_taming_state_dict(state, config, param_dtype, source=path)}

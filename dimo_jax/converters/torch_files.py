@@ -1,22 +1,289 @@
-"""Reading PyTorch checkpoint files without executing code (``torch.load(weights_only=True)``) and
-finding the state dict inside them.
+"""Reading PyTorch checkpoint files without executing code and finding the state dict inside them.
+
+``load_torch_file`` reads with ``torch.load(weights_only=True)``. Files that also hold objects
+of other classes (PyTorch Lightning's ``callbacks`` keyed by a Lightning class, hyper-parameter
+containers, ...) are read, when the caller allows it, by a restricted unpickler of torch's zip
+layout (``<archive>/data.pkl`` plus one ``<archive>/data/<key>`` record per storage): it builds
+tensors, torch dtypes / sizes / devices, ``collections.OrderedDict`` and the builtin containers,
+and replaces every other class or function the file names by an inert ``Placeholder`` class that
+records the module and name; nothing named in the file is imported or called.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
+import builtins
+import collections
 import os
-from typing import Any, Dict, Mapping
+import pickle
+import zipfile
+from typing import Any, Dict, List, Mapping, Tuple
 
 _WRAPPER_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "network", "vit",
                  "ema", "model_ema", "ema_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
+# ------------------------------------------------------------------------------------ placeholders
+
+
+class Placeholder:
+  """Stands in for an object (or, as the class itself, for a class or function) that a checkpoint
+  names but the restricted reader does not build.
+
+  Subclasses made by ``placeholder_class`` carry ``placeholder_module`` and ``placeholder_name``
+  (where the file says the class lives). An instance keeps what the file would have passed:
+  ``args`` / ``kwargs`` (constructor or call arguments), ``state`` (what ``__setstate__`` would get),
+  ``items`` / ``list_items`` (entries of dict or list subclasses). No method of the original class
+  ever runs.
+  """
+  placeholder_module = ""
+  placeholder_name = ""
+
+  def __new__(cls, *args, **kwargs):
+    obj = object.__new__(cls)
+    obj.args, obj.kwargs, obj.state, obj.items, obj.list_items = args, kwargs, None, {}, []
+    return obj
+
+  def __init__(self, *args, **kwargs):  # pylint: disable=unused-argument
+    """Arguments are recorded by ``__new__``; nothing else happens."""
+
+  def __setstate__(self, state):
+    self.state = state
+
+  def __setitem__(self, key, value):
+    self.items[key] = value
+
+  def append(self, value):
+    self.list_items.append(value)
+
+  def extend(self, values):
+    self.list_items.extend(values)
+
+  def __repr__(self):
+    return f"<placeholder for a {self.placeholder_module}.{self.placeholder_name} object>"
+
+
+def placeholder_class(module: str, name: str) -> type:
+  """A new ``Placeholder`` subclass recording ``module.name``."""
+  return type(str(name).split(".")[-1] or "Placeholder", (Placeholder,), {
+      "placeholder_module": str(module), "placeholder_name": str(name), "__module__": __name__,
+      "__doc__": f"Placeholder for {module}.{name} (never imported)."})
+
+
+def is_placeholder(obj) -> bool:
+  """True for a placeholder object or a placeholder class."""
+  return isinstance(obj, Placeholder) or (isinstance(obj, type) and issubclass(obj, Placeholder))
+
+
+def placeholder_label(obj) -> str:
+  """``module.name`` of a placeholder object or class."""
+  return f"{obj.placeholder_module}.{obj.placeholder_name}"
+
+
+def find_placeholders(obj, path: str = "", limit: int = 50) -> List[Tuple[str, str]]:
+  """``(path, module.name)`` of the placeholders in ``obj`` (dict keys and values, lists, tuples,
+  sets and the contents of placeholder objects), in order, at most ``limit``."""
+  found: List[Tuple[str, str]] = []
+  seen = set()
+
+  def walk(value, where):
+    if len(found) >= limit or id(value) in seen:
+      return
+    if is_placeholder(value):
+      found.append((where or "<top>", placeholder_label(value)))
+      if isinstance(value, type):
+        return
+    seen.add(id(value))
+    if isinstance(value, Placeholder):
+      walk(value.args, f"{where}.args")
+      walk(value.state, f"{where}.state")
+      walk(value.items, f"{where}.items")
+      walk(value.list_items, f"{where}.list_items")
+    elif isinstance(value, Mapping):
+      for k, v in value.items():
+        label = placeholder_label(k) if is_placeholder(k) else repr(k)
+        walk(k, f"{where}[{label}] (key)")
+        walk(v, f"{where}[{label}]")
+    elif isinstance(value, (list, tuple, set, frozenset)):
+      for i, v in enumerate(value):
+        walk(v, f"{where}[{i}]")
+
+  walk(obj, path)
+  return found
+
+
+# ------------------------------------------------------------------------------------ restricted reader
+
+_BUILTINS = ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool", "str",
+             "bytes", "bytearray", "slice", "range")
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128",
+    "UntypedStorage": "uint8",
+}
+
+
+class _StorageType:
+  """A torch storage class named in the file, reduced to its element dtype."""
+
+  def __init__(self, name: str, dtype):
+    self.name, self.dtype = name, dtype
+
+
+class _Storage:
+  """One storage record: a flat tensor of its element type."""
+
+  def __init__(self, flat):
+    self.flat = flat
+
+
+def _codecs_encode(obj, encoding="utf-8", errors="strict"):
+  import codecs  # pylint: disable=import-outside-toplevel
+  return codecs.encode(obj, encoding, errors)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+  """Unpickler of torch's ``data.pkl`` that builds tensors and plain containers only.
+
+  ``find_class`` returns a real object for the whitelisted names (tensor rebuild functions, torch
+  storage types, dtypes, ``torch.Size`` / ``torch.device``, ``collections.OrderedDict``, builtin
+  containers and scalars) and an inert ``Placeholder`` class for every other name, without
+  importing its module. ``persistent_load`` reads the storage records from ``read_record``.
+  """
+
+  def __init__(self, file, read_record, torch_module):
+    super().__init__(file)
+    self._read_record = read_record
+    self._torch = torch_module
+    self._storages: Dict[str, _Storage] = {}
+    self._placeholders: Dict[Tuple[str, str], type] = {}
+    torch = torch_module
+    self._allowed = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor_v3"): self._rebuild_tensor_v3,
+        ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter,
+        ("torch._tensor", "_rebuild_from_type_v2"): self._rebuild_from_type_v2,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+        ("copyreg", "_reconstructor"): self._reconstructor,
+        ("_codecs", "encode"): _codecs_encode,
+    }
+    for name in _BUILTINS:
+      self._allowed[("builtins", name)] = getattr(builtins, name)
+    for name, dtype in _STORAGE_DTYPES.items():
+      self._allowed[("torch", name)] = _StorageType(name, getattr(torch, dtype))
+
+  def find_class(self, module, name):
+    module, name = str(module), str(name)
+    # Python 2 names (pickle protocol < 3 writes ``__builtin__``, ``copy_reg``, ...), as pickle maps them.
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+      module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+      module = _compat_pickle.IMPORT_MAPPING[module]
+    key = (module, name)
+    if key in self._allowed:
+      return self._allowed[key]
+    if key[0] == "torch" and isinstance(getattr(self._torch, key[1], None), self._torch.dtype):
+      return getattr(self._torch, key[1])
+    if key not in self._placeholders:
+      self._placeholders[key] = placeholder_class(*key)
+    return self._placeholders[key]
+
+  def persistent_load(self, pid):
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage")):
+      raise pickle.UnpicklingError(f"unsupported persistent id {pid!r} (expected a torch storage)")
+    storage_type, key, _, numel = pid[1:5]
+    if not isinstance(storage_type, _StorageType):
+      raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
+    key = key.decode("ascii") if isinstance(key, bytes) else str(key)
+    if key not in self._storages:
+      torch = self._torch
+      data = self._read_record(f"data/{key}")
+      size = torch.empty((), dtype=storage_type.dtype).element_size()
+      if len(data) != int(numel) * size:
+        raise pickle.UnpicklingError(f"storage data/{key}: {len(data)} bytes for {numel} elements of "
+                                     f"{storage_type.dtype}")
+      flat = (torch.frombuffer(bytearray(data), dtype=storage_type.dtype) if data
+              else torch.empty((0,), dtype=storage_type.dtype))
+      self._storages[key] = _Storage(flat)
+    return self._storages[key]
+
+  # Rebuilders: each takes what torch's function of the same name takes and returns a plain tensor.
+  def _rebuild_tensor(self, storage, storage_offset, size, stride):
+    if not isinstance(storage, _Storage):
+      raise pickle.UnpicklingError(f"a tensor refers to {storage!r}, not to a storage record")
+    return self._torch.as_strided(storage.flat, tuple(size), tuple(stride), int(storage_offset))
+
+  def _rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad=False,
+                         backward_hooks=None, metadata=None):  # pylint: disable=unused-argument
+    return self._rebuild_tensor(storage, storage_offset, size, stride)
+
+  def _rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                         dtype, metadata=None):  # pylint: disable=unused-argument
+    if not isinstance(storage, _Storage) or not isinstance(dtype, self._torch.dtype):
+      raise pickle.UnpicklingError(f"unsupported tensor record ({storage!r}, {dtype!r})")
+    return self._rebuild_tensor(_Storage(storage.flat.view(dtype)), storage_offset, size, stride)
+
+  def _rebuild_parameter(self, data, requires_grad=False, backward_hooks=None, state=None):  # pylint: disable=unused-argument
+    return data
+
+  def _rebuild_from_type_v2(self, func, new_type, args, state):  # pylint: disable=unused-argument
+    return func(*args)
+
+  def _reconstructor(self, cls, base, state):
+    """``copyreg._reconstructor``: an instance of a placeholder class, else an inert record."""
+    if isinstance(cls, type) and issubclass(cls, Placeholder):
+      return cls() if state is None else cls(state)
+    return placeholder_class("copyreg", "_reconstructor")(cls, base, state)
+
+
+def _archive_prefix(names: List[str]) -> str:
+  pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
+  if len(pickles) != 1:
+    raise ValueError("not a torch zip archive (expected exactly one <archive>/data.pkl record)")
+  return pickles[0][: -len("data.pkl")]
+
+
+def load_restricted(path: str, torch_module=None) -> Any:
+  """The object in a torch zip checkpoint, read by ``RestrictedUnpickler`` (see the module
+  docstring): tensors and plain containers are built, anything else becomes a ``Placeholder``."""
+  if torch_module is None:
+    import torch as torch_module  # pylint: disable=import-outside-toplevel
+  with zipfile.ZipFile(os.fspath(path)) as archive:
+    prefix = _archive_prefix(archive.namelist())
+    names = set(archive.namelist())
+    if f"{prefix}byteorder" in names:
+      order = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
+      if order != "little":
+        raise ValueError(f"{path}: storages are {order}-endian; only little-endian files are read")
+
+    def read_record(name: str) -> bytes:
+      if prefix + name not in names:
+        raise pickle.UnpicklingError(f"record {prefix + name} is missing from the archive")
+      return archive.read(prefix + name)
+
+    with archive.open(f"{prefix}data.pkl") as f:
+      return RestrictedUnpickler(f, read_record, torch_module).load()
+
+
 # ------------------------------------------------------------------------------------ torch loading
 
 
-def load_torch_file(path: str) -> Any:
-  """``torch.load(path, map_location='cpu', weights_only=True)`` with clear errors."""
+def load_torch_file(path: str, placeholders: bool = False) -> Any:
+  """A PyTorch checkpoint's content, read without executing code.
+
+  ``torch.load(path, map_location='cpu', weights_only=True)`` first. When that refuses the file
+  because it names other classes (a PyTorch Lightning checkpoint, say) and ``placeholders`` is
+  True, a zip-format file is read again by ``load_restricted``: tensors and plain containers come
+  back as such, every other object as an inert ``Placeholder``. With ``placeholders`` False such a
+  file raises ``ValueError``.
+  """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
@@ -28,10 +295,19 @@ def load_torch_file(path: str) -> Any:
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # UnpicklingError / RuntimeError for objects other than tensors
-    raise ValueError(
-        f"{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}). "
-        "If you trust the file, re-save its tensors only: "
-        "torch.save(torch.load(path, weights_only=False)['model_state_dict'], 'state_dict.pth').") from e
+    first = e
+  if placeholders and zipfile.is_zipfile(path):
+    try:
+      return load_restricted(path, torch)
+    except (pickle.UnpicklingError, ValueError, RuntimeError, EOFError, KeyError, TypeError,
+            zipfile.BadZipFile) as e:
+      raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) "
+                       f"({type(first).__name__}: {first}) nor by the restricted reader "
+                       f"({type(e).__name__}: {e}).") from e
+  raise ValueError(
+      f"{path}: cannot be read with torch.load(weights_only=True) ({type(first).__name__}: {first}). "
+      "If you trust the file, re-save its tensors only: "
+      "torch.save(torch.load(path, weights_only=False)['model_state_dict'], 'state_dict.pth').") from first
 
 
 def extract_state_dict(obj: Any, marker: str = "tok_emb.weight", source: str = "checkpoint") -> Dict[str, Any]:
