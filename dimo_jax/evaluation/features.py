@@ -14,7 +14,7 @@ import numpy as np
 
 from dimo_jax.converters import pytorch_fid
 from dimo_jax.data import datasets
-from dimo_jax.evaluation import classifier_features, metrics
+from dimo_jax.evaluation import classifier_features, fid_protocol, metrics
 from dimo_jax.evaluation.sample_sets import Devices, _save_npz, _sha1, map_batches
 from dimo_jax.evaluation.settings import EvalSettings
 from dimo_jax.storage import loaders
@@ -58,6 +58,7 @@ def build_extractors(config, s: EvalSettings, ds, model, out_dir: str, devices: 
                        "pt_inception-2015-12-05-6726825d.pth")
     vq_module, vq_vars = loaders.load_vqgan(vq_path)
     inc_apply, inc_vars = pytorch_fid.load_fid_inception(s.inception_path)
+    inc_apply = fid_protocol.inception_apply(s.fid_protocol, inc_apply, inc_vars)
     vq_vars = devices.put_replicated(vq_vars)
     inc_vars = devices.put_replicated(inc_vars)
     decode = jax.jit(lambda v, t: vq_module.apply(v, t, method="decode_tokens"))
@@ -68,8 +69,12 @@ def build_extractors(config, s: EvalSettings, ds, model, out_dir: str, devices: 
                                                batch, devices)
     ex.inception_images = lambda images: map_batches(lambda x: inc_apply(inc_vars, x),
                                                       np.asarray(images, np.float32), batch, devices)
-    ex.inception_id = f"{os.path.abspath(s.inception_path)}|{os.path.abspath(vq_path)}"
+    ex.inception_id = f"{os.path.abspath(s.inception_path)}|{os.path.abspath(vq_path)}" + \
+        fid_protocol.cache_tag(s.fid_protocol)
     return ex
+  if s.fid_protocol != "project":
+    raise ValueError(f"config.evaluate.fid_protocol={s.fid_protocol!r} applies to images (config.vqgan.checkpoint "
+                     "and config.evaluate.inception_path); token data sets are scored with fid_protocol='project'")
   if ds is None:
     raise ValueError("no feature extractor applies: the data set is config.data.name='none' and no VQGAN is set; "
                      "set config.vqgan.checkpoint and config.evaluate.inception_path (image tokens) or a data set")
@@ -182,8 +187,10 @@ def _reference_tokens(ds, split: str):
 
 
 def build_reference(s: EvalSettings, ds, ex: Extractors, out_dir: str) -> Reference:
+  if ex.inception is not None:
+    fid_protocol.check_reference(s.fid_protocol, s.reference_stats)
   if ex.inception is not None and (s.reference_stats or s.reference_images):
-    stats = metrics.load_reference_stats(s.reference_stats) if s.reference_stats else None
+    stats = fid_protocol.load_reference_stats(s.reference_stats, s.fid_protocol) if s.reference_stats else None
     feats, name, num = Features(), os.path.abspath(s.reference_stats or s.reference_images), 0
     if s.reference_images:
       cache = os.path.join(out_dir, "reference_inception.npz")

@@ -7,6 +7,7 @@ import math
 from typing import Any, Tuple
 
 from dimo_jax.core import masking, samplers
+from dimo_jax.evaluation.fid_protocol import check_protocol
 
 
 # ---------------------------------------------------------------------------- settings
@@ -28,6 +29,7 @@ class EvalSettings:
   reference_split: str = "val"
   real_rows: bool = True
   inception_path: str = ""
+  fid_protocol: str = "project"  # 'paper': the paper's Table-1 protocol (evaluation/fid_protocol.py)
   reference_stats: str = ""
   reference_images: str = ""
   reference_image_size: int = 256
@@ -117,6 +119,7 @@ def check_settings(s: EvalSettings):
     raise ValueError(f"config.evaluate.reference_split={s.reference_split!r} is not valid; choose one of "
                      f"{list(REFERENCE_SPLITS)}")
   r_init_value(s.r_init)
+  check_protocol(s.fid_protocol)
 
 
 def r_init_value(spec):
