@@ -30,45 +30,88 @@ def convert_command(kind: str, output: str, input_path: str = "", heads: Optiona
   return cmd
 
 
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
 def _is_checkpoint_dir(path: str) -> bool:
+  """A local folder with ``config.json`` (in it, or beside it when it is a ``checkpoints``
+  folder); object-store paths are left to the loaders."""
+  if _is_remote(path):
+    return True
+  if os.path.basename(os.path.normpath(path)) == "checkpoints":
+    path = os.path.dirname(os.path.normpath(path))
   return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 
-def check_paths(config, which: Sequence[str] = ("teacher", "vqgan")) -> None:
-  """Raises ``FileNotFoundError`` naming a missing configured file and the command that makes it.
+def _is_converted_config(config) -> bool:
+  """A config whose teacher is a published checkpoint (it names the source file or a VQGAN)."""
+  return bool(config.teacher.get("source", "")) or "vqgan" in config
 
-  ``which`` selects the sections: ``teacher`` (``config.teacher.checkpoint``: a converted
-  checkpoint or teacher workdir with ``config.json``), ``vqgan`` (``config.vqgan.checkpoint``,
-  skipped when empty or absent) and ``sample`` (``config.sample.checkpoint`` when set).
-  """
-  arch = config.model.get("arch", "preln")
-  heads = config.model.get("heads", None)
-  if "teacher" in which:
-    path = config.teacher.get("checkpoint", "")
-    if not path or not _is_checkpoint_dir(path):
-      kind = "google-maskgit" if arch == "bert" else "valeoai"
-      what = "is not set" if not path else f"{path!r} does not exist or has no config.json"
-      raise FileNotFoundError(
-          f"config.teacher.checkpoint {what}. Convert the published teacher first:\n  "
+
+def _teacher_problem(config, heads) -> Optional[str]:
+  path = config.teacher.get("checkpoint", "")
+  if path and _is_checkpoint_dir(path):
+    return None
+  what = "is not set" if not path else f"{path!r} does not exist or has no config.json"
+  if not _is_converted_config(config):
+    return (f"config.teacher.checkpoint {what}. Train a teacher first:\n  python -m dimo_jax.main "
+            f"--config=<config> --workdir={path or '<dir>'} --config.mode=teacher\nor point "
+            "--config.teacher.checkpoint at a teacher workdir.")
+  kind = "google-maskgit" if config.model.get("arch", "preln") == "bert" else "valeoai"
+  return (f"config.teacher.checkpoint {what}. Convert the published teacher first:\n  "
           + convert_command(kind, path or "pretrained/teacher", config.teacher.get("source", ""), heads)
           + "\nor point --config.teacher.checkpoint at a teacher workdir.")
-  if "vqgan" in which and "vqgan" in config and config.vqgan.get("checkpoint", ""):
-    path = config.vqgan.checkpoint
-    if not (os.path.isfile(os.path.join(path, "params.msgpack"))
-            and os.path.isfile(os.path.join(path, "vqgan.json"))):
-      kind = f"{config.vqgan.get('kind', 'taming')}-vqgan"
-      if kind not in _DEFAULT_INPUTS:
-        raise ValueError(f"config.vqgan.kind={config.vqgan.get('kind')!r}; choose 'taming' or 'google'.")
-      raise FileNotFoundError(
-          f"config.vqgan.checkpoint {path!r} does not exist or lacks params.msgpack / vqgan.json. "
+
+
+def _vqgan_problem(config) -> Optional[str]:
+  if "vqgan" not in config or not config.vqgan.get("checkpoint", ""):
+    return None
+  path = config.vqgan.checkpoint
+  if _is_remote(path) or (os.path.isfile(os.path.join(path, "params.msgpack"))
+                          and os.path.isfile(os.path.join(path, "vqgan.json"))):
+    return None
+  kind = f"{config.vqgan.get('kind', 'taming')}-vqgan"
+  if kind not in _DEFAULT_INPUTS:
+    raise ValueError(f"config.vqgan.kind={config.vqgan.get('kind')!r}; choose 'taming' or 'google'.")
+  return (f"config.vqgan.checkpoint {path!r} does not exist or lacks params.msgpack / vqgan.json. "
           "Convert the VQGAN first:\n  " + convert_command(kind, path, config.vqgan.get("source", "")))
+
+
+def check_paths(config, which: Sequence[str] = ("teacher", "vqgan")) -> None:
+  """Raises ``FileNotFoundError`` naming each missing configured folder and the command that
+  makes it (all of them in one message, so that a fresh checkout learns every convert command
+  at once).
+
+  ``which`` selects the sections: ``teacher`` (``config.teacher.checkpoint``: a converted
+  checkpoint or teacher workdir with ``config.json``; a config without a published source
+  is told to train one), ``vqgan`` (``config.vqgan.checkpoint``, skipped when empty or absent)
+  and ``sample`` (``config.sample.checkpoint`` when set). Object-store paths are not checked.
+  """
+  heads = config.model.get("heads", None)
+  problems = []
+  if "teacher" in which:
+    problems.append(_teacher_problem(config, heads))
+  if "vqgan" in which:
+    problems.append(_vqgan_problem(config))
+  if all(problems) and len(problems) == 2 and _is_converted_config(config):
+    # A fresh checkout of a published-teacher config: both convert commands, three lines.
+    commands_ = [p.split("\n")[1].strip() for p in problems]
+    raise FileNotFoundError(
+        f"config.teacher.checkpoint {config.teacher.get('checkpoint', '')!r} and config.vqgan.checkpoint "
+        f"{config.vqgan.checkpoint!r} are not converted yet; convert the published files first:\n  "
+        + "\n  ".join(commands_))
   if "sample" in which and "sample" in config and config.sample.get("checkpoint", ""):
     path = config.sample.checkpoint
     if not _is_checkpoint_dir(path):
-      raise FileNotFoundError(
+      problems.append(
           f"config.sample.checkpoint {path!r} does not exist or has no config.json. Use a distillation "
           "workdir, or convert the Di[M]O authors' generator:\n  "
           + convert_command("dimo-generator", path, "", heads))
+  problems = [p for p in problems if p]
+  if problems:
+    raise FileNotFoundError("\n".join(problems))
+
 
 # config.meissonic field -> (converter kind, released subfolder).
 MEISSONIC_FOLDERS = {

@@ -1,5 +1,10 @@
 """``mode=distill``: Di[M]O (``method.dimo``) of ``config.teacher.checkpoint`` into a one-step
 generator; the finished EMA generator is written to ``<workdir>/generator``.
+
+The workdir is locked for the run; a rerun resumes from the latest intact checkpoint after
+checking that the config did not change what the run computes. Non-finite token gradients are
+zeroed by the step and counted; ``config.distill.max_nonfinite_steps`` consecutive steps with
+any stop the run.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from absl import logging
 
 from dimo_jax.core import samplers, sharding
 from dimo_jax.core.sharding import host_array
+from dimo_jax.converters import commands
 from dimo_jax.data import image_grids
 from dimo_jax.evaluation import tables
 from dimo_jax.method import dimo
@@ -37,22 +43,35 @@ def _generator_grid(path, model, params, key, *, vocab_size, image_shape, r_init
   labels = jnp.asarray(sample_label_grid(model.num_classes))
   tokens = host_array(samplers.one_step_generate(model, params, key, labels, r_init=r_init, sigma=sigma))
   if jax.process_index() == 0:
-    image_grids.save_image_grid(image_grids.tokens_to_images(tokens, vocab_size, image_shape), path,
-                         ncols=model.num_classes if model.num_classes > 0 else None)
+    loop.save_grid(image_grids.tokens_to_images(tokens, vocab_size, image_shape), path,
+                   ncols=model.num_classes if model.num_classes > 0 else None)
 
 
 def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
   """Di[M]O distillation (``mode=distill``) of ``config.teacher.checkpoint`` into a one-step
   generator. The whole state is checkpointed in ``<workdir>/checkpoints`` (a rerun resumes);
   the finished EMA generator is written to ``<workdir>/generator`` for ``mode=sample`` /
-  ``mode=evaluate``. Returns the last logged metrics."""
-  dc = config.distill
-  steps, stop_after, workdir = loop_setup(dc, "distill", workdir, stop_after)
+  ``mode=evaluate``. Returns the last logged metrics, ``step`` and ``preempted``."""
+  steps, stop_after, workdir = loop_setup(config.distill, "distill", workdir, stop_after)
+  with loop.workdir_lock(workdir):
+    return _train_distill(config, workdir, steps, stop_after)
 
+
+def _load_teacher(config):
+  """The teacher of ``config.teacher``; a missing folder names the command that makes it (and
+  the VQGAN's, when that is missing too)."""
+  try:
+    return loaders.load_teacher(config.teacher.checkpoint, use_ema=bool(config.teacher.get("use_ema", True)),
+                                overrides=maskgit.compute_overrides(config.model))
+  except FileNotFoundError:
+    commands.check_paths(config, which=("teacher", "vqgan"))
+    raise
+
+
+def _train_distill(config, workdir: str, steps: int, stop_after: Optional[int]) -> dict:
+  dc = config.distill
   teacher_path = config.teacher.checkpoint
-  model, teacher_params, stored = loaders.load_teacher(
-      teacher_path, use_ema=bool(config.teacher.get("use_ema", True)),
-      overrides=maskgit.compute_overrides(config.model))
+  model, teacher_params, stored = _load_teacher(config)
   info = stored.get("dataset") or {}
   image_shape = info.get("image_shape")
   mesh = sharding.make_mesh(int(config.mesh.get("data", -1)), int(config.mesh.get("fsdp", 1)))
@@ -62,18 +81,21 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
                     "some tokens zero (or near-zero) probability (docs/proofs.md, section 4); forward KL "
                     "(divergence='fkl' or beta=0) is the safe choice.", dist.s.beta)
   state = dist.init_state(teacher_params, int(config.seed))
+  cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  stored_model = dict(stored.get("model", {}), **maskgit.compute_overrides(config.model))
+  run_config = dict(cfg, model=stored_model, dataset=info, role="distill")
 
-  ckpt, start = make_checkpointer(dc, "distill", workdir, steps)
+  ckpt, start = make_checkpointer(dc, "distill", workdir, steps, run_config, config.get("resume_accept", ""))
   writer = None
   final = {}
   try:
     if start:
-      state = ckpt.restore(start, state)
-      logging.info("Resumed distillation from %s at step %d.", ckpt.directory, start)
+      fresh_teacher = state.teacher_params
+      state, start = loop.restore(ckpt, state, "distillation")
+      if any(k.split(".")[0] in ("teacher", "model", "dataset") for k in ckpt.accepted):
+        # An accepted change of teacher: distil the teacher the config names, not the stored copy.
+        state = state.replace(teacher_params=fresh_teacher)
     step_fn, state = dist.compile_step(state, mesh)  # stops here if the step cannot fit the device
-    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    stored_model = dict(stored.get("model", {}), **maskgit.compute_overrides(config.model))
-    run_config = dict(cfg, model=stored_model, dataset=info, role="distill")
     if jax.process_index() == 0:
       checkpoints.write_config(workdir, run_config)
 
@@ -93,14 +115,18 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
                  type(model).__name__, maskgit.count_params(teacher_params), teacher_path, steps,
                  dist.s.batch_size, mesh.size)
     history, step, t0 = [], start, time.time()
+    watch = loop.NonFiniteWatch(int(dc.get("max_nonfinite_steps", 100) or 0), "distill", ckpt)
     with PreemptionGuard() as guard:
       while step < steps:
         state, metrics = step_fn(state)
         step += 1
         history.append(metrics)
+        watch.update(step, metrics)
         progress(step)
         if step % log_every == 0 or step == steps:
-          final = log_window(history, step, writer)
+          final = log_window(history, step, writer, stop_on_nonfinite=False, name="distill")
+        if step == steps:
+          watch.flush()
         ckpt.save(step, state, force=step == steps or guard.requested)
         if image_shape and sample_every and (step % sample_every == 0 or step == steps):
           _generator_grid(os.path.join(workdir, "samples", f"generator_{step:07d}.png"), model, state.ema_params,
@@ -109,6 +135,7 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
           logging.info("Stopping at step %d.", step)
           break
     ckpt.wait()
+    final[loop.PREEMPTED] = guard.requested and step < steps
     if step == steps:
       gen_config = dict(run_config, role="generator")
       checkpoints.save_params(loaders.generator_dir(workdir), jax.device_get(state.gen.params), gen_config,

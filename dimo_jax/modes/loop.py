@@ -1,12 +1,16 @@
 """Loop plumbing shared by the modes: metric writers and progress (clu, which brings TensorFlow, is
-imported inside the functions that use it), the workdir and checkpointer setup, preemption,
-sample grids, and the entry every mode's ``run`` goes through.
+imported inside the functions that use it), the workdir setup and its lock, the check that a
+resumed run has the config it started with, checkpoints restored past damaged steps, the stop
+on non-finite steps, preemption, sample grids, and the entry every mode's ``run`` goes through.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
-from typing import Callable, Optional
+import os
+from typing import Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +20,16 @@ from absl import logging
 from dimo_jax.core import samplers, sharding
 from dimo_jax.core.sharding import host_array
 from dimo_jax.data import image_grids
+from dimo_jax.networks import maskgit
 from dimo_jax.networks.conditioning import sample_label_grid
 from dimo_jax.storage import checkpoints
+from dimo_jax.storage.checkpoints import UserError
+
+PREEMPTED = "preempted"  # key of a loop's result: True when SIGTERM stopped it
+
+
+class NonFiniteStop(UserError, FloatingPointError):
+  """A run stopped on non-finite values (its message says where and what to change)."""
 
 
 # ---------------------------------------------------------------------------- writers / progress
@@ -36,15 +48,94 @@ def create_progress(num_steps: int, writer=None, every_steps: Optional[int] = No
                                          every_steps=every_steps, every_secs=None if every_steps else 60.0)
 
 
-def log_window(history: list, step: int, writer, prefix: str = "") -> dict:
-  """Writes the mean of the metrics gathered since the last call (and empties ``history``);
-  stops the run on a non-finite value."""
+def log_window(history: list, step: int, writer, prefix: str = "", *, stop_on_nonfinite: bool = True,
+               name: str = "train") -> dict:
+  """Writes the mean of the metrics gathered since the last call (and empties ``history``).
+
+  A non-finite mean stops the run (``NonFiniteStop``) when ``stop_on_nonfinite``; otherwise (a
+  loop whose step guards itself and stops through ``NonFiniteWatch``) it is written and warned
+  about in one line."""
   summary = mean_metrics(history)
   history.clear()
-  if not all(math.isfinite(v) for v in summary.values()):
-    raise FloatingPointError(f"non-finite metrics at step {step}: {summary}")
+  bad = {k: v for k, v in summary.items() if not math.isfinite(v)}
+  if bad and stop_on_nonfinite:
+    raise NonFiniteStop(
+        f"{name}: non-finite metrics at step {step} ({_fmt(bad)}): the run diverged. Lower "
+        f"--config.{name}.lr (or raise --config.{name}.warmup_steps) and resume with "
+        f"--config.resume_accept={name}.lr, or start in a new --workdir")
   writer.write_scalars(step, {prefix + k: v for k, v in summary.items()})
+  counts = {k: v for k, v in summary.items() if _counts_nonfinite(k) and v > 0}
+  if bad or counts:
+    what = "; ".join(x for x in (f"non-finite metrics {_fmt(bad)}" if bad else "",
+                                 f"non-finite values zeroed per step {_fmt(counts)}" if counts else "") if x)
+    logging.warning("Step %d: %s. The run goes on (the step zeroes non-finite gradients) and stops after "
+                    "config.%s.max_nonfinite_steps consecutive steps with any.", step, what, name)
   return summary
+
+
+def _fmt(values: dict) -> str:
+  return ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
+
+
+def _counts_nonfinite(key: str) -> bool:
+  """Metrics that count non-finite values of a step (``gen/nan_count``, ``gen/nonfinite``)."""
+  leaf = key.rsplit("/", 1)[-1]
+  return leaf.endswith("nan_count") or leaf.endswith("nonfinite")
+
+
+class NonFiniteWatch:
+  """Stops a loop after ``limit`` consecutive steps with non-finite gradients (0: never).
+
+  A step counts when one of its counting metrics (``*nan_count``, ``*nonfinite``) is positive or
+  a ``*grad_norm`` is not finite. ``update`` looks at the previous step's metrics (already
+  computed while the current step runs, so the loop does not wait on the device); ``flush`` at
+  the last one."""
+
+  def __init__(self, limit: int, name: str = "distill", ckpt=None):
+    self.limit = int(limit or 0)
+    self.name = name
+    self.ckpt = ckpt
+    self.streak = 0
+    self.first = None
+    self._pending = None
+
+  @staticmethod
+  def nonfinite(metrics: dict) -> bool:
+    keys = [k for k in metrics if _counts_nonfinite(k) or k.rsplit("/", 1)[-1] == "grad_norm"]
+    values = jax.device_get({k: metrics[k] for k in keys})
+    for k, v in values.items():
+      v = np.asarray(v, np.float64)
+      if _counts_nonfinite(k) and (np.any(v > 0) or not np.all(np.isfinite(v))):
+        return True
+      if not _counts_nonfinite(k) and not np.all(np.isfinite(v)):
+        return True
+    return False
+
+  def update(self, step: int, metrics: dict):
+    pending, self._pending = self._pending, (step, metrics)
+    if pending is not None:
+      self._check(*pending)
+
+  def flush(self):
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      self._check(*pending)
+
+  def _check(self, step: int, metrics: dict):
+    if not self.nonfinite(metrics):
+      self.streak, self.first = 0, None
+      return
+    self.streak += 1
+    self.first = step if self.first is None else self.first
+    if self.limit > 0 and self.streak >= self.limit:
+      if self.ckpt is not None:
+        self.ckpt.wait()
+      kept = self.ckpt.kept() if self.ckpt is not None else "no checkpoint is kept"
+      raise NonFiniteStop(
+          f"{self.name}: {self.streak} consecutive steps ({self.first} to {step}) had non-finite gradients "
+          f"(config.{self.name}.max_nonfinite_steps={self.limit}); stopped, {kept}. Check the teacher "
+          f"for non-finite values, lower --config.{self.name}.gen_lr, or raise "
+          f"--config.{self.name}.max_nonfinite_steps (0 never stops)")
 
 
 def mean_metrics(history):
@@ -78,13 +169,45 @@ def write_sample_grid(path: str, apply_fn, params, key, *, num_classes: int, seq
   tokens = host_array(tokens)
   if jax.process_index() == 0:
     images = image_grids.tokens_to_images(tokens, vocab_size, image_shape)
-    image_grids.save_image_grid(images, path, ncols=num_classes if num_classes > 0 else None)
+    save_grid(images, path, ncols=num_classes if num_classes > 0 else None)
+  return path
+
+
+def save_grid(images, path: str, **kwargs) -> str:
+  """``image_grids.save_image_grid`` with the user's umask on the PNG (its temporary file is 0600)."""
+  image_grids.save_image_grid(images, path, **kwargs)
+  if not checkpoints.is_remote(path):
+    checkpoints.apply_umask(path)
   return path
 
 
 # ---------------------------------------------------------------------------- loop setup
+def check_workdir(workdir: str) -> str:
+  """Creates ``workdir`` (a local folder or an object-store path); a file, or a folder that
+  cannot be created or written, is a one-line ``UserError``. Returns its absolute path."""
+  workdir = checkpoints.abspath(workdir)
+  if checkpoints.is_remote(workdir):
+    checkpoints.makedirs(workdir)
+    return workdir
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir={workdir} is a file, not a folder; pass a folder (it is created when missing)")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except (FileExistsError, NotADirectoryError) as e:
+    blocker = workdir
+    while blocker != os.path.dirname(blocker) and not os.path.exists(blocker):
+      blocker = os.path.dirname(blocker)
+    raise UserError(f"--workdir={workdir} cannot be created: {blocker} is a file; pass a folder path") from e
+  except OSError as e:
+    raise UserError(f"--workdir={workdir} cannot be created ({e.strerror}); choose a folder you can write") from e
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise UserError(f"--workdir={workdir} is not writable; choose a folder you can write (or fix its permissions)")
+  return workdir
+
+
 def loop_setup(section, name: str, workdir: str, stop_after: Optional[int]):
-  """Checks the common loop fields of ``config.<name>``; returns (steps, stop_after, workdir)."""
+  """Checks the common loop fields of ``config.<name>`` and the workdir; returns (steps,
+  stop_after, workdir)."""
   if not workdir:
     raise ValueError(f"config.{name}: the run needs a workdir (--workdir=<dir>)")
   steps = int(section.steps)
@@ -92,23 +215,159 @@ def loop_setup(section, name: str, workdir: str, stop_after: Optional[int]):
     raise ValueError(f"config.{name}.steps must be >= 1, got {steps}")
   if stop_after is None:
     stop_after = int(section.get("stop_after", 0) or 0) or None
-  workdir = checkpoints.abspath(workdir)
-  checkpoints.makedirs(workdir)
-  return steps, stop_after, workdir
+  return steps, stop_after, check_workdir(workdir)
 
 
-def make_checkpointer(section, name: str, workdir: str, steps: int):
-  """The loop's Checkpointer and the step to start from (its latest checkpoint, or 0)."""
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds ``<workdir>/run.lock`` (``checkpoints.WorkdirLock``) for the body: a second run on the
+  same workdir stops at once with ``WorkdirInUse``. Process 0 holds it for all processes."""
+  lock = checkpoints.WorkdirLock(workdir)
+  error = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except PermissionError as e:
+      error = UserError(f"--workdir={workdir} is not writable ({e.strerror}); choose a folder you can write")
+    except OSError as e:
+      if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        raise
+      error = UserError(f"--workdir={workdir} is not writable ({e.strerror}); choose a folder you can write")
+    except UserError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if failed and error is None:
+      error = checkpoints.WorkdirInUse(f"process 0 could not lock {workdir}; its log says why")
+  if error is not None:
+    raise error
+  try:
+    yield lock
+  finally:
+    if jax.process_index() == 0:
+      lock.release()
+
+
+# Config entries that never change what a run computes (logging, checkpoint and sample cadence,
+# rematerialisation, where a converter's input was), left out of the resume check.
+_CADENCE = ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints", "stop_after", "eval_every",
+            "eval_batch_size", "evaluate_at_end", "max_nonfinite_steps")
+_NOT_COMPARED = ("model.remat", "model.attention_impl", "teacher.source", "data.tfds_data_dir")
+# What each mode's run computes from.
+_COMPARED = {"train": ("mode", "seed", "data", "model", "train", "dataset"),
+             "distill": ("mode", "seed", "model", "teacher", "distill", "dataset")}
+_PATHS = ("teacher.checkpoint", "data.path", "data.labels")
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in (tree or {}).items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict) and v:
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _same(key: str, old, new) -> bool:
+  if old == new:
+    return True
+  if key in _PATHS and isinstance(old, str) and isinstance(new, str) and old and new:
+    return not checkpoints.is_remote(old) and os.path.abspath(old) == os.path.abspath(new)
+  return False
+
+
+def parse_accept(spec) -> set:
+  """``config.resume_accept``: a comma list of accepted keys (``distill.steps``, or a leaf name
+  such as ``steps``, or a section such as ``distill``)."""
+  if isinstance(spec, (list, tuple)):
+    spec = ",".join(map(str, spec))
+  return {a.strip() for a in str(spec or "").split(",") if a.strip()}
+
+
+def config_differences(stored: dict, run_config: dict, name: str) -> list:
+  """``[(key, stored value, new value)]`` for every compared entry that differs (entries that
+  only one side has are not compared: configs gain fields)."""
+  sections = _COMPARED[name]
+  old, new = _flatten(stored), _flatten(checkpoints.as_json(run_config))
+  diffs = []
+  for key in sorted(set(old) & set(new)):
+    if key.split(".")[0] not in sections or key in _NOT_COMPARED or key.rsplit(".", 1)[-1] in _CADENCE:
+      continue
+    if not _same(key, old[key], new[key]):
+      diffs.append((key, old[key], new[key]))
+  return diffs
+
+
+def check_resume(workdir: str, run_config: dict, name: str, accept=()) -> list:
+  """Compares ``run_config`` with the ``config.json`` a run left in ``workdir``.
+
+  A difference in what the run computes (a teacher, the architecture, the data, a step
+  setting, the step count) stops with ``UserError`` listing them, unless ``accept``
+  (``config.resume_accept``) names each; returns the accepted differences' keys."""
+  stored = checkpoints.read_config(workdir)
+  if not stored:
+    return []
+  accept = parse_accept(accept)
+  diffs = config_differences(stored, run_config, name)
+  if not diffs:
+    return []
+  accepted = lambda k: k in accept or k.rsplit(".", 1)[-1] in accept or k.split(".")[0] in accept
+  refused = [d for d in diffs if not accepted(d[0])]
+  listing = lambda ds: "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in ds)
+  if refused:
+    raise UserError(
+        f"--workdir={workdir} holds a {stored.get('mode', name)} run with another config, and resuming would mix "
+        f"the two: {listing(refused)}.\nUse a new --workdir, or accept the changes with "
+        f"--config.resume_accept={','.join(k for k, _, _ in refused)}")
+  logging.warning("Resuming %s with accepted config changes: %s.", workdir, listing(diffs))
+  return [k for k, _, _ in diffs]
+
+
+def make_checkpointer(section, name: str, workdir: str, steps: int, run_config: Optional[dict] = None,
+                      accept=()):
+  """The loop's Checkpointer and the step its latest checkpoint holds (or 0). With
+  ``run_config`` a workdir that holds checkpoints is first checked with ``check_resume``;
+  ``ckpt.accepted`` lists the accepted differences."""
   every = int(section.get("checkpoint_every", 0) or 0)
   ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(workdir),
                                   max_to_keep=int(section.get("keep_checkpoints", 2)),
                                   save_interval=every if every > 0 else steps)
-  start = ckpt.latest_step() or 0
-  if start > steps:
+  try:
+    start = ckpt.latest_step() or 0
+    ckpt.accepted = check_resume(workdir, run_config, name, accept) if (start and run_config) else []
+    if start > steps:
+      raise UserError(f"{ckpt.directory} holds a checkpoint at step {start}, beyond config.{name}.steps={steps}; "
+                      f"use another --workdir or raise --config.{name}.steps")
+  except BaseException:
     ckpt.close()
-    raise ValueError(f"{ckpt.directory!r} holds a checkpoint at step {start}, beyond "
-                     f"config.{name}.steps={steps}; use another --workdir or raise the step count")
+    raise
   return ckpt, start
+
+
+def restore(ckpt, state, name: str):
+  """``(state, step)`` from the newest intact checkpoint (``Checkpointer.restore_latest``: a
+  damaged one is moved aside with a warning); ``(state, 0)`` when there is none."""
+  step, restored = ckpt.restore_latest(state)
+  if step:
+    logging.info("Resumed %s from %s at step %d.", name, ckpt.directory, step)
+  return restored, int(step)
+
+
+def refuse_model_flags(mode: str, keys: Iterable[str]):
+  """In the modes that rebuild their networks from a stored ``config.json`` (``distill``,
+  ``sample``, ``evaluate``) only the compute fields of ``config.model`` apply; any other
+  ``--config.model.<field>`` given on the command line is refused, not ignored."""
+  if mode == "teacher":
+    return
+  refused = sorted({k for k in keys if k.startswith("model.") and k.split(".", 1)[1] not in maskgit.COMPUTE_FIELDS})
+  if refused:
+    raise UserError(
+        f"{', '.join('--config.' + k for k in refused)} cannot apply in mode={mode}: the networks are rebuilt "
+        f"from the stored config.json of the teacher or generator. Drop the flag; only "
+        f"{', '.join('model.' + f for f in maskgit.COMPUTE_FIELDS)} apply in this mode")
 
 
 # ---------------------------------------------------------------------------- preemption

@@ -1,7 +1,9 @@
 """``mode=teacher``: trains a masked diffusion model on token data (``method.mdm``).
 
-Resumes from the latest checkpoint of its workdir; each step's randomness and batch are pure
-functions of the step, so an interrupted run ends with the parameters of an uninterrupted one.
+Resumes from the latest intact checkpoint of its workdir (after checking that the config did not
+change what the run computes); each step's randomness and batch are pure functions of the step,
+so an interrupted run ends with the parameters of an uninterrupted one. The workdir is locked
+for the run.
 """
 
 from __future__ import annotations
@@ -46,12 +48,16 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   ends the loop after that many steps without a final checkpoint, as if the run were killed.
   Returns the final metrics: ``step``, ``train_loss`` (mean of the last logging window),
   ``val_loss`` and ``val_acc`` (EMA parameters, see ``evaluate_val_loss``; only when the run
-  reached ``config.train.steps``) and ``val_loss_initial`` (before the first step, when
-  ``eval_every`` > 0 and the run started from scratch).
+  reached ``config.train.steps``), ``val_loss_initial`` (before the first step, when
+  ``eval_every`` > 0 and the run started from scratch) and ``preempted`` (SIGTERM stopped it).
   """
-  tc = config.train
-  steps, stop_after, workdir = loop_setup(tc, "train", workdir, stop_after)
+  steps, stop_after, workdir = loop_setup(config.train, "train", workdir, stop_after)
+  with loop.workdir_lock(workdir):
+    return _train_teacher(config, workdir, steps, stop_after)
 
+
+def _train_teacher(config, workdir: str, steps: int, stop_after: Optional[int]) -> dict:
+  tc = config.train
   ds = datasets.load_dataset(config.data)
   info = dataset_info(ds)
   model = maskgit.build_model(config.model, codebook_size=ds.vocab_size, seq_len=ds.seq_len,
@@ -70,24 +76,23 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   if batch_size % n_proc:
     raise ValueError(f"config.train.batch_size={batch_size} must be a multiple of the {n_proc} processes")
 
-  ckpt, start = make_checkpointer(tc, "train", workdir, steps)
+  cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  run_config = dict(cfg, dataset=info)
+  ckpt, start = make_checkpointer(tc, "train", workdir, steps, run_config, config.get("resume_accept", ""))
   writer = None
   try:
-    # Batch k of the run is a pure function of (seed, k): a resumed run continues the stream.
-    batches = batching.batch_iterator(ds.train_tokens, ds.train_labels, batch_size // n_proc,
-                                  int(tc.get("data_seed", config.seed)), shard_index=proc, num_shards=n_proc,
-                                  start_step=start)
-
     settings = TeacherSettings.from_config(tc, steps)
     fns = compile_teacher(model, mesh, settings, mask_id, ds.num_classes)
     state = fns.init(jnp.int32(int(config.seed)))
     batch_shard = fns.batch_sharding
     if start:
-      state = ckpt.restore(start, state)
-      logging.info("Resumed from %s at step %d.", ckpt.directory, start)
+      state, start = loop.restore(ckpt, state, "the teacher")
+    # Batch k of the run is a pure function of (seed, k): a resumed run continues the stream.
+    batches = batching.batch_iterator(ds.train_tokens, ds.train_labels, batch_size // n_proc,
+                                  int(tc.get("data_seed", config.seed)), shard_index=proc, num_shards=n_proc,
+                                  start_step=start)
     if proc == 0:
-      cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-      checkpoints.write_config(workdir, dict(cfg, dataset=info))
+      checkpoints.write_config(workdir, run_config)
     train_step = fns.step
 
     apply_fn = make_apply_fn(model)
@@ -125,7 +130,7 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
     marker = os.path.join(workdir, EARLY_STOP_FILE)
     stopped = bool(start and os.path.exists(marker))
     best_ema = None
-    final = {"step": start, "train_loss": float("nan")}
+    final = {"step": start, "train_loss": float("nan"), loop.PREEMPTED: False}
     history = []
     step = start
     t0 = time.time()
@@ -166,6 +171,7 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
         if guard.requested or (stop_after and step >= stop_after and step < steps):
           logging.info("Stopping at step %d.", step)
           break
+      final[loop.PREEMPTED] = guard.requested and step < steps
     final["step"] = step
     if stopped:
       final["early_stop"] = True

@@ -3,21 +3,31 @@
 Layout of a workdir::
 
     <workdir>/config.json              the run's config plus the data sizes (``dataset`` key)
+    <workdir>/run.lock                 the host and process of the run that holds the workdir
     <workdir>/checkpoints/<step>/...   orbax checkpoints (written to a temporary folder, then
                                        renamed: a killed run never leaves a partial step)
+    <workdir>/checkpoints/<step>.corrupt-<n>   an unreadable checkpoint moved aside on resume
 
 A state pytree (a dict, a ``flax.struct`` dataclass, optax states, ...) is stored in its flax
 state-dict form; every non-empty top-level dict entry becomes its own orbax item (so
 ``params`` can be read without reading the optimizer state) and the remaining top-level
 entries go to the item ``_leaves``. Typed PRNG keys are stored as their key data and wrapped
 again on restore.
+
+Errors a user can act on (a workdir held by another run, an unreadable checkpoint, a full disk)
+are ``UserError``s: the command line prints their message without a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 import tempfile
+import threading
+import time
+import uuid
 from typing import Optional
 
 import jax
@@ -25,13 +35,60 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from absl import logging
 from flax import serialization
 
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILE = "config.json"
+LOCK_FILE = "run.lock"
 _LEAVES = "_leaves"
-_TEACHER_HINT = ("create one with `python -m dimo_jax.main --config=configs/digits.py "
-                 "--workdir=<dir> --config.mode=teacher`")
+_TEACHER_HINT = ("train a teacher with `python -m dimo_jax.main --config=<config> --workdir=<dir> "
+                 "--config.mode=teacher`, or convert a published one with `python -m dimo_jax.convert`")
+
+
+# ---------------------------------------------------------------------------- errors
+class UserError(ValueError):
+  """An error in what the user gave or in the files a run found (config, data, workdir,
+  checkpoints, disk space): its message names the key, file or value and the fix, and the
+  command line prints it without a traceback."""
+
+
+class WorkdirInUse(UserError):
+  """Another live run holds the workdir's lock."""
+
+
+class CheckpointUnreadable(UserError):
+  """No intact checkpoint to resume from or to load."""
+
+
+class DiskFull(UserError):
+  """A write failed with ENOSPC (or a quota); the message names the path and what was kept."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+  """True when ``err`` (or an exception it was raised from) is a full disk or quota: an
+  ``OSError`` with ENOSPC / EDQUOT, or TensorStore's "No space left on device"."""
+  seen = set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+      return True
+    if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+      return True
+    err = err.__cause__ or err.__context__
+  return False
+
+
+def short_reason(err: BaseException, limit: int = 160) -> str:
+  """The first line of an exception's message, without TensorStore's spec, at most ``limit``
+  characters."""
+  text = str(err).strip().split("\n")[0] or type(err).__name__
+  for cut in (" See full TensorStore details", " [tensorstore_spec=", " [source locations="):
+    text = text.split(cut)[0]
+  text = text.rstrip(". ")
+  if len(text) > limit:
+    text = text[: limit - 3] + "..."
+  return f"{type(err).__name__}: {text}" if type(err).__name__ not in text else text
 
 
 def _is_typed_key(x) -> bool:
@@ -84,14 +141,51 @@ class Checkpointer:
         create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=not read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._writing = None  # the step of the last save started
+    self.accepted = []  # config changes accepted on resume (set by the loop)
+
+  # ------------------------------------------------------------------ disk full
+  def _finished(self):
+    """Waits for pending writes; a full disk becomes one ``DiskFull`` message."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_if_disk_full(e)
+      raise
+
+  def _raise_if_disk_full(self, err: BaseException):
+    if not is_disk_full(err):
+      return
+    step = self._writing
+    where = os.path.join(self.directory, str(step)) if step is not None else self.directory
+    kept = self.kept([s for s in self.step_folders() if s != step])
+    raise DiskFull(f"no space left on device while writing {where}; {kept}. Free space (or use a "
+                   "--workdir on a larger disk) and rerun the same command") from err
+
+  def kept(self, steps=None) -> str:
+    """What a stopped run leaves behind, in words (``steps``: default the finished step folders)."""
+    steps = self.step_folders() if steps is None else list(steps)
+    if not steps:
+      return f"no complete checkpoint is kept in {self.directory}"
+    if len(steps) == 1:
+      return f"kept: the checkpoint at step {steps[0]} in {self.directory} (a rerun resumes from it)"
+    return (f"kept: the checkpoints at steps {', '.join(map(str, steps))} in {self.directory} (a rerun "
+            f"resumes from step {steps[-1]})")
+
+  def step_folders(self):
+    """Steps with a finished folder ``<directory>/<step>`` (read from the folder listing)."""
+    d = epath.Path(self.directory)
+    if not d.is_dir():
+      return []
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
 
   # ------------------------------------------------------------------ queries
   def latest_step(self) -> Optional[int]:
-    self._manager.wait_until_finished()
+    self._finished()
     return self._manager.latest_step()
 
   def all_steps(self):
-    self._manager.wait_until_finished()
+    self._finished()
     return list(self._manager.all_steps())
 
   def item_names(self, step: int):
@@ -116,7 +210,13 @@ class Checkpointer:
       return False
     items = _split_items(_keys_to_data(serialization.to_state_dict(state)))
     args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()})
-    return bool(self._manager.save(step, args=args, force=True))
+    try:
+      self._finished()  # a failed earlier write reports here, naming its own step
+      self._writing = step
+      return bool(self._manager.save(step, args=args, force=True))
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_if_disk_full(e)
+      raise
 
   def restore(self, step: Optional[int] = None, target=None, *, items=None):
     """Restores ``step`` (default: latest).
@@ -130,7 +230,7 @@ class Checkpointer:
       if step is None:
         raise FileNotFoundError(f"no checkpoint in {self.directory!r}; {_TEACHER_HINT}")
     else:
-      self._manager.wait_until_finished()
+      self._finished()
       if int(step) not in self._manager.all_steps():
         raise FileNotFoundError(
             f"no checkpoint for step {step} in {self.directory!r} (steps: {self.all_steps()})")
@@ -167,12 +267,78 @@ class Checkpointer:
         typed, target_sd, restored_sd)
     return serialization.from_state_dict(target, restored_sd)
 
+  # ------------------------------------------------------------------ resume past damage
+  def unreadable_reason(self, step: int, target=None) -> Optional[str]:
+    """Why ``step`` cannot be read (None when it reads: a failed restore into ``target`` was then
+    a real structure mismatch). A step missing entries that ``target`` has is damaged too."""
+    names = set(self.item_names(step))
+    if target is not None:
+      wanted = set(_split_items(_keys_to_data(serialization.to_state_dict(target))))
+      if names < wanted:
+        return f"entries {sorted(wanted - names)} are missing"
+      if names != wanted:
+        return None  # another kind of run: not damage
+    if not names:
+      return "the step folder holds no entries"
+    try:
+      self._manager.restore(int(step), args=ocp.args.Composite(
+          **{n: ocp.args.StandardRestore() for n in sorted(names)}))
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, MemoryError) or "out of memory" in str(e).lower() or is_disk_full(e):
+        return None  # the machine, not the checkpoint
+      return short_reason(e)
+    return None
+
+  def move_aside(self, step: int) -> str:
+    """Renames ``<directory>/<step>`` to ``<step>.corrupt-<n>`` (never deletes it); returns the
+    new path."""
+    src = epath.Path(self.directory) / str(int(step))
+    n = 1
+    while (epath.Path(self.directory) / f"{int(step)}.corrupt-{n}").exists():
+      n += 1
+    dst = epath.Path(self.directory) / f"{int(step)}.corrupt-{n}"
+    try:
+      src.rename(dst)
+    except OSError as e:
+      raise CheckpointUnreadable(
+          f"checkpoint step {step} in {self.directory} is unreadable and could not be moved aside "
+          f"({short_reason(e)}); move {src} out of the folder by hand and rerun") from e
+    self._manager.reload()
+    return os.fspath(dst)
+
+  def restore_latest(self, target):
+    """``(step, state)`` from the newest intact checkpoint, ``(0, target)`` when there is none.
+
+    An unreadable step (a truncated data file, emptied metadata, missing entries) is moved
+    aside to ``<step>.corrupt-<n>`` with a one-line warning, and the next older step is tried;
+    when steps existed but none was intact, ``CheckpointUnreadable`` names the folder."""
+    moved = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return step, self.restore(step, target)
+      except Exception as e:  # pylint: disable=broad-except
+        reason = self.unreadable_reason(step, target)
+        if reason is None:
+          raise
+        path = self.move_aside(step)
+        moved.append((step, path))
+        logging.warning("Checkpoint step %d in %s is unreadable (%s); moved it to %s and trying the "
+                        "next older one.", step, self.directory, reason, path)
+    if moved:
+      names = ", ".join(os.path.basename(p) for _, p in moved)
+      raise CheckpointUnreadable(
+          f"no intact checkpoint in {self.directory}: every step was unreadable and is moved aside "
+          f"({names}); rerun to start again from step 0, or use another --workdir")
+    return 0, target
+
   def wait(self):
-    self._manager.wait_until_finished()
+    self._finished()
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self._finished()
+    finally:
+      self._manager.close()
 
   def __enter__(self):
     return self
@@ -194,19 +360,49 @@ def _json_default(obj):
   return str(obj)
 
 
+def current_umask() -> int:
+  """The process's file-creation mask (read from /proc where it can be, without changing it)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def apply_umask(path) -> None:
+  """Gives ``path`` the mode a plain ``open(path, 'w')`` would (0o666 less the umask): files
+  made with ``tempfile.mkstemp`` start at 0600."""
+  os.chmod(path, 0o666 & ~current_umask())
+
+
+def as_json(obj):
+  """``obj`` as it reads back from ``config.json`` (tuples as lists, numpy scalars as numbers)."""
+  return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
   """Writes ``data`` to a local ``path`` through a temporary file and a rename: a reader never
-  sees half a file, and an interrupted write leaves the old file (or none)."""
+  sees half a file, and an interrupted write leaves the old file (or none). The file gets the
+  user's umask; a full disk raises ``DiskFull`` naming ``path``."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
+    apply_umask(tmp)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, Exception) and is_disk_full(e):
+      raise DiskFull(f"no space left on device while writing {path}; the previous version (if any) is "
+                     "kept. Free space and rerun the same command") from e
     raise
 
 
@@ -226,6 +422,170 @@ def makedirs(path) -> None:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
   else:
     os.makedirs(path, exist_ok=True)
+
+
+# ---------------------------------------------------------------------- one run per workdir
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, OverflowError, ValueError):
+    return True  # exists, owned by someone else (or an odd value: assume alive)
+  return True
+
+
+_HELD = {}  # lock path -> [WorkdirLock, depth] held by this process
+
+
+class WorkdirLock:
+  """``<workdir>/run.lock``: one run per workdir, held while the run lasts.
+
+  The file names the host and process that hold it and carries a heartbeat (its ``heartbeat``
+  field, refreshed every ``heartbeat_s`` by a daemon thread). A lock is stale, and taken over
+  with a warning, when its process is gone (same host) or its heartbeat is older than
+  ``stale_s`` (another host). Taking a lock is atomic (``O_CREAT | O_EXCL``, a rename for a
+  stale one); an object-store workdir (``gs://``) gets a best-effort lock. A second acquisition
+  in the same process nests."""
+
+  def __init__(self, workdir, *, heartbeat_s: float = 30.0, stale_s: float = 600.0):
+    self.workdir = abspath(workdir)
+    self.path = os.path.join(self.workdir, LOCK_FILE)
+    self.heartbeat_s = float(heartbeat_s)
+    self.stale_s = float(stale_s)
+    self.token = uuid.uuid4().hex
+    self._stop = threading.Event()
+    self._thread = None
+
+  # ------------------------------------------------------------------ file
+  def _record(self) -> dict:
+    now = time.time()
+    return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)), "heartbeat": now}
+
+  def read(self) -> Optional[dict]:
+    """The lock's record (None without a lock; ``{}`` for an unreadable one)."""
+    path = epath.Path(self.path)
+    try:
+      if not path.exists():
+        return None
+      return json.loads(path.read_text() or "{}")
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError):
+      return {}
+
+  def _create(self) -> bool:
+    data = json.dumps(self._record()).encode()
+    if is_remote(self.path):
+      path = epath.Path(self.path)
+      if path.exists():
+        return False
+      path.write_bytes(data)
+      return (self.read() or {}).get("token") == self.token
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    return True
+
+  def stale_reason(self, record: dict) -> Optional[str]:
+    """Why ``record``'s holder is gone (None while it may be alive)."""
+    if not record:
+      age = time.time() - self._mtime()
+      return None if age < self.stale_s else f"an unreadable lock file {age:.0f}s old"
+    host, pid = record.get("host"), record.get("pid")
+    if host == socket.gethostname() and pid is not None:
+      if int(pid) == os.getpid() and record.get("token") not in {l.token for l, _ in _HELD.values()}:
+        return f"process {pid} on {host} is this process, which does not hold it"
+      return None if _pid_alive(int(pid)) else f"process {pid} on {host} is not running"
+    age = time.time() - float(record.get("heartbeat") or 0)
+    return None if age < self.stale_s else f"its heartbeat is {age:.0f}s old"
+
+  def _mtime(self) -> float:
+    try:
+      return os.path.getmtime(self.path) if not is_remote(self.path) else time.time()
+    except OSError:
+      return time.time()
+
+  # ------------------------------------------------------------------ acquire / release
+  def acquire(self) -> "WorkdirLock":
+    held = _HELD.get(self.path)
+    if held is not None:
+      held[1] += 1
+      return held[0]
+    for _ in range(3):
+      if self._create():
+        break
+      record = self.read()
+      if record is None:
+        continue  # released meanwhile
+      reason = self.stale_reason(record)
+      if reason is None:
+        raise WorkdirInUse(
+            f"workdir {self.workdir} is in use by another run (host {record.get('host', '?')}, pid "
+            f"{record.get('pid', '?')}, since {record.get('started', '?')}): wait for it to finish or use "
+            f"another --workdir (if no such run is alive, delete {self.path})")
+      aside = f"{self.path}.stale-{uuid.uuid4().hex[:8]}"
+      try:
+        if is_remote(self.path):
+          epath.Path(self.path).unlink()
+        else:
+          os.rename(self.path, aside)  # atomic: one of two racing runs takes it over
+      except FileNotFoundError:
+        continue
+      if not is_remote(self.path):
+        os.remove(aside)
+      logging.warning("Took over the stale lock %s (host %s, pid %s: %s).", self.path, record.get("host", "?"),
+                      record.get("pid", "?"), reason)
+    else:
+      raise WorkdirInUse(f"could not take the lock {self.path}; another run keeps taking it. Use another --workdir")
+    _HELD[self.path] = [self, 1]
+    if self.heartbeat_s > 0:
+      self._thread = threading.Thread(target=self._beat, name="dimo-workdir-lock", daemon=True)
+      self._thread.start()
+    return self
+
+  def _beat(self):
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        record = self.read()
+        if not record or record.get("token") != self.token:
+          return  # taken over (or removed by hand)
+        record["heartbeat"] = time.time()
+        if is_remote(self.path):
+          epath.Path(self.path).write_text(json.dumps(record))
+        else:
+          atomic_write_bytes(self.path, json.dumps(record).encode())
+      except Exception:  # pylint: disable=broad-except
+        logging.warning("Could not refresh the heartbeat of %s.", self.path)
+
+  def release(self):
+    held = _HELD.get(self.path)
+    if held is None:
+      return
+    held[1] -= 1
+    if held[1] > 0:
+      return
+    del _HELD[self.path]
+    owner = held[0]
+    owner._stop.set()  # pylint: disable=protected-access
+    if owner._thread is not None:  # pylint: disable=protected-access
+      owner._thread.join(timeout=5)  # pylint: disable=protected-access
+    record = owner.read()
+    if record and record.get("token") == owner.token:
+      try:
+        epath.Path(owner.path).unlink()
+      except FileNotFoundError:
+        pass
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
 
 
 def write_config(workdir, config_dict: dict, filename: str = CONFIG_FILE) -> str:
@@ -292,7 +652,13 @@ def load_params(path, step: Optional[int] = None):
     if "params" not in names:
       raise ValueError(f"checkpoint {ckpt_dir!r} step {step} has no 'params' entry (has {names})")
     wanted = ["params"] + (["ema_params"] if "ema_params" in names else [])
-    restored = ckpt.restore(step, items=wanted)
+    try:
+      restored = ckpt.restore(step, items=wanted)
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+        raise
+      raise CheckpointUnreadable(f"checkpoint step {step} in {ckpt_dir} is unreadable ({short_reason(e)}); "
+                                 "rewrite it (rerun the run or the converter that made it)") from e
   finally:
     ckpt.close()
   config = read_config(workdir)

@@ -117,11 +117,27 @@ def load_generator(path, *, use_ema: bool = True, overrides: Optional[dict] = No
     raise FileNotFoundError(
         f"no generator at {path!r}: pass a distillation workdir (made by --config.mode=distill) or a "
         "folder written by `python -m dimo_jax.convert dimo-generator`")
+  stored = checkpoints.read_config(source) if os.path.isdir(source) else None
+  if stored is not None and stored.get("role") != "generator":
+    raise ValueError(_not_a_generator(path, stored))
   params, ema, stored = checkpoints.load_params(source)
   if stored is None:
     raise FileNotFoundError(f"no config.json in {source!r}; it is written by distillation or the converter")
+  if stored.get("role") != "generator":
+    raise ValueError(_not_a_generator(path, stored))
   model = model_from_stored(stored, source, overrides)
   return model, (ema if use_ema and ema is not None else params), stored
+
+
+def _not_a_generator(path, stored: dict) -> str:
+  """The message for a folder whose ``config.json`` is not a generator's."""
+  path = os.fspath(path)
+  if stored.get("role") == "distill" or stored.get("mode") == "distill":
+    return (f"{path} is a distillation that has not finished (no generator/ folder yet): rerun it to the end, "
+            "or sample its teacher with --config.sample.model=teacher")
+  return (f"{path} holds a teacher, not a one-step generator (its config.json has no role 'generator'): "
+          "sample it with --config.sample.model=teacher, or point --config.sample.checkpoint at a "
+          "distillation workdir")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -157,8 +173,35 @@ def load_teacher(path, *, use_ema: bool = True, overrides: Optional[dict] = None
     raise FileNotFoundError(f"no config.json beside the checkpoints in {os.fspath(path)!r}; it is written "
                             "by `--config.mode=teacher` (or the converter) and is needed to rebuild the model")
   model = model_from_stored(stored, path, overrides)
-  if use_ema and ema is not None:
-    return model, ema, stored
-  if use_ema:
+  if use_ema and ema is None:
     logging.info("%s has no EMA parameters; sampling with the raw parameters.", path)
-  return model, params, stored
+  chosen = ema if use_ema and ema is not None else params
+  warn_nonfinite(chosen, f"the teacher in {os.fspath(path)}")
+  return model, chosen, stored
+
+
+def first_nonfinite(params) -> Optional[Tuple[str, int, int]]:
+  """``(leaf path, non-finite entries, entries)`` of the first leaf (in key order) holding a NaN
+  or an infinity; None when every value is finite."""
+  for key, leaf in sorted(flatten(params).items()):
+    if not (jnp.issubdtype(leaf.dtype, jnp.floating) or jnp.issubdtype(leaf.dtype, jnp.complexfloating)):
+      continue
+    bad = int(leaf.size - jnp.count_nonzero(jnp.isfinite(leaf)))
+    if bad:
+      return key, bad, int(leaf.size)
+  return None
+
+
+def warn_nonfinite(params, what: str) -> Optional[str]:
+  """Checks ``params`` once; logs (and returns) a one-line warning naming the first non-finite
+  leaf. A run goes on: the distillation step zeroes non-finite token gradients, counts them, and
+  stops after ``config.distill.max_nonfinite_steps`` consecutive steps with any."""
+  found = first_nonfinite(params)
+  if found is None:
+    return None
+  key, bad, size = found
+  message = (f"{what} has non-finite parameters: {key} holds {bad} of {size} values that are NaN or "
+             "infinite (the first such leaf); its outputs will be non-finite where it is used. "
+             "Retrain or reconvert it")
+  logging.warning("%s.", message)
+  return message
