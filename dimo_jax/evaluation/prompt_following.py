@@ -6,7 +6,8 @@ apart.
 
 Per row and prompt set: prompt accuracy (the digit, the thickness and the slant all as the
 prompt says), each part's accuracy, FD-pixel (Frechet distance of the 64 grey values against the
-real images with the same captions) and the diversity per prompt (mean pairwise L2 distance of the
+real images with the same captions), FD-classifier (the same in the digit classifier's feature
+space, which sees strokes rather than pixel marginals) and the diversity per prompt (mean pairwise L2 distance of the
 grey values between samples of one prompt, averaged over prompts). The digit is read by the
 project's token classifier (``evaluation.classifier_features``, trained on the digits' training
 split and cached); the attributes are measured on the sample exactly as on the data
@@ -74,11 +75,13 @@ class Scorer:
     labels = np.concatenate([ds.train_labels, ds.val_labels])
     self.real_ids = real_captions(self.real, labels, thresholds)
     self.apply_fn, self.params, self.meta = classifier_features.load_or_train_classifier(ds, classifier_dir)
+    self.real_features = classifier_features.predict(self.apply_fn, self.params, self.real)[0].astype(np.float64)
 
   def score(self, tokens: np.ndarray, prompt_ids: np.ndarray) -> Dict[str, Dict[str, float]]:
     tokens, prompt_ids = np.asarray(tokens), np.asarray(prompt_ids)
     parts = np.asarray([captions.caption_parts(c) for c in prompt_ids])
-    _, logits = classifier_features.predict(self.apply_fn, self.params, tokens)
+    feats, logits = classifier_features.predict(self.apply_fn, self.params, tokens)
+    feats = feats.astype(np.float64)
     digit_ok = np.argmax(logits, -1) == parts[:, 0]
     attrs = self.thresholds.attributes(tokens, parts[:, 0])
     thick_ok, slant_ok = attrs[:, 0] == parts[:, 1], attrs[:, 1] == parts[:, 2]
@@ -87,13 +90,15 @@ class Scorer:
       sel = np.isin(prompt_ids, ids)
       if not sel.any():
         continue
-      ref = self.real[np.isin(self.real_ids, ids)].astype(np.float64)
+      ref_sel = np.isin(self.real_ids, ids)
+      ref = self.real[ref_sel].astype(np.float64)
       out[name] = {
           "prompt_acc": 100.0 * float(np.mean(digit_ok[sel] & thick_ok[sel] & slant_ok[sel])),
           "digit_acc": 100.0 * float(np.mean(digit_ok[sel])),
           "thickness_acc": 100.0 * float(np.mean(thick_ok[sel])),
           "slant_acc": 100.0 * float(np.mean(slant_ok[sel])),
           "fd_pixel": float(metrics.fid_from_features(tokens[sel].astype(np.float64), ref)),
+          "fd_classifier": float(metrics.fid_from_features(feats[sel], self.real_features[ref_sel])),
           "diversity": diversity_per_prompt(tokens[sel], prompt_ids[sel]),
       }
     return out
@@ -136,7 +141,8 @@ def generator_samples(model, params, table, prompt_ids, *, r_init: float, sigma:
 
 COLUMNS = (("prompt_acc", "prompt acc. % ↑", "{:.1f}"), ("digit_acc", "digit %", "{:.1f}"),
            ("thickness_acc", "thickness %", "{:.1f}"), ("slant_acc", "slant %", "{:.1f}"),
-           ("fd_pixel", "FD-pixel ↓", "{:.1f}"), ("diversity", "diversity/prompt", "{:.1f}"))
+           ("fd_pixel", "FD-pixel ↓", "{:.1f}"), ("fd_classifier", "FD-classifier ↓", "{:.2f}"),
+           ("diversity", "diversity/prompt", "{:.1f}"))
 
 
 def format_table(rows: Sequence[dict]) -> str:

@@ -11,6 +11,13 @@ zero where x_t is not masked -> ONE vjp with cotangent g / normaliser -> optax u
 
 auxiliary: fresh x_init -> x_theta from the (updated) generator -> fresh masking ->
 cross-entropy of psi against x_theta at the masked positions (label smoothing) -> optax update.
+
+Conditions: class labels drawn uniformly inside the step (the default), or, with ``cond_spec``
+(text-to-image), a condition pytree per example fed to the step from a condition source
+(``step(state, conds)``, ``conds = {"gen": [B, ...], "aux": [aux_updates, B, ...], "neg": [1, ...]}``):
+the generator update's batch, one fresh batch per auxiliary update and the negative prompt's
+condition, against which the teacher (weight ``guidance``) and the auxiliary (``aux_guidance``)
+are guided in one batched call ``[prompt; negative]``.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ class DistillSettings:
   grad_input: str = "init"
   guidance: float = 1.0
   guidance_schedule: str = "constant"
+  aux_guidance: float = 1.0
   aux_updates: int = 1
   aux_label_smoothing: float = 0.1
   aux_soft_target: bool = False
@@ -109,10 +117,13 @@ class Distiller:
   ``model`` is the generator's and auxiliary's architecture, also the teacher's unless
   ``teacher_model`` (any module with the same calling convention) is given. Labels are drawn
   uniformly over ``model.num_classes`` classes; an unconditional teacher (0 classes) always
-  gets the null label.
+  gets the null label. With ``cond_spec`` (a pytree of ``jax.ShapeDtypeStruct`` of ONE
+  example's condition, e.g. ``{"text": (T, D), "pooled": (P,), ...}``) the conditions come from
+  the caller instead (see the module docstring); the networks are then called with the
+  condition pytree in place of the labels (``networks.text_conditioning``).
   """
 
-  def __init__(self, model, settings: DistillSettings, gen_tx, aux_tx, teacher_model=None):
+  def __init__(self, model, settings: DistillSettings, gen_tx, aux_tx, teacher_model=None, cond_spec=None):
     self.model = model
     self.s = settings
     self.gen_tx = gen_tx
@@ -121,17 +132,23 @@ class Distiller:
     self.codebook = model.codebook_size
     self.seq_len = model.seq_len
     self.num_classes = model.num_classes
+    self.mask_id = int(getattr(model, "mask_id", self.codebook))
+    self.cond_spec = cond_spec
     teacher_model = model if teacher_model is None else teacher_model
     if settings.guidance != 1.0 and not teacher_model.has_null_class:
       raise ValueError(
           f"config.teacher.guidance={settings.guidance} needs a null class, which the "
           f"{type(teacher_model).__name__} "
           "architecture lacks; set --config.teacher.guidance=1.0")
+    if settings.aux_guidance != 1.0 and not model.has_null_class:
+      raise ValueError(f"config.distill.aux_guidance={settings.aux_guidance} needs a null class, which the "
+                       f"{type(model).__name__} architecture lacks; set --config.distill.aux_guidance=1.0")
     self.teacher_model = maskgit.with_dropout(
         teacher_model, teacher_model.dropout if settings.teacher_dropout else 0.0)
     self.gen_model = maskgit.with_dropout(model, model.dropout if settings.gen_dropout else 0.0)
     self.aux_model = maskgit.with_dropout(model, model.dropout if settings.aux_dropout else 0.0)
     self.batch_sharding = None  # set by ``jit_step`` when a mesh is given
+    self.cond_shardings = None  # set by ``jit_step`` with ``cond_spec``
 
   # ------------------------------------------------------------------ state
   def init_state(self, teacher_params, seed: int, student_params=None) -> DistillState:
@@ -151,17 +168,21 @@ class Distiller:
       return jnp.float32(s.sigma) * jnp.minimum(1.0, step.astype(jnp.float32) / s.sigma_warmup_steps)
     return s.sigma
 
-  def draw_inputs(self, key, batch: int):
-    """Labels and x_init for one batch."""
+  def draw_inputs(self, key, batch: int, cond=None):
+    """Labels (or the given condition pytree ``cond``) and x_init for one batch."""
     k_lab, k_r, k_x = jax.random.split(key, 3)
-    if self.num_classes > 0:
+    if cond is not None:
+      labels = cond
+    elif self.num_classes > 0:
       labels = jax.random.randint(k_lab, (batch,), 0, self.num_classes, jnp.int32)
     else:
       labels = jnp.zeros((batch,), jnp.int32)
     r_init = self.r_init_fn(k_r)
     x_init = masking.make_x_init(k_x, batch, self.seq_len, self.codebook, r_init)
+    if self.mask_id != self.codebook:  # a mask id above the codebook's end (Meissonic: vocab - 1)
+      x_init = jnp.where(x_init == self.codebook, self.mask_id, x_init)
     if self.batch_sharding is not None:
-      labels = jax.lax.with_sharding_constraint(labels, self.batch_sharding)
+      labels = jax.tree_util.tree_map(lambda a: jax.lax.with_sharding_constraint(a, self.batch_sharding), labels)
       x_init = jax.lax.with_sharding_constraint(x_init, self.batch_sharding)
     return labels, x_init
 
@@ -175,25 +196,37 @@ class Distiller:
     z = filter_logits(logits[..., : self.codebook], s.gen_temp, s.top_k, s.top_p)
     return sample_categorical(key, z)
 
-  def teacher_logits(self, params, x_t, labels, ratio, key):
-    """Teacher logits with classifier-free guidance; both branches in one batched call."""
-    s = self.s
-    apply = lambda xx, ll: self.teacher_model.apply(
-        {"params": params}, xx, ll, deterministic=not s.teacher_dropout, rngs={"dropout": key})
-    if s.guidance == 1.0 and s.guidance_schedule == "constant":
+  def _guided(self, apply, x_t, labels, neg, weight: float, ratio=None, schedule: str = "constant"):
+    """``u + w (c - u)``: the conditional and the negative branch (the null class, or the
+    negative prompt's condition ``neg`` with a leading batch of 1) in one batched call."""
+    if weight == 1.0 and schedule == "constant":
       return apply(x_t, labels)
     batch = x_t.shape[0]
-    null = jnp.full_like(labels, self.num_classes)
-    both = apply(jnp.concatenate([x_t, x_t]), jnp.concatenate([labels, null]))
+    if neg is None:
+      neg = jnp.full_like(labels, self.num_classes)
+    else:
+      neg = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (batch, *a.shape[1:])), neg)
+    both_labels = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u.astype(c.dtype)]), labels, neg)
+    both = apply(jnp.concatenate([x_t, x_t]), both_labels)
     cond, uncond = both[:batch], both[batch:]
-    w = jnp.float32(s.guidance)
-    if s.guidance_schedule == "linear":  # the sampler's ramp read off the mask ratio: w (1 - r)
+    w = jnp.float32(weight)
+    if schedule == "linear":  # the sampler's ramp read off the mask ratio: w (1 - r)
       w = w * (1.0 - ratio)[:, None, None]
     return uncond + w * (cond - uncond)
 
-  def aux_logits(self, params, x_t, labels, key):
-    return self.aux_model.apply({"params": params}, x_t, labels, deterministic=not self.s.aux_dropout,
-                                rngs={"dropout": key})
+  def teacher_logits(self, params, x_t, labels, ratio, key, neg=None):
+    """Teacher logits with classifier-free guidance (against the null class, or the negative
+    prompt's condition ``neg``); both branches in one batched call."""
+    s = self.s
+    apply = lambda xx, ll: self.teacher_model.apply(
+        {"params": params}, xx, ll, deterministic=not s.teacher_dropout, rngs={"dropout": key})
+    return self._guided(apply, x_t, labels, neg, s.guidance, ratio, s.guidance_schedule)
+
+  def aux_logits(self, params, x_t, labels, key, neg=None):
+    """Auxiliary logits, guided with ``aux_guidance`` (1: the conditional call alone)."""
+    apply = lambda xx, ll: self.aux_model.apply({"params": params}, xx, ll, deterministic=not self.s.aux_dropout,
+                                                rngs={"dropout": key})
+    return self._guided(apply, x_t, labels, neg, self.s.aux_guidance)
 
   def smoothed_teacher_logits(self, t_logits):
     """log((1 - eps) p + eps u) with u uniform over the codes: the distribution an auxiliary
@@ -231,21 +264,21 @@ class Distiller:
     return g * scale[:, None, None], nan_count
 
   # ------------------------------------------------------------------ updates
-  def generator_update(self, state: DistillState, key):
+  def generator_update(self, state: DistillState, key, cond=None, neg=None):
     s = self.s
     keys = jax.random.split(key, 7)
-    labels, x_init = self.draw_inputs(keys[0], s.batch_size)
+    labels, x_init = self.draw_inputs(keys[0], s.batch_size, cond)
     sigma = self.sigma_at(state.step)
     fwd = lambda p, x: self.gen_logits(p, x, labels, keys[1], sigma)
     z, vjp_fn = jax.vjp(lambda p: fwd(p, x_init), state.gen.params)
     x_theta = self.sample_tokens(keys[2], z)
-    x_t, mask, ratio = masking.forward_mask(keys[3], x_theta, self.codebook, s.mask_schedule, exact=True)
-    t_logits = self.teacher_logits(state.teacher_params, x_t, labels, ratio, keys[4])
-    a_logits = self.aux_logits(state.aux.params, x_t, labels, keys[5])
+    x_t, mask, ratio = masking.forward_mask(keys[3], x_theta, self.mask_id, s.mask_schedule, exact=True)
+    t_logits = self.teacher_logits(state.teacher_params, x_t, labels, ratio, keys[4], neg)
+    a_logits = self.aux_logits(state.aux.params, x_t, labels, keys[5], neg)
     g, nan_count = self.cotangent(t_logits, a_logits, mask)
     if s.grad_input == "sample":
       # The paper's alternative: the Jacobian at the generated sample with x_init's mask re-applied.
-      x_alt = jnp.where(x_init == self.codebook, x_init, x_theta)
+      x_alt = jnp.where(x_init == self.mask_id, x_init, x_theta)
       _, vjp_fn = jax.vjp(lambda p: fwd(p, x_alt), state.gen.params)
     (grads,) = vjp_fn(g.astype(z.dtype))
     grads, grad_nonfinite = zero_nonfinite(grads)
@@ -267,19 +300,19 @@ class Distiller:
     }
     return gen, metrics
 
-  def auxiliary_update(self, aux: TrainState, gen_params, step, key):
+  def auxiliary_update(self, aux: TrainState, gen_params, step, key, cond=None, neg=None):
     s = self.s
     keys = jax.random.split(key, 5)
-    labels, x_init = self.draw_inputs(keys[0], s.batch_size)
+    labels, x_init = self.draw_inputs(keys[0], s.batch_size, cond)
     z = jax.lax.stop_gradient(self.gen_logits(gen_params, x_init, labels, keys[1], self.sigma_at(step)))
     x_theta = self.sample_tokens(keys[2], z)
-    x_t, mask, _ = masking.forward_mask(keys[3], x_theta, self.codebook, s.mask_schedule, exact=True)
+    x_t, mask, _ = masking.forward_mask(keys[3], x_theta, self.mask_id, s.mask_schedule, exact=True)
     soft = None
     if s.aux_soft_target:
       soft = jax.nn.softmax(filter_logits(z[..., : self.codebook], s.gen_temp, s.top_k, s.top_p), -1)
 
     def loss_fn(p):
-      logits = self.aux_logits(p, x_t, labels, keys[4])
+      logits = self.aux_logits(p, x_t, labels, keys[4], neg)
       return aux_loss(logits, x_theta, mask, s.aux_label_smoothing, soft)
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(aux.params)
@@ -288,8 +321,9 @@ class Distiller:
     return aux, {"aux/loss": loss, "aux/grad_norm": optax.tree.norm(grads),
                  "aux/nonfinite": nonfinite.astype(jnp.float32)}
 
-  def step(self, state: DistillState):
+  def step(self, state: DistillState, conds=None):
     """One Di[M]O iteration: generator update, then the auxiliary update(s), then the EMA.
+    ``conds``: the step's conditions when the Distiller has a ``cond_spec`` (module docstring).
 
     Metrics: the generator's (``gen/...``), the last auxiliary update's (``aux/loss``,
     ``aux/grad_norm``) and ``nonfinite``: how many NaN / inf entries the guards zeroed in this
@@ -297,11 +331,18 @@ class Distiller:
     0 on a healthy step. Every metric stays finite while the guards hold the networks finite."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     k_gen, k_aux = jax.random.split(key)
-    gen, metrics = self.generator_update(state, k_gen)
+    if (conds is None) != (self.cond_spec is None):
+      raise ValueError("the step takes conditions exactly when the Distiller has a cond_spec")
+    conds = conds or {}
+    neg = conds.get("neg")
+    gen, metrics = self.generator_update(state, k_gen, conds.get("gen"), neg)
 
     def body(i, carry):
       aux, prev = carry
-      aux, m = self.auxiliary_update(aux, gen.params, state.step, jax.random.fold_in(k_aux, i))
+      cond = None
+      if "aux" in conds:
+        cond = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), conds["aux"])
+      aux, m = self.auxiliary_update(aux, gen.params, state.step, jax.random.fold_in(k_aux, i), cond, neg)
       return aux, {**m, "aux/nonfinite": prev["aux/nonfinite"] + m["aux/nonfinite"]}
 
     aux_metrics0 = {"aux/loss": jnp.float32(0), "aux/grad_norm": jnp.float32(0), "aux/nonfinite": jnp.float32(0)}
@@ -314,34 +355,77 @@ class Distiller:
   def jit_step(self, state: DistillState, mesh=None, min_shard_size: int = 2**14):
     """The compiled step and the state placed for it. With a mesh: the batch over
     ('data', 'fsdp'), parameters and optimizer states over 'fsdp', the state donated."""
+    fn, shardings = self._jit(state, mesh, min_shard_size)
+    return fn, jax.device_put(state, shardings)
+
+  def _jit(self, state, mesh=None, min_shard_size: int = 2**14):
+    """``(jitted step, state shardings)`` for a state or its shapes."""
     if mesh is None:  # one device; explicit shardings keep the compiled program stable across steps
       mesh = sharding.make_mesh(devices=jax.devices()[:1])
     sharding.check_batch(self.s.batch_size, mesh, "config.distill.batch_size")
     self.batch_sharding = sharding.batch_sharding(mesh)
     shardings = sharding.fsdp_shardings(state, mesh, min_shard_size)
-    fn = jax.jit(self.step, in_shardings=(shardings,), out_shardings=(shardings, sharding.replicated(mesh)),
+    in_shardings = (shardings,)
+    if self.cond_spec is not None:
+      self.cond_shardings = self._cond_shardings(mesh)
+      in_shardings = (shardings, self.cond_shardings)
+    fn = jax.jit(self.step, in_shardings=in_shardings, out_shardings=(shardings, sharding.replicated(mesh)),
                  donate_argnums=0)
-    return fn, jax.device_put(state, shardings)
+    return fn, shardings
+
+  def check_fits_abstract(self, state_shapes, mesh=None, bytes_limit: Optional[int] = -1,
+                          min_shard_size: int = 2**14) -> Optional[int]:
+    """Compiles the step for the SHAPES of a state (``jax.eval_shape`` of ``init_state``: nothing
+    is allocated) and raises, naming XLA's estimate and the remedies, when it cannot fit the
+    device; returns the estimate in bytes (None where the backend gives none)."""
+    fn, _ = self._jit(state_shapes, mesh, min_shard_size)
+    args = (state_shapes,) if self.cond_spec is None else (state_shapes, self.abstract_conditions())
+    compiled = fn.lower(*args).compile()
+    return check_fits(compiled, device_bytes_limit() if bytes_limit == -1 else bytes_limit)
+
+  def _cond_shardings(self, mesh):
+    """The step's conditions: ``gen`` over the batch axes, ``aux`` over them on axis 1, ``neg``
+    replicated."""
+    axes = sharding.batch_sharding(mesh).spec[0]
+    spec = lambda lead: jax.tree_util.tree_map(
+        lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*lead)), self.cond_spec)
+    return {"gen": spec((axes,)), "aux": spec((None, axes)), "neg": spec(())}
+
+  def abstract_conditions(self):
+    """``jax.ShapeDtypeStruct``s of one step's ``conds`` (for ahead-of-time compilation)."""
+    b, a = self.s.batch_size, self.s.aux_updates
+    shaped = lambda lead: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((*lead, *x.shape), x.dtype),
+                                                 self.cond_spec)
+    return {"gen": shaped((b,)), "aux": shaped((a, b)), "neg": shaped((1,))}
+
+  def place_conditions(self, conds):
+    """Host conditions on the devices as the compiled step expects them (after ``jit_step``)."""
+    if self.cond_shardings is None:
+      return conds
+    return jax.tree_util.tree_map(lambda x, sh: jax.device_put(jnp.asarray(x), sh), conds, self.cond_shardings)
 
   def compile_step(self, state: DistillState, mesh=None, bytes_limit: Optional[int] = -1):
     """``jit_step`` compiled ahead of time, after checking that it fits: raises before anything
     large is allocated when XLA's estimate of the step exceeds ``bytes_limit`` (default: what the
     first local device reports; the CPU reports nothing and is not checked)."""
     fn, state = self.jit_step(state, mesh)
-    compiled = fn.lower(state).compile()
+    args = (state,) if self.cond_spec is None else (state, self.abstract_conditions())
+    compiled = fn.lower(*args).compile()
     check_fits(compiled, device_bytes_limit() if bytes_limit == -1 else bytes_limit)
     return compiled, state
 
 
-def build_distiller(config, model, teacher_model=None) -> Distiller:
-  """A ``Distiller`` from a full config (``config.distill``, ``config.teacher``) and the model."""
+def build_distiller(config, model, teacher_model=None, cond_spec=None) -> Distiller:
+  """A ``Distiller`` from a full config (``config.distill``, ``config.teacher``) and the model
+  (``cond_spec``: see ``Distiller``)."""
   settings = DistillSettings.from_config(config)
   d = config.distill
-  shapes = jax.eval_shape(lambda: maskgit.init_params(model, jax.random.key(0)))
+  init = getattr(model, "init_params", None) or (lambda key: maskgit.init_params(model, key))
+  shapes = jax.eval_shape(lambda: init(jax.random.key(0)))
   frozen = maskgit.frozen_mask(shapes, tuple(d.get("freeze", ())))
   gen_tx = make_optimizer(d.gen_lr, warmup_steps=d.warmup_steps, b1=d.b1, b2=d.b2, eps=d.eps,
                           grad_clip=d.gen_grad_clip, frozen=frozen,
                           schedule_kind=d.get("gen_lr_schedule", "constant"), steps=d.get("steps", 0))
   aux_tx = make_optimizer(d.aux_lr, warmup_steps=d.warmup_steps, b1=d.b1, b2=d.b2, eps=d.eps,
                           grad_clip=d.get("aux_grad_clip", 0.0), frozen=frozen)
-  return Distiller(model, settings, gen_tx, aux_tx, teacher_model=teacher_model)
+  return Distiller(model, settings, gen_tx, aux_tx, teacher_model=teacher_model, cond_spec=cond_spec)
