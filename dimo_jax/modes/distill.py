@@ -159,3 +159,9 @@ def _train_distill(config, workdir: str, steps: int, stop_after: Optional[int]) 
 
 
 run = loop.entry(train_distill)  # what ``dimo_jax.main`` calls for ``config.mode='distill'``
+
+
+def run(config, workdir: str, _classes=run):  # noqa: F811 (text-conditioned: modes/distill_text.py, distill_meissonic.py)
+  from dimo_jax.modes import distill_meissonic, distill_text  # pylint: disable=import-outside-toplevel
+  captioned, meissonic = config.get("data", {}).get("name", "") == "captioned_digits", "meissonic" in config
+  return (distill_text.run if captioned else distill_meissonic.run if meissonic else _classes)(config, workdir)
