@@ -154,10 +154,21 @@ def load_digits(levels: int = 17, val_fraction: float = 0.1,
 def _load_int_npy(path: str, what: str) -> np.ndarray:
   """np.load without pickle; the array must hold integers."""
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise IsADirectoryError(
+        f'{what} path {path!r} is a directory, not a .npy file. Point '
+        f'data.path / data.labels in the config at the file inside it.')
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f'{what} file not found: {path!r}. Check the path (data.path / '
         f'data.labels in the config).')
+  with open(path, 'rb') as f:
+    head = f.read(6)
+  if head != b'\x93NUMPY' and not head.startswith(b'PK'):
+    kind = 'a text file' if head and all(32 <= b < 127 or b in b'\t\r\n' for b in head) else 'another format'
+    raise ValueError(
+        f'{what} file {path!r} is not a NumPy .npy file (it starts with {head!r}: '
+        f'{kind}). Save the array with np.save(path, arr.astype(np.int32)).')
   try:
     arr = np.load(path, allow_pickle=False)
   except ValueError as e:

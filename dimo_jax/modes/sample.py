@@ -26,7 +26,7 @@ from dimo_jax.data import image_grids
 from dimo_jax.modes import loop
 from dimo_jax.networks import conditioning, maskgit
 from dimo_jax.networks.conditioning import balanced_labels
-from dimo_jax.storage import loaders
+from dimo_jax.storage import checkpoints, loaders
 
 SAMPLE_MODELS = ("teacher", "generator", "meissonic")
 
@@ -63,6 +63,7 @@ def _atomic_save_npy(path: str, array: np.ndarray):
   try:
     with os.fdopen(fd, "wb") as f:
       np.save(f, array)
+    checkpoints.apply_umask(tmp)  # mkstemp makes 0600; outputs get the user's umask
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -100,14 +101,14 @@ def write_outputs(tokens: np.ndarray, labels: np.ndarray, paths: dict, *, vocab_
   _atomic_save_npy(paths["labels"], np.asarray(labels, np.int32))
   if vqgan_dir:
     pictures = decode_with_vqgan(vqgan_dir, np.asarray(tokens, np.int32))
-    image_grids.save_image_grid(pictures, paths["image"], scale=1)
+    loop.save_grid(pictures, paths["image"], scale=1)
     folder = paths["image"][: -len(".png")] + "_images"
     for i, (image, label) in enumerate(zip(pictures, np.asarray(labels))):
-      image_grids.save_image_grid(image[None], os.path.join(folder, f"{i:06d}_class{int(label)}.png"), ncols=1, scale=1)
+      loop.save_grid(image[None], os.path.join(folder, f"{i:06d}_class{int(label)}.png"), ncols=1, scale=1)
     written["image"] = paths["image"]
     written["images_dir"] = folder
   elif image_shape is not None:
-    image_grids.save_image_grid(image_grids.tokens_to_images(tokens, vocab_size, image_shape), paths["image"])
+    loop.save_grid(image_grids.tokens_to_images(tokens, vocab_size, image_shape), paths["image"])
     written["image"] = paths["image"]
   return written
 

@@ -118,26 +118,35 @@ def load_generator(path, *, use_ema: bool = True, overrides: Optional[dict] = No
         f"no generator at {path!r}: pass a distillation workdir (made by --config.mode=distill) or a "
         "folder written by `python -m dimo_jax.convert dimo-generator`")
   stored = checkpoints.read_config(source) if os.path.isdir(source) else None
-  if stored is not None and stored.get("role") != "generator":
-    raise ValueError(_not_a_generator(path, stored))
+  problem = _not_a_generator(path, stored)
+  if problem:
+    raise ValueError(problem)
   params, ema, stored = checkpoints.load_params(source)
   if stored is None:
     raise FileNotFoundError(f"no config.json in {source!r}; it is written by distillation or the converter")
-  if stored.get("role") != "generator":
-    raise ValueError(_not_a_generator(path, stored))
+  problem = _not_a_generator(path, stored)
+  if problem:
+    raise ValueError(problem)
   model = model_from_stored(stored, source, overrides)
   return model, (ema if use_ema and ema is not None else params), stored
 
 
-def _not_a_generator(path, stored: dict) -> str:
-  """The message for a folder whose ``config.json`` is not a generator's."""
+def _not_a_generator(path, stored: Optional[dict]) -> Optional[str]:
+  """The message for a folder whose ``config.json`` says it holds a teacher or an unfinished
+  distillation (None for a generator, or a config that does not say)."""
+  if not stored or stored.get("role") == "generator":
+    return None
   path = os.fspath(path)
-  if stored.get("role") == "distill" or stored.get("mode") == "distill":
+  role, mode = stored.get("role"), stored.get("mode")
+  if role == "distill" or (role is None and mode == "distill"):
     return (f"{path} is a distillation that has not finished (no generator/ folder yet): rerun it to the end, "
             "or sample its teacher with --config.sample.model=teacher")
-  return (f"{path} holds a teacher, not a one-step generator (its config.json has no role 'generator'): "
-          "sample it with --config.sample.model=teacher, or point --config.sample.checkpoint at a "
-          "distillation workdir")
+  converted = (stored.get("converted") or {}).get("kind", "")
+  if role == "teacher" or (role is None and (mode == "teacher" or converted in ("valeoai", "google-maskgit"))):
+    return (f"{path} holds a teacher, not a one-step generator (its config.json has no role 'generator'): "
+            "sample it with --config.sample.model=teacher, or point --config.sample.checkpoint at a "
+            "distillation workdir")
+  return None
 
 
 # ---------------------------------------------------------------------------- loading
