@@ -152,8 +152,11 @@ def _num_samples(s: EvalSettings, num_classes: int) -> int:
 
 
 def _teacher_steps(s: EvalSettings, seq_len: int) -> tuple:
-  """The configured step counts up to the sequence length (with L itself when some were cut)."""
+  """The configured step counts up to the sequence length (with L itself when some were cut; when
+  none is that short they are kept, and the sampler names the limit)."""
   steps = tuple(int(t) for t in s.teacher_steps if int(t) <= seq_len)
+  if not steps:
+    return tuple(s.teacher_steps)
   if len(steps) < len(s.teacher_steps) and seq_len not in steps:
     steps = steps + (int(seq_len),)
   return steps
