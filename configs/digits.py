@@ -10,6 +10,10 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.mode = "distill"  # teacher | distill | sample | evaluate
   c.seed = 3407
+  # True: jax.distributed.initialize() with JAX's cluster detection (SLURM, Open MPI, Kubernetes);
+  # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID start it without this
+  # (experiments/tpu/README.md, "Multi-host and multi-node").
+  c.distributed = False
 
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()

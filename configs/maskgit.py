@@ -30,6 +30,10 @@ def device_count(arg: str = "") -> int:
       raise ValueError(f"config argument: device count must be >= 1, got {n}")
     return n
   import jax  # pylint: disable=import-outside-toplevel
+  from dimo_jax.core import sharding  # pylint: disable=import-outside-toplevel
+  # Counting devices starts JAX's backend, after which a multi-process run can no longer join
+  # its peers: join them first (the run's own start then finds the runtime up).
+  sharding.maybe_initialize_distributed()
   return jax.device_count()
 
 

@@ -5,13 +5,12 @@ divides; small or indivisible arrays stay replicated)."""
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import jax
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-pass
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -66,6 +65,16 @@ def check_batch(batch_size: int, mesh: Mesh, name: str = "batch_size"):
 _MULTI_PROCESS_VARS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
 
+def _env_int(env, name: str) -> Optional[int]:
+  value = (env.get(name) or "").strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"the environment variable {name}={value!r} must be an integer") from None
+
+
 def is_multi_process_env(environ=None) -> bool:
   """True when the environment describes several JAX processes: a coordinator address,
   ``JAX_NUM_PROCESSES`` > 1, or a multi-host TPU pod (``TPU_WORKER_HOSTNAMES``)."""
@@ -81,14 +90,59 @@ def is_multi_process_env(environ=None) -> bool:
   return len(hosts) > 1
 
 
+def distributed_args(environ=None) -> dict:
+  """The arguments of ``jax.distributed.initialize`` that the environment names.
+
+  JAX reads ``JAX_COORDINATOR_ADDRESS`` itself but not the process count and index: those come
+  from ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` here (``COORDINATOR_ADDRESS`` is accepted
+  for the address). What is left out, JAX detects on the platforms it knows (Cloud TPU slices,
+  SLURM, Open MPI, Kubernetes); elsewhere (several GPU nodes or CPU processes started by hand)
+  all three variables must be set.
+  """
+  env = os.environ if environ is None else environ
+  args = {}
+  address = env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS")
+  if address:
+    args["coordinator_address"] = address
+  num, index = _env_int(env, "JAX_NUM_PROCESSES"), _env_int(env, "JAX_PROCESS_ID")
+  if num is not None:
+    if num < 1:
+      raise ValueError(f"JAX_NUM_PROCESSES={num} must be >= 1")
+    args["num_processes"] = num
+  if index is not None:
+    if index < 0 or (num is not None and index >= num):
+      raise ValueError(f"JAX_PROCESS_ID={index} must be in [0, JAX_NUM_PROCESSES={num})")
+    args["process_id"] = index
+  return args
+
+
 def maybe_initialize_distributed(config=None, environ=None) -> bool:
-  """``jax.distributed.initialize()`` for multi-process runs (the environment, or
-  ``config.distributed``); returns whether it was called."""
+  """``jax.distributed.initialize`` for multi-process runs (the environment, or
+  ``config.distributed``), with the arguments of ``distributed_args``; returns whether the
+  multi-process runtime is up (a second call, e.g. a mode calling another, does nothing)."""
   wanted = bool(config.get("distributed", False)) if config is not None and hasattr(config, "get") else False
   if not (wanted or is_multi_process_env(environ)):
     return False
-  jax.distributed.initialize()
-  logging.info("JAX distributed: process %d of %d.", jax.process_index(), jax.process_count())
+  if jax.distributed.is_initialized():
+    return True
+  args = distributed_args(environ)
+  call = f"jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in args.items())})"
+  try:
+    jax.distributed.initialize(**args)
+  except ValueError as e:
+    raise ValueError(
+        f"{call} failed: {e}. Outside Cloud TPU, SLURM, Open MPI and Kubernetes set "
+        "JAX_COORDINATOR_ADDRESS=<host of process 0>:<port>, JAX_NUM_PROCESSES and JAX_PROCESS_ID on "
+        "every process (experiments/tpu/README.md, 'Multi-host and multi-node')") from e
+  except RuntimeError as e:
+    if "before any JAX" not in str(e):
+      raise
+    raise RuntimeError(
+        f"{call} came after JAX had started on this process alone (something, e.g. a config file, "
+        "asked for the devices first); call dimo_jax.core.sharding.maybe_initialize_distributed() "
+        "before that") from e
+  logging.info("JAX distributed: process %d of %d, %d of %d devices local.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
 
 
@@ -98,6 +152,12 @@ def host_array(x) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
+
+
+def host_tree(tree):
+  """``host_array`` of every array of a pytree: numpy copies, gathered from the other processes
+  where an array is split over them (``jax.device_get`` refuses such arrays)."""
+  return jax.tree_util.tree_map(host_array, tree)
 
 
 def global_batch(local, batch_shard):

@@ -138,8 +138,8 @@ def _train_distill(config, workdir: str, steps: int, stop_after: Optional[int]) 
     final[loop.PREEMPTED] = guard.requested and step < steps
     if step == steps:
       gen_config = dict(run_config, role="generator")
-      checkpoints.save_params(loaders.generator_dir(workdir), jax.device_get(state.gen.params), gen_config,
-                              ema_params=jax.device_get(state.ema_params), step=step)
+      checkpoints.save_params(loaders.generator_dir(workdir), sharding.host_tree(state.gen.params), gen_config,
+                              ema_params=sharding.host_tree(state.ema_params), step=step)
     writer.flush()
     final["step"] = step
   finally:

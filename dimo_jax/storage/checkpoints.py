@@ -123,6 +123,25 @@ def _join_items(items: dict):
   return {**items, **leaves}
 
 
+def _restore_as_stored():
+  """Restore arguments without a target. Arrays come back with the sharding they were saved
+  with, or replicated over this run's devices when that sharding names devices this run lacks
+  (a checkpoint written with another device or process count)."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",))
+  return ocp.args.StandardRestore(
+      fallback_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _placed_like(ref, x):
+  """``x`` left uncommitted where the target leaf ``ref`` was, in multi-process runs: a value each
+  process holds alone (a step count or key made with ``jnp.zeros``) would come back pinned to one
+  local device, which ``jax.device_put`` cannot then move onto shardings spanning other processes."""
+  if (jax.process_count() > 1 and isinstance(ref, jax.Array) and not ref.committed
+      and isinstance(x, jax.Array) and x.committed and x.is_fully_addressable):
+    return jnp.asarray(np.asarray(x))
+  return x
+
+
 class Checkpointer:
   """Saves and restores state pytrees under ``directory`` (keeps the last ``max_to_keep``).
 
@@ -244,7 +263,7 @@ class Checkpointer:
                          f"it holds {[n for n in names if n != _LEAVES]}")
         names = list(items)
       restored = self._manager.restore(
-          step, args=ocp.args.Composite(**{n: ocp.args.StandardRestore() for n in names}))
+          step, args=ocp.args.Composite(**{n: _restore_as_stored() for n in names}))
       return _join_items({n: restored[n] for n in names})
 
     target_sd = serialization.to_state_dict(target)
@@ -264,7 +283,7 @@ class Checkpointer:
     restored_sd = _join_items({k: restored[k] for k in target_items})
     restored_sd = jax.tree_util.tree_map(
         lambda is_key, ref, x: jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref)) if is_key else x,
-        typed, target_sd, restored_sd)
+        typed, target_sd, jax.tree_util.tree_map(_placed_like, target_sd, restored_sd))
     return serialization.from_state_dict(target, restored_sd)
 
   # ------------------------------------------------------------------ resume past damage
@@ -282,7 +301,7 @@ class Checkpointer:
       return "the step folder holds no entries"
     try:
       self._manager.restore(int(step), args=ocp.args.Composite(
-          **{n: ocp.args.StandardRestore() for n in sorted(names)}))
+          **{n: _restore_as_stored() for n in sorted(names)}))
     except Exception as e:  # pylint: disable=broad-except
       if isinstance(e, MemoryError) or "out of memory" in str(e).lower() or is_disk_full(e):
         return None  # the machine, not the checkpoint
@@ -291,20 +310,56 @@ class Checkpointer:
 
   def move_aside(self, step: int) -> str:
     """Renames ``<directory>/<step>`` to ``<step>.corrupt-<n>`` (never deletes it); returns the
-    new path."""
+    new path. In a multi-process run every process calls it and process 0 renames."""
     src = epath.Path(self.directory) / str(int(step))
     n = 1
     while (epath.Path(self.directory) / f"{int(step)}.corrupt-{n}").exists():
       n += 1
     dst = epath.Path(self.directory) / f"{int(step)}.corrupt-{n}"
-    try:
-      src.rename(dst)
-    except OSError as e:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        src.rename(dst)
+      except OSError as e:
+        error = e
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+      if failed and error is None:
+        error = OSError(f"process 0 could not rename it to {dst}")
+      while jax.process_index() > 0 and n > 1 and not dst.exists():
+        n -= 1  # process 0 may have renamed it before this process looked for a free name
+        dst = epath.Path(self.directory) / f"{int(step)}.corrupt-{n}"
+    if error is not None:
       raise CheckpointUnreadable(
           f"checkpoint step {step} in {self.directory} is unreadable and could not be moved aside "
-          f"({short_reason(e)}); move {src} out of the folder by hand and rerun") from e
+          f"({short_reason(error)}); move {src} out of the folder by hand and rerun") from error
     self._manager.reload()
     return os.fspath(dst)
+
+  def _restore_on_every_process(self, step: int, target):
+    """``restore`` in a multi-process run: ``(state, None)`` when every process read ``step``,
+    ``(None, reason)`` when one found it damaged (then all move it aside together); an error that
+    is not damage is raised on every process, so that no process waits on the others alone."""
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    restored, error, reason = None, None, None
+    try:
+      restored = self.restore(step, target)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+      reason = self.unreadable_reason(step, target)
+    code = 0 if error is None else (1 if reason is not None else 2)
+    codes = np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
+    if not codes.any():
+      return restored, None
+    if (codes == 1).any():
+      damaged = [i for i, c in enumerate(codes) if c == 1]
+      return None, reason or f"unreadable on process {damaged[0]}"
+    if error is not None:
+      raise error
+    failed = [i for i, c in enumerate(codes) if c]
+    raise RuntimeError(f"checkpoint step {step} in {self.directory} could not be restored on process "
+                       f"{failed[0]}; its log says why")
 
   def restore_latest(self, target):
     """``(step, state)`` from the newest intact checkpoint, ``(0, target)`` when there is none.
@@ -314,16 +369,21 @@ class Checkpointer:
     when steps existed but none was intact, ``CheckpointUnreadable`` names the folder."""
     moved = []
     for step in sorted(self.all_steps(), reverse=True):
-      try:
-        return step, self.restore(step, target)
-      except Exception as e:  # pylint: disable=broad-except
-        reason = self.unreadable_reason(step, target)
+      if jax.process_count() > 1:
+        restored, reason = self._restore_on_every_process(step, target)
         if reason is None:
-          raise
-        path = self.move_aside(step)
-        moved.append((step, path))
-        logging.warning("Checkpoint step %d in %s is unreadable (%s); moved it to %s and trying the "
-                        "next older one.", step, self.directory, reason, path)
+          return step, restored
+      else:
+        try:
+          return step, self.restore(step, target)
+        except Exception:  # pylint: disable=broad-except
+          reason = self.unreadable_reason(step, target)
+          if reason is None:
+            raise
+      path = self.move_aside(step)
+      moved.append((step, path))
+      logging.warning("Checkpoint step %d in %s is unreadable (%s); moved it to %s and trying the "
+                      "next older one.", step, self.directory, reason, path)
     if moved:
       names = ", ".join(os.path.basename(p) for _, p in moved)
       raise CheckpointUnreadable(
