@@ -12,7 +12,7 @@ Checked: the same teacher and distillation states as the one-process run at ever
 each process reading its half of every global batch; one checkpoint per step, readable by a
 single process; the damaged step moved aside once, by process 0, and the run resumed from the one
 before; process 1 writing nothing but its part of the orbax checkpoints (no config, TensorBoard
-events, sample grids, evaluation samples or table, nothing printed).
+events, sample grids, evaluation samples or table; the table printed by process 0 only).
 
 This file is also the worker: ``python tests/test_multiprocess.py <spec.json>``.
 """
@@ -45,8 +45,9 @@ TIMEOUT_S = 420  # one launch (both processes); a hang or a crash of one stops b
 
 # ---------------------------------------------------------------------------- the worker
 def tiny_config(mode: str, teacher_dir: str = "", outputs: bool = False):
-  """A tiny digits run: 1-layer model, batch 16, checkpoints every 2 steps; ``outputs``: the
-  teacher's sample grid at the end, and distillation ends with a small evaluation (table, grid)."""
+  """A tiny digits run: 1-layer model, batch 16, checkpoints at every teacher step and every
+  second distillation step; ``outputs``: the teacher's sample grid at the end, and distillation
+  ends with a small evaluation (table, grid)."""
   from configs import digits  # pylint: disable=import-outside-toplevel
   c = digits.get_config()
   c.mode = mode
