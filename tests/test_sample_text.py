@@ -115,7 +115,7 @@ def test_config_defaults():
   assert c.sample.negative_prompt.startswith("worst quality, low quality, low res, blurry")
   assert c.sample.negative_prompt.endswith("duplicate, ugly, identifying mark")
   assert (c.meissonic.dtype, c.meissonic.vq_dtype) == ("bfloat16", "float32")
-  assert "distill" not in c
+  assert (c.distill.r_init, c.distill.sigma, c.distill.divergence) == ("fix_0.5", 0.3, "fkl")
 
 
 def test_names_recover_the_prompt():
