@@ -164,6 +164,7 @@ def get_config():
   c.evaluate.real_rows = True
   c.evaluate.inception_path = ""  # FID Inception weights (pt_inception-2015-12-05-6726825d.pth)
   c.evaluate.reference_stats = ""  # .npz with mu / sigma
+  c.evaluate.fid_protocol = "project"  # "paper": 8-bit images, clean-fid legacy-TF preprocessing (docs/fid_protocol.md)
   c.evaluate.reference_images = ""
   c.evaluate.reference_image_size = 256
   c.evaluate.classifier_dir = ""  # '' = <workdir>/eval/classifier

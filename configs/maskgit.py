@@ -142,6 +142,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.evaluate.batch_size = PER_DEVICE_BATCH * devices
   c.evaluate.inception_path = "pretrained/pt_inception-2015-12-05-6726825d.pth"
   c.evaluate.reference_stats = "pretrained/fid_stats_imagenet256_guided_diffusion.npz"
+  c.evaluate.fid_protocol = "paper"  # Table 1's protocol (docs/fid_protocol.md)
   c.evaluate.entropy_threshold = 1e-3
   c.evaluate.grid_columns = 8
   return c
