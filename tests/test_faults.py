@@ -18,12 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 
 from configs import tokens as tokens_config
 from dimo_jax import main as cli
 from dimo_jax.modes import distill, loop, teacher
-from dimo_jax.storage import checkpoints, loaders
+from dimo_jax.storage import checkpoints, loaders, workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, L, K = 64, 8, 6
@@ -90,7 +89,7 @@ def absl_warnings():
 
 # ---------------------------------------------------------------------------- one run per workdir
 def _lock_record(workdir, host, pid, heartbeat):
-  with open(os.path.join(workdir, checkpoints.LOCK_FILE), "w") as f:
+  with open(os.path.join(workdir, workdir_lock.LOCK_FILE), "w") as f:
     json.dump({"host": host, "pid": pid, "token": "other", "started": "2025-01-01 00:00:00",
                "heartbeat": heartbeat}, f)
 
@@ -131,12 +130,12 @@ def test_stale_locks_are_taken_over(tmp_path, absl_warnings):
           f"process {dead.pid} on {socket.gethostname()} is not running).") in absl_warnings
   # Another host whose heartbeat stopped an hour ago.
   _lock_record(workdir, "another-host", 1, time.time() - 3600)
-  with checkpoints.WorkdirLock(workdir, heartbeat_s=0):
+  with workdir_lock.WorkdirLock(workdir, heartbeat_s=0):
     assert json.load(open(os.path.join(workdir, "run.lock")))["pid"] == os.getpid()
   assert any(w.startswith(f"Took over the stale lock {workdir}/run.lock (host another-host, pid 1: its heartbeat "
                           "is 36") for w in absl_warnings)
   # The heartbeat moves while the run holds the lock.
-  lock = checkpoints.WorkdirLock(workdir, heartbeat_s=0.05)
+  lock = workdir_lock.WorkdirLock(workdir, heartbeat_s=0.05)
   with lock:
     first = json.load(open(lock.path))["heartbeat"]
     time.sleep(0.5)

@@ -22,7 +22,7 @@ from dimo_jax.core.sharding import host_array
 from dimo_jax.data import image_grids
 from dimo_jax.networks import maskgit
 from dimo_jax.networks.conditioning import sample_label_grid
-from dimo_jax.storage import checkpoints
+from dimo_jax.storage import checkpoints, workdir_lock as run_lock
 from dimo_jax.storage.checkpoints import UserError
 
 PREEMPTED = "preempted"  # key of a loop's result: True when SIGTERM stopped it
@@ -220,9 +220,9 @@ def loop_setup(section, name: str, workdir: str, stop_after: Optional[int]):
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
-  """Holds ``<workdir>/run.lock`` (``checkpoints.WorkdirLock``) for the body: a second run on the
+  """Holds ``<workdir>/run.lock`` (``storage.workdir_lock.WorkdirLock``) for the body: a second run on the
   same workdir stops at once with ``WorkdirInUse``. Process 0 holds it for all processes."""
-  lock = checkpoints.WorkdirLock(workdir)
+  lock = run_lock.WorkdirLock(workdir)
   error = None
   if jax.process_index() == 0:
     try:
