@@ -16,12 +16,9 @@ split and cached); the attributes are measured on the sample exactly as on the d
 from __future__ import annotations
 
 import functools
-import os
-import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dimo_jax.core import meissonic_sampler

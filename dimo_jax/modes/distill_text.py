@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from dimo_jax.core import sharding
-from dimo_jax.data import captions, image_grids
+from dimo_jax.data import captions
 from dimo_jax.evaluation import prompt_following
 from dimo_jax.method import dimo
 from dimo_jax.modes import loop, teacher_text
