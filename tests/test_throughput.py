@@ -20,12 +20,12 @@ def test_options_are_checked():
 
 
 def test_tiny_run_times_every_row_and_the_largest_batch(tmp_path):
-  opts = tp.Options(size="tiny", batch=2, teacher_steps="2", max_batch=4, reps=1, warmup=0,
+  opts = tp.Options(size="tiny", batch=2, teacher_steps="2,3", max_batch=4, reps=1, warmup=0,
                     budget_gb=1.0, fast_compile=True, out=str(tmp_path), command="pytest")
   r = tp.run_throughput(opts)
   rows = {(row["sampler"], row["steps"], row["setting"]): row for row in r["rows"]}
-  assert set(rows) == {("generator", 1, "batch 2"), ("teacher", 2, "batch 2"),
-                       ("generator", 1, "largest that fits"), ("teacher", 2, "largest that fits")}
+  assert set(rows) == {(name, steps, setting) for name, steps in (("generator", 1), ("teacher", 2), ("teacher", 3))
+                       for setting in ("batch 2", "largest that fits")}
   for row in r["rows"]:
     assert row["images_per_s"] > 0 and row["median_s"] > 0
     assert row["image_shape"][0] == row["batch"] and row["image_shape"][-1] == 3  # decoded pixels
@@ -33,6 +33,7 @@ def test_tiny_run_times_every_row_and_the_largest_batch(tmp_path):
   assert rows[("generator", 1, "batch 2")]["generator_speedup"] == 1.0
   for key, found in r["largest_search"].items():
     assert found["batch"] == 4 and found["capped"], (key, found)  # a tiny model: the cap binds
+  assert r["largest_search"]["teacher_3"]["reused_from_steps"] == 2  # the teacher's memory: no new search
   assert r["vqgan"]["decode_flops_per_image"] > 0 and r["decode_only"]["images_per_s"] > 0
   table = (tmp_path / "throughput.md").read_text()
   assert "| one-step generator | 2 |" in table and "| teacher, 2 steps | 4 (largest) |" in table
