@@ -30,7 +30,6 @@ import json
 import os
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-import flax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,8 +38,8 @@ from dimo_jax.converters.safetensors_io import load_safetensors
 from dimo_jax.networks.meissonic import MeissonicConfig, param_shapes, stack_layers, unstack_layers
 
 KIND = "meissonic"
-PARAMS_FILE = "params.msgpack"
-CONFIG_FILE = "config.json"
+PARAMS_FILE = common.CONVERTED_PARAMS
+CONFIG_FILE = common.CONVERTED_CONFIG
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 _WHAT = "Meissonic transformer (diffusers Transformer2DModel) layout"
 
@@ -233,34 +232,6 @@ def convert_meissonic_state_dict(state_dict: Mapping[str, Any], config: Meissoni
   return params
 
 
-def _resolve_input(input_path: str) -> Tuple[str, Optional[str]]:
-  """-> (weights path for ``load_safetensors``, config.json path or None)."""
-  path = os.path.abspath(os.path.expanduser(os.fspath(input_path)))
-  has_weights = lambda p: any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json")
-                              for f in os.listdir(p))
-  if os.path.isdir(path):
-    if not has_weights(path) and os.path.isdir(os.path.join(path, "transformer")):
-      path = os.path.join(path, "transformer")
-    if not has_weights(path):
-      raise FileNotFoundError(
-          f"{path}: no .safetensors weights here; pass Meissonic's transformer/ folder "
-          f"(config.json + {WEIGHTS_FILE}) or the .safetensors file: {convert_command()}")
-    cfg = os.path.join(path, CONFIG_FILE)
-    return path, cfg if os.path.isfile(cfg) else None
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: not found; pass Meissonic's transformer/ folder or its "
-                            f".safetensors file: {convert_command()}")
-  cfg = os.path.join(os.path.dirname(path), CONFIG_FILE)
-  return path, cfg if os.path.isfile(cfg) else None
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def convert_meissonic(input_path: str, output_dir: str, config: Optional[MeissonicConfig] = None,
                       **overrides) -> MeissonicConfig:
   """Converts a released transformer into ``output_dir``; returns the config written.
@@ -268,7 +239,8 @@ def convert_meissonic(input_path: str, output_dir: str, config: Optional[Meisson
   ``config`` replaces the sizes read from ``config.json``; ``overrides`` replace single fields
   (e.g. ``param_dtype="bfloat16"`` to store half the bytes, ``scan=False``).
   """
-  weights, cfg_path = _resolve_input(input_path)
+  weights, cfg_path = common.resolve_released_input(input_path, "transformer", WEIGHTS_FILE,
+                                                     convert_command())
   if config is None:
     if cfg_path is not None:
       with open(cfg_path) as f:
@@ -278,11 +250,7 @@ def convert_meissonic(input_path: str, output_dir: str, config: Optional[Meisson
   if overrides:
     config = dataclasses.replace(config, **overrides)
   params = convert_meissonic_state_dict(load_safetensors(weights), config, source=weights)
-  os.makedirs(output_dir, exist_ok=True)
-  _write_atomic(os.path.join(output_dir, PARAMS_FILE), flax.serialization.to_bytes({"params": params}))
-  del params
-  meta = {"kind": KIND, "config": config.to_dict(), "source": weights}
-  _write_atomic(os.path.join(output_dir, CONFIG_FILE), (json.dumps(meta, indent=2) + "\n").encode())
+  common.write_converted(output_dir, KIND, config.to_dict(), params, weights)
   return config
 
 
@@ -294,29 +262,10 @@ def load_meissonic(folder: str, dtype: Any = None,
   config fields, e.g. ``dtype="bfloat16"`` compute or ``scan=False`` (the blocks are unstacked).
   """
   folder = os.fspath(folder)
-  missing = [f for f in (CONFIG_FILE, PARAMS_FILE) if not os.path.isfile(os.path.join(folder, f))]
-  if missing:
-    raise FileNotFoundError(
-        f"{folder}: no converted Meissonic transformer here (missing {', '.join(missing)}). "
-        f"Convert the released weights first: {convert_command(folder)}")
-  with open(os.path.join(folder, CONFIG_FILE)) as f:
-    meta = json.load(f)
-  if meta.get("kind") != KIND:
-    raise ValueError(f"{folder}/{CONFIG_FILE}: kind {meta.get('kind')!r}, expected {KIND!r}; "
-                     f"this folder holds another converted model. {convert_command(folder)}")
+  meta, flat = common.read_converted(folder, KIND, "Meissonic transformer", convert_command(folder))
   stored = MeissonicConfig.from_dict(meta["config"])
-  with open(os.path.join(folder, PARAMS_FILE), "rb") as f:
-    restored = flax.serialization.msgpack_restore(f.read())
-  flat = common.flatten(restored.get("params", {}))
-  want = flax_layout(stored)
-  report = common.problems(
-      f"{folder}/{PARAMS_FILE}", "MeissonicTransformer parameters", set(want) - set(flat),
-      set(flat) - set(want),
-      [(k, common.shape_of(v), want[k]) for k, v in flat.items()
-       if k in want and common.shape_of(v) != tuple(want[k])],
-      f"Convert again: {convert_command(folder)}")
-  if report:
-    raise ValueError(report)
+  common.check_converted(flat, flax_layout(stored), folder, "MeissonicTransformer parameters",
+                         convert_command(folder))
   if dtype is not None:
     overrides["param_dtype"] = jnp.dtype(dtype).name
   config = dataclasses.replace(stored, **overrides)

@@ -24,7 +24,6 @@ import os
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import flax
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,8 +32,8 @@ from dimo_jax.converters.safetensors_io import load_safetensors
 from dimo_jax.networks.meissonic_vq import MeissonicVQConfig, MeissonicVQModel
 
 KIND = "meissonic-vq"
-PARAMS_FILE = "params.msgpack"
-CONFIG_FILE = "config.json"
+PARAMS_FILE = common.CONVERTED_PARAMS
+CONFIG_FILE = common.CONVERTED_CONFIG
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 _WHAT = "Meissonic VQ model (diffusers VQModel) layout"
 
@@ -212,42 +211,13 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: MeissonicVQConfig,
   return common.unflatten(flat)
 
 
-def _resolve_input(input_path: str) -> Tuple[str, Optional[str]]:
-  """-> (weights path for ``load_safetensors``, config.json path or None)."""
-  path = os.path.abspath(os.path.expanduser(os.fspath(input_path)))
-  if os.path.isdir(path):
-    has_weights = any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json")
-                      for f in os.listdir(path))
-    if not has_weights and os.path.isdir(os.path.join(path, "vqvae")):
-      path = os.path.join(path, "vqvae")
-      has_weights = any(f.endswith(".safetensors") for f in os.listdir(path))
-    if not has_weights:
-      raise FileNotFoundError(
-          f"{path}: no .safetensors weights here; pass Meissonic's vqvae/ folder (config.json + "
-          f"{WEIGHTS_FILE}) or the .safetensors file: {convert_command()}")
-    cfg = os.path.join(path, "config.json")
-    return path, cfg if os.path.isfile(cfg) else None
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: not found; pass Meissonic's vqvae/ folder or its "
-                            f".safetensors file: {convert_command()}")
-  cfg = os.path.join(os.path.dirname(path), "config.json")
-  return path, cfg if os.path.isfile(cfg) else None
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def convert_meissonic_vq(input_path: str, output_dir: str,
                          config: Optional[MeissonicVQConfig] = None) -> str:
   """Converts a released VQ model into ``output_dir``; returns ``output_dir``.
 
   ``config`` overrides the architecture read from ``config.json`` or inferred from the shapes.
   """
-  weights, cfg_path = _resolve_input(input_path)
+  weights, cfg_path = common.resolve_released_input(input_path, "vqvae", WEIGHTS_FILE, convert_command())
   state_dict = load_safetensors(weights)
   if config is None:
     if cfg_path is not None:
@@ -256,11 +226,7 @@ def convert_meissonic_vq(input_path: str, output_dir: str,
     else:
       config = infer_config(state_dict)
   params = convert_state_dict(state_dict, config, source=weights)
-  os.makedirs(output_dir, exist_ok=True)
-  _write_atomic(os.path.join(output_dir, PARAMS_FILE),
-                flax.serialization.to_bytes({"params": params}))
-  meta = {"kind": KIND, "config": config.to_dict(), "source": weights}
-  _write_atomic(os.path.join(output_dir, CONFIG_FILE), (json.dumps(meta, indent=2) + "\n").encode())
+  common.write_converted(output_dir, KIND, config.to_dict(), params, weights)
   return output_dir
 
 
@@ -271,28 +237,9 @@ def load_meissonic_vq(folder: str, dtype: Any = jnp.float32,
   ``dtype`` is the computation dtype, ``param_dtype`` the dtype the params are cast to.
   """
   folder = os.fspath(folder)
-  missing = [f for f in (CONFIG_FILE, PARAMS_FILE) if not os.path.isfile(os.path.join(folder, f))]
-  if missing:
-    raise FileNotFoundError(
-        f"{folder}: no converted Meissonic VQ model here (missing {', '.join(missing)}). Convert "
-        f"the released weights first: {convert_command(folder)}")
-  with open(os.path.join(folder, CONFIG_FILE)) as f:
-    meta = json.load(f)
-  if meta.get("kind") != KIND:
-    raise ValueError(f"{folder}/{CONFIG_FILE}: kind {meta.get('kind')!r}, expected {KIND!r}; "
-                     f"this folder holds another converted model. {convert_command(folder)}")
+  meta, flat = common.read_converted(folder, KIND, "Meissonic VQ model", convert_command(folder))
   config = MeissonicVQConfig.from_dict(meta["config"])
-  with open(os.path.join(folder, PARAMS_FILE), "rb") as f:
-    restored = flax.serialization.msgpack_restore(f.read())
-  flat = common.flatten(restored.get("params", {}))
-  want = flax_layout(config)
-  report = common.problems(
-      f"{folder}/{PARAMS_FILE}", "MeissonicVQModel parameters", set(want) - set(flat),
-      set(flat) - set(want),
-      [(k, common.shape_of(v), want[k]) for k, v in flat.items()
-       if k in want and common.shape_of(v) != tuple(want[k])],
-      f"Convert again: {convert_command(folder)}")
-  if report:
-    raise ValueError(report)
+  common.check_converted(flat, flax_layout(config), folder, "MeissonicVQModel parameters",
+                         convert_command(folder))
   params = common.unflatten({k: jnp.asarray(v, param_dtype) for k, v in flat.items()})
   return MeissonicVQModel(config, dtype=dtype, param_dtype=param_dtype), params
