@@ -18,6 +18,12 @@ Sampling defaults are Meissonic's pipeline and paper: 48 steps, guidance 9 again
 standard negative prompt, Gumbel temperature ramp (2, 0), micro-conditions [1024, 1024, 0, 0, 6].
 The transformer computes in bf16 with bf16 parameters (2 GB); the CLIP text tower and the VQ
 decoder run in float32 (the VQ "to avoid NaN", as both upstream repositories), one image at a time.
+
+``--config.sample.generator=<distill workdir>/generator`` (or a converted one-step transformer,
+e.g. the released Yuanzhi/DiMO one) samples with the distilled generator's one step instead
+(``c.sample.one_step``). ``--config.mode=evaluate`` writes the HPS v2.0 and GenEval images for
+their official scorers from the same model (``c.evaluate``; README, "From the released folders to
+HPS v2.0 and GenEval").
 """
 import ml_collections
 
@@ -62,6 +68,31 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sample.output = ""  # a folder; default <workdir>/samples
   c.sample.grid_columns = 4
   c.sample.grid_image_size = 256  # pixels per image in grid.png (0: full size)
+  # One-step sampling from a distilled generator (replaces the teacher and its steps and guidance):
+  # <distill workdir>/generator (its EMA parameters) or a converted one-step transformer, e.g. the
+  # released Yuanzhi/DiMO meissonic/transformer after python -m dimo_jax.convert meissonic.
+  c.sample.generator = ""
+  c.sample.one_step = ml_collections.ConfigDict()
+  # Di[M]O's training values (reference section 5.3): the x_init the generator learnt from. The
+  # authors' sample_Meissonic.py defaults to r_init 0.6 / sigma 0.1 and its HPS / GenEval commands
+  # pass temperature 1.2; which of them gave the paper's numbers is not stated.
+  c.sample.one_step.r_init = 0.5  # share of masked positions in x_init (uniform random codes elsewhere)
+  c.sample.one_step.sigma = 0.3  # Gaussian noise on the image-token embeddings
+  c.sample.one_step.temperature = 1.0  # of the per-token categorical draw
+
+  # ---------------------------------------------------------------- benchmarks (--config.mode=evaluate):
+  # images for the official PyTorch scorers, drawn with config.sample's model and settings (the
+  # teacher, or the generator when config.sample.generator is set). Reference section 6.
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.suite = "hps,geneval"  # hps | geneval | hps,geneval
+  # HPS v2: folder of anime.json, concept-art.json, paintings.json, photo.json (800 prompts each;
+  # hpsv2.benchmark_prompts('all') downloads them to ~/.cache/hpsv2/datasets/benchmark).
+  c.evaluate.hps_prompts = ""
+  c.evaluate.hps_styles = ("anime", "concept-art", "paintings", "photo")  # one .jpg per prompt
+  c.evaluate.geneval_metadata = ""  # GenEval's prompts/evaluation_metadata.jsonl (553 prompts)
+  c.evaluate.geneval_samples = 4  # images per GenEval prompt, the seed reset per prompt
+  c.evaluate.max_prompts = 0  # 0: all; N: the first N per style / of GenEval (smoke test only)
+  c.evaluate.output = ""  # a folder; default <workdir>/t2i_eval (hps/, geneval/, settings.json)
 
   # ---------------------------------------------------------------- Di[M]O (mode=distill): the authors'
   # text-to-image recipe (reference section 5.1: their evaluated run, EMA at 13000 steps).

@@ -210,6 +210,9 @@ class _TokenScorer:
 def run_evaluate(config, workdir: str) -> dict:
   """``mode=evaluate``: samples, metrics and the Table 1 files in ``<workdir>/eval`` (see the
   module docstring). Returns the results dict (also written to ``results.json``)."""
+  if (config.get("sample", None) or {}).get("model", "") == "meissonic":  # configs/meissonic.py
+    from dimo_jax.modes import evaluate_text  # pylint: disable=import-outside-toplevel
+    return evaluate_text.run_text_evaluate(config, workdir)  # HPS v2 / GenEval images
   if not workdir:
     raise ValueError("no workdir given; pass --workdir=<distillation workdir>")
   s = settings_from_config(config)

@@ -23,6 +23,16 @@ Written to ``config.sample.output`` (default ``<workdir>/samples``):
 - ``settings.json``: the negative prompt, steps, guidance, temperatures, micro-conditions and the
   folders the networks came from.
 
+One-step sampling from a distilled generator: ``config.sample.generator`` names a Di[M]O workdir's
+``generator`` folder (``mode=distill`` writes it; its EMA parameters are used when present; the
+workdir itself is accepted too) or a converted transformer folder (``python -m dimo_jax.convert
+meissonic`` of a released one-step generator, e.g. ``Yuanzhi/DiMO``'s ``meissonic/transformer``).
+Each image is then ONE forward of the generator (``core.meissonic_sampler.one_step_text_sample``,
+per image with its own key, no guidance) with ``config.sample.one_step``'s ``r_init``, ``sigma``
+and ``temperature``; the teacher's transformer folder is not read, the VQ model, text encoder and
+tokenizer are. ``settings.json`` records the generator folder and the three values in place of the
+steps and guidance.
+
 A missing or wrong converted folder stops before anything is loaded, with the convert command to
 run (``converters.commands.check_meissonic_paths``); so do a missing prompt file, an empty one and
 a tokenizer folder lacking its files.
@@ -50,7 +60,8 @@ from dimo_jax.converters import meissonic as meissonic_conv
 from dimo_jax.converters import meissonic_vq as vq_conv
 from dimo_jax.core import meissonic_sampler as ms
 from dimo_jax.data import image_grids, text
-from dimo_jax.networks.meissonic import MeissonicTransformer
+from dimo_jax.networks.meissonic import MeissonicConfig, MeissonicTransformer
+from dimo_jax.storage import checkpoints
 
 INDEX_FILE = "index.jsonl"
 GRID_FILE = "grid.png"
@@ -98,13 +109,19 @@ class Settings(NamedTuple):
   output: str
   grid_columns: int
   grid_image_size: int
+  generator: str = ""  # a one-step generator folder; "" = the teacher's multi-step sampler
+  one_step: Tuple[float, float, float] = (0.5, 0.3, 1.0)  # r_init, sigma, temperature
 
 
-def read_settings(config, workdir: str) -> Settings:
-  """``config.sample``'s text-to-image settings, checked (a ``ValueError`` names the flag)."""
+def read_settings(config, workdir: str, require_prompts: bool = True) -> Settings:
+  """``config.sample``'s text-to-image settings, checked (a ``ValueError`` names the flag).
+
+  ``require_prompts=False`` (``mode=evaluate``, whose prompts are the benchmarks') lets
+  ``config.sample.prompts`` be empty.
+  """
   sc = config.sample
   prompts = sc.get("prompts", "")
-  if not prompts:
+  if not prompts and require_prompts:
     raise ValueError("config.sample.prompts is not set; pass --config.sample.prompts=<file>, a UTF-8 "
                      "text file with one prompt per line")
   steps = int(sc.get("steps", ms.DEFAULT_STEPS))
@@ -127,12 +144,38 @@ def read_settings(config, workdir: str) -> Settings:
   resolution = int(sc.get("resolution", 1024))
   if resolution < 1:
     raise ValueError(f"config.sample.resolution must be a positive number of pixels, got {resolution}")
+  one = sc.get("one_step", None) or {}
+  r_init, sigma, gen_temp = (float(one.get("r_init", 0.5)), float(one.get("sigma", 0.3)),
+                             float(one.get("temperature", 1.0)))
+  if not 0.0 <= r_init <= 1.0:
+    raise ValueError(f"config.sample.one_step.r_init must lie in [0, 1] (the share of masked "
+                     f"tokens in x_init), got {r_init}")
+  if sigma < 0.0 or gen_temp <= 0.0:
+    raise ValueError(f"config.sample.one_step.sigma must be >= 0 and temperature > 0, got "
+                     f"sigma={sigma}, temperature={gen_temp}")
   return Settings(prompts_file=prompts, resolution=resolution, negative_prompt=str(sc.get("negative_prompt", "")),
                   steps=steps, guidance=float(sc.get("guidance", ms.DEFAULT_GUIDANCE)),
                   temperature=temperature, micro_conds=micro, batch_size=batch_size,
                   seed=int(sc.get("seed", config.get("seed", 0))), output=output,
                   grid_columns=int(sc.get("grid_columns", 4)),
-                  grid_image_size=int(sc.get("grid_image_size", 256)))
+                  grid_image_size=int(sc.get("grid_image_size", 256)),
+                  generator=str(sc.get("generator", "") or ""), one_step=(r_init, sigma, gen_temp))
+
+
+def sampler_settings(settings: Settings) -> Dict[str, Any]:
+  """What decides the pixels besides the networks and the prompt: the teacher's steps, guidance,
+  negative prompt and temperature ramp, or the generator's folder, ``r_init``, ``sigma`` and
+  temperature; the micro-conditions, seed and resolution either way (for ``settings.json``)."""
+  common = {"micro_conds": list(settings.micro_conds), "seed": settings.seed,
+            "resolution": settings.resolution}
+  if settings.generator:
+    r_init, sigma, temperature = settings.one_step
+    folder = os.path.abspath(resolve_generator(settings.generator)[1])
+    return {"model": "generator", "generator": folder, "steps": 1,
+            "r_init": r_init, "sigma": sigma, "gen_temperature": temperature, **common}
+  return {"model": "teacher", "steps": settings.steps, "guidance": settings.guidance,
+          "negative_prompt": settings.negative_prompt, "temperature": list(settings.temperature),
+          **common}
 
 
 # ---------------------------------------------------------------------------- networks
@@ -150,18 +193,64 @@ class Networks:
   tokenizer: text.CLIPTokenizer
 
 
-def load_networks(config, resolution: int = 1024) -> Networks:
+GENERATOR_HINT = ("point --config.sample.generator at the generator/ folder of a finished "
+                  "mode=distill run (<workdir>/generator), or at a converted one-step transformer: "
+                  "python -m dimo_jax.convert meissonic --input=models/meissonic/transformer "
+                  "--output=pretrained/dimo_meissonic/transformer (the released Yuanzhi/DiMO)")
+
+
+def resolve_generator(path: str) -> Tuple[str, str]:
+  """``(kind, folder)`` of a one-step generator given as ``path``: ``"converted"`` (a folder of
+  ``python -m dimo_jax.convert meissonic``) or ``"checkpoint"`` (``<workdir>/generator`` of
+  ``mode=distill``; its workdir is accepted too). A ``FileNotFoundError`` names the fix."""
+  path = os.fspath(path)
+  if os.path.isfile(os.path.join(path, "params.msgpack")):
+    return "converted", path
+  if os.path.isdir(os.path.join(path, "generator")):
+    path = os.path.join(path, "generator")
+  if os.path.isdir(checkpoints.checkpoint_dir(path)):
+    return "checkpoint", path
+  what = "does not exist" if not os.path.exists(path) else "holds no generator"
+  raise FileNotFoundError(f"config.sample.generator={path!r} {what}; {GENERATOR_HINT}")
+
+
+def load_generator(path: str, param_dtype: str) -> Tuple[MeissonicConfig, Any]:
+  """A one-step generator's ``(config, params)`` (see ``resolve_generator``): a Di[M]O
+  generator's EMA parameters when it has them, else its parameters; cast to ``param_dtype``."""
+  kind, folder = resolve_generator(path)
+  if kind == "converted":
+    return meissonic_conv.load_meissonic(folder, dtype=param_dtype)
+  params, ema_params, stored = checkpoints.load_params(folder)
+  if not stored or "meissonic_config" not in stored:
+    raise ValueError(f"config.sample.generator={folder!r}: its config.json has no meissonic_config, "
+                     f"so it is not a Meissonic Di[M]O generator; {GENERATOR_HINT}")
+  tcfg = dataclasses.replace(MeissonicConfig.from_dict(stored["meissonic_config"]),
+                             param_dtype=jnp.dtype(param_dtype).name)
+  params = ema_params if ema_params is not None else params
+  logging.info("One-step generator %s: %s parameters", folder,
+               "EMA" if ema_params is not None else "raw (no EMA stored)")
+  cast = tcfg.storage_dtype
+  return tcfg, jax.tree_util.tree_map(lambda a: np.asarray(a).astype(cast, copy=False), params)
+
+
+def load_networks(config, resolution: int = 1024, generator: str = "") -> Networks:
   """Tokenizer, CLIP text tower, transformer and VQ model of ``config.meissonic``, with their
   sizes checked against each other (a ``ValueError`` names the two folders that disagree); the
   transformer's token grid is ``resolution`` over the VQ model's downsampling factor (64 x 64
-  tokens at 1024 px)."""
+  tokens at 1024 px). With ``generator`` (a folder, see ``resolve_generator``) the transformer is
+  that one-step generator and ``config.meissonic.transformer`` is not read."""
   mc = config.meissonic
-  commands.check_meissonic_paths(config)
+  commands.check_meissonic_paths(config, ("vqvae", "text_encoder", "tokenizer") if generator
+                                 else ("transformer", "vqvae", "text_encoder", "tokenizer"))
   text_model, text_params = clip_conv.load_clip_text(
       mc.text_encoder, dtype=jnp.dtype(mc.get("text_dtype", "float32")))
   tokenizer = text.load_tokenizer(mc.tokenizer, max_length=text_model.config.max_positions)
-  tcfg, tparams = meissonic_conv.load_meissonic(mc.transformer,
-                                                dtype=mc.get("param_dtype", "bfloat16"))
+  if generator:
+    tcfg, tparams = load_generator(generator, mc.get("param_dtype", "bfloat16"))
+  else:
+    tcfg, tparams = meissonic_conv.load_meissonic(mc.transformer,
+                                                  dtype=mc.get("param_dtype", "bfloat16"))
+  mt = generator or mc.transformer  # the transformer's folder, for the messages below
   tcfg = dataclasses.replace(tcfg, dtype=mc.get("dtype", "bfloat16"),
                              remat=mc.get("remat", "none"),
                              attention_impl=mc.get("attention_impl", "") or None)
@@ -176,12 +265,12 @@ def load_networks(config, resolution: int = 1024) -> Networks:
   tcfg = dataclasses.replace(tcfg, grid=grid)
   checks = [
       (clip_cfg.width == tcfg.text_dim, f"the text encoder's width {clip_cfg.width} is not the "
-       f"transformer's text width {tcfg.text_dim}", mc.text_encoder, mc.transformer),
+       f"transformer's text width {tcfg.text_dim}", mc.text_encoder, mt),
       (clip_cfg.projection_dim == tcfg.pooled_dim, f"the text encoder's projection "
        f"{clip_cfg.projection_dim} is not the transformer's pooled width {tcfg.pooled_dim}",
-       mc.text_encoder, mc.transformer),
+       mc.text_encoder, mt),
       (vq_cfg.num_vq_embeddings == tcfg.codebook_size, f"the VQ model's {vq_cfg.num_vq_embeddings} "
-       f"codes are not the transformer's codebook of {tcfg.codebook_size}", mc.vqvae, mc.transformer),
+       f"codes are not the transformer's codebook of {tcfg.codebook_size}", mc.vqvae, mt),
       (tokenizer.vocab_size <= clip_cfg.vocab_size, f"the tokenizer's {tokenizer.vocab_size} tokens "
        f"exceed the text encoder's vocabulary of {clip_cfg.vocab_size}", mc.tokenizer, mc.text_encoder),
   ]
@@ -241,6 +330,40 @@ def make_decoder(nets: Networks):
   return lambda ids: np.asarray(decode(nets.vq_params, jnp.asarray(ids).reshape(1, grid, grid)))[0]
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn", "seq_len", "mask_id", "codebook_size"))
+def one_step_rows(apply_fn, params, keys, cond, *, seq_len: int, mask_id: int, codebook_size: int,
+                  r_init, noise_sigma, temperature):
+  """``one_step_text_sample`` for every row on its own: row ``b`` draws with ``keys[b]`` exactly
+  what a batch of one with that key draws (``x_init``, embedding noise and the draw), whatever
+  else is in the batch (up to floating-point differences of the network between batch sizes)."""
+  def row(key, c):
+    one = jax.tree_util.tree_map(lambda x: x[None], c)
+    return ms.one_step_text_sample(apply_fn, params, key, one, seq_len=seq_len, mask_id=mask_id,
+                                   codebook_size=codebook_size, r_init=r_init,
+                                   noise_sigma=noise_sigma, temperature=temperature)[0]
+  return jax.vmap(row)(keys, cond)
+
+
+def draw_tokens(nets: Networks, settings: Settings, cond: Dict[str, np.ndarray],
+                neg_cond: Dict[str, np.ndarray], seeds: Sequence[int]) -> np.ndarray:
+  """Image tokens ``[B, seq_len]`` for the rows of ``cond`` (``text``, ``pooled``, ``micro``),
+  row ``b`` drawn with ``PRNGKey(seeds[b])``: the teacher's multi-step sampler with guidance
+  against ``neg_cond``, or, with ``settings.generator``, the generator's one step (no guidance)."""
+  tcfg = nets.transformer.config
+  apply_fn = ms.model_apply_fn(nets.transformer)
+  keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
+  sizes = dict(seq_len=tcfg.seq_len, mask_id=tcfg.mask_id, codebook_size=tcfg.codebook_size)
+  if settings.generator:
+    r_init, sigma, temperature = settings.one_step
+    tokens = one_step_rows(apply_fn, nets.transformer_params, keys, cond, r_init=r_init,
+                           noise_sigma=sigma, temperature=temperature, **sizes)
+  else:
+    tokens = ms.meissonic_sample(apply_fn, nets.transformer_params, keys, cond, neg_cond,
+                                 steps=settings.steps, guidance=settings.guidance,
+                                 temperature=settings.temperature, **sizes)
+  return np.asarray(tokens)
+
+
 def _thumbnail(image: np.ndarray, size: int) -> np.ndarray:
   """``image`` shrunk to ``size`` pixels on its longer side (box filter); as it is when smaller."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
@@ -270,6 +393,16 @@ def _write_text_atomic(path: str, content: str) -> None:
 # ---------------------------------------------------------------------------- run
 
 
+def check_paths(config, settings: Settings) -> None:
+  """Stops before anything is loaded when a folder the run reads is missing or wrong: the
+  converted folders (the teacher's transformer only without a generator) and the generator."""
+  if settings.generator:
+    commands.check_meissonic_paths(config, ("vqvae", "text_encoder", "tokenizer"))
+    resolve_generator(settings.generator)
+  else:
+    commands.check_meissonic_paths(config)
+
+
 def run(config, workdir: str) -> Dict[str, Any]:
   """``mode=sample`` for Meissonic: prompts file -> PNGs, ``index.jsonl``, ``grid.png``.
 
@@ -279,11 +412,11 @@ def run(config, workdir: str) -> Dict[str, Any]:
     raise ValueError("text-to-image sampling needs the meissonic section of configs/meissonic.py; "
                      "use --config=configs/meissonic.py")
   settings = read_settings(config, workdir)
-  commands.check_meissonic_paths(config)
+  check_paths(config, settings)
   prompts = text.read_prompts(settings.prompts_file)
   text.load_tokenizer(config.meissonic.tokenizer)  # a missing tokenizer file stops here, early
   t0 = time.perf_counter()
-  nets = load_networks(config, settings.resolution)
+  nets = load_networks(config, settings.resolution, settings.generator)
   logging.info("Loaded the Meissonic networks in %.1f s", time.perf_counter() - t0)
 
   # The negative prompt rides along as row 0: one compiled text program for both.
@@ -294,8 +427,8 @@ def run(config, workdir: str) -> Dict[str, Any]:
   tcfg = nets.transformer.config
   micro = np.asarray(settings.micro_conds, np.float32)
   neg_cond = {"text": negative["text"], "pooled": negative["pooled"], "micro": micro[None]}
-  apply_fn = ms.model_apply_fn(nets.transformer)
   decode = make_decoder(nets)
+  steps = 1 if settings.generator else settings.steps
 
   out = settings.output
   is_writer = jax.process_index() == 0
@@ -309,12 +442,7 @@ def run(config, workdir: str) -> Dict[str, Any]:
     cond = {"text": conds["text"][rows], "pooled": conds["pooled"][rows],
             "micro": np.broadcast_to(micro, (len(rows), micro.size))}
     seeds = [settings.seed + int(r) for r in rows]
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-    tokens = ms.meissonic_sample(
-        apply_fn, nets.transformer_params, keys, cond, neg_cond, seq_len=tcfg.seq_len,
-        mask_id=tcfg.mask_id, codebook_size=tcfg.codebook_size, steps=settings.steps,
-        guidance=settings.guidance, temperature=settings.temperature)
-    tokens = np.asarray(tokens)
+    tokens = draw_tokens(nets, settings, cond, neg_cond, seeds)
     t_sample = time.perf_counter() - t0
     for j in range(count):
       index = int(rows[j])
@@ -327,7 +455,7 @@ def run(config, workdir: str) -> Dict[str, Any]:
       paths.append(path)
       records.append({"index": index, "file": name, "prompt": prompts[index], "seed": seeds[j]})
     logging.info("Batch %d: %d images, sampled in %.1f s (%d steps), decoded in %.1f s", number,
-                 count, t_sample, settings.steps, time.perf_counter() - t0 - t_sample)
+                 count, t_sample, steps, time.perf_counter() - t0 - t_sample)
 
   index_path, grid_path = os.path.join(out, INDEX_FILE), os.path.join(out, GRID_FILE)
   if is_writer:
@@ -336,13 +464,11 @@ def run(config, workdir: str) -> Dict[str, Any]:
     image_grids.save_image_grid(np.stack(thumbs), grid_path, ncols=columns, scale=1)
     mc = config.meissonic
     meta = {"prompts": os.path.abspath(settings.prompts_file), "num": len(prompts),
-            "negative_prompt": settings.negative_prompt, "steps": settings.steps,
-            "guidance": settings.guidance, "temperature": list(settings.temperature),
-            "micro_conds": list(settings.micro_conds), "seed": settings.seed,
+            **sampler_settings(settings),
             "seed_rule": "image i draws with PRNGKey(seed + i)", "batch_size": batch_size,
-            "transformer": mc.transformer, "vqvae": mc.vqvae, "text_encoder": mc.text_encoder,
-            "tokenizer": mc.tokenizer, "dtype": tcfg.dtype, "param_dtype": tcfg.param_dtype,
-            "resolution": settings.resolution}
+            "transformer": settings.generator or mc.transformer, "vqvae": mc.vqvae,
+            "text_encoder": mc.text_encoder, "tokenizer": mc.tokenizer, "dtype": tcfg.dtype,
+            "param_dtype": tcfg.param_dtype}
     _write_text_atomic(os.path.join(out, SETTINGS_FILE), json.dumps(meta, indent=2) + "\n")
   logging.info("Wrote %d images, %s and %s to %s", len(paths), INDEX_FILE, GRID_FILE, out)
   return {"output": out, "images": paths, "index": index_path, "grid": grid_path, "num": len(paths)}
