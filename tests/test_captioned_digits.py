@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from configs import captioned_digits
 from dimo_jax import main
@@ -17,6 +18,12 @@ def test_captions_tokenizer_and_split():
   assert ids.shape == (2, captions.MAX_LENGTH) and (ids[:, 0] == captions.VOCAB.index("<|startoftext|>")).all()
   held, seen = set(captions.held_out_prompts().tolist()), set(captions.distill_prompts().tolist())
   assert len(held) == 10 and len(seen) == 30 and not held & seen
+  every = set(captions.distill_prompts("all").tolist())
+  assert len(every) == 80 and seen <= every and not held & every and 0 not in every
+  partial = [captions.caption_parts(c) for c in every - seen]
+  assert all(t == 0 or s == 0 for _, t, s in partial)
+  with pytest.raises(ValueError, match="config.distill.prompt_set='some'"):
+    captions.distill_prompts("some")
 
 
 def test_captioned_digits_pipeline_tiny(tmp_path):
@@ -41,3 +48,15 @@ def test_captioned_digits_pipeline_tiny(tmp_path):
   rows = json.load(open(os.path.join(workdir, "eval", "results.json")))["rows"]
   assert [r["steps"] for r in rows] == [0, 1, 2, 1]
   assert os.path.isdir(os.path.join(workdir, "teacher")) and os.path.isdir(os.path.join(workdir, "generator"))
+
+
+def test_goal_note_known_answer():
+  from dimo_jax.evaluation import prompt_following  # pylint: disable=import-outside-toplevel
+  score = lambda acc, fd: {"seen": {"prompt_acc": acc, "fd_pixel": fd, "samples": 100}}
+  rows = [{"model": "teacher (Meissonic sampler)", "steps": 1, "scores": score(80.0, 150.0)},
+          {"model": "teacher (Meissonic sampler)", "steps": 16, "scores": score(90.0, 100.0)},
+          {"model": "Di[M]O generator", "steps": 1, "scores": score(85.0, 110.0)}]
+  note = prompt_following.goal_note(rows, "seen")
+  # sqrt(0.85 * 0.15 / 100) = 3.57 points; best accuracy 90 (16 steps), best FD 100 (16 steps).
+  assert "85.0% (standard error 3.6) against the teacher's best 90.0% (-5.0 points)" in note
+  assert "FD-pixel 110.0 = 1.10x the teacher's best 100.0" in note

@@ -124,10 +124,18 @@ def held_out_prompts() -> np.ndarray:
   return np.asarray([full[d, d % 4] for d in range(10)], np.int32)
 
 
-def distill_prompts() -> np.ndarray:
-  """The 30 full prompts Di[M]O distils from."""
+DISTILL_PROMPT_SETS = ("full", "all")
+
+
+def distill_prompts(prompt_set: str = "full") -> np.ndarray:
+  """The prompts Di[M]O distils from: ``full``, the 30 full prompts that are not held out;
+  ``all``, every non-empty caption but the held-out full prompts (80: the 30, and the 50 that
+  leave one or both attributes out)."""
+  if prompt_set not in DISTILL_PROMPT_SETS:
+    raise ValueError(f"config.distill.prompt_set={prompt_set!r} is not one of {DISTILL_PROMPT_SETS}")
   held = set(held_out_prompts().tolist())
-  return np.asarray([c for c in full_prompt_ids() if int(c) not in held], np.int32)
+  pool = full_prompt_ids() if prompt_set == "full" else np.arange(1, NUM_CAPTIONS)
+  return np.asarray([c for c in pool if int(c) not in held], np.int32)
 
 
 def training_captions(rng: np.random.Generator, digits, attributes, *, attribute_dropout: float,

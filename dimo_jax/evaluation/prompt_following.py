@@ -97,6 +97,7 @@ class Scorer:
           "fd_pixel": float(metrics.fid_from_features(tokens[sel].astype(np.float64), ref)),
           "fd_classifier": float(metrics.fid_from_features(feats[sel], self.real_features[ref_sel])),
           "diversity": diversity_per_prompt(tokens[sel], prompt_ids[sel]),
+          "samples": int(sel.sum()),
       }
     return out
 
@@ -165,9 +166,16 @@ def goal_note(rows: Sequence[dict], prompt_set: str = "seen") -> str:
   best_acc = max(r["scores"][prompt_set]["prompt_acc"] for r in teacher)
   best_fd = min(r["scores"][prompt_set]["fd_pixel"] for r in teacher)
   g = gen[0]["scores"][prompt_set]
-  return (f"Di[M]O at 1 step on the {prompt_set} prompts: prompt accuracy {g['prompt_acc']:.1f}% against the "
-          f"teacher's best {best_acc:.1f}% ({g['prompt_acc'] - best_acc:+.1f} points); FD-pixel {g['fd_pixel']:.1f} "
+  return (f"Di[M]O at 1 step on the {prompt_set} prompts: prompt accuracy {g['prompt_acc']:.1f}% "
+          f"(standard error {accuracy_se(g):.1f}) against the teacher's best {best_acc:.1f}% "
+          f"({g['prompt_acc'] - best_acc:+.1f} points); FD-pixel {g['fd_pixel']:.1f} "
           f"= {g['fd_pixel'] / best_fd:.2f}x the teacher's best {best_fd:.1f}.")
+
+
+def accuracy_se(scores: Dict[str, float]) -> float:
+  """Binomial standard error (points) of a row's prompt accuracy over its ``samples``."""
+  p, n = scores["prompt_acc"] / 100.0, max(int(scores.get("samples", 0)), 1)
+  return 100.0 * float(np.sqrt(p * (1.0 - p) / n))
 
 
 def save_grid(tokens: np.ndarray, path: str, per_prompt: int, columns: int = 10, rows_per_prompt: int = 1):

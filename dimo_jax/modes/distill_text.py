@@ -6,8 +6,9 @@ the prompt-following table (``evaluate_captioned``) to ``<workdir>/eval``.
 
 The prompts of each step (``distill_conditions``) are a pure function of ``(config.seed, step)``:
 ``batch_size`` prompts for the generator update and ``aux_updates x batch_size`` fresh ones for the
-auxiliary updates, drawn uniformly from ``data.captions.distill_prompts``; the negative prompt is
-the empty prompt.
+auxiliary updates, drawn uniformly from ``data.captions.distill_prompts(config.distill.prompt_set)``
+(``full``: the 30 full prompts, the default; ``all``: also the 50 partial ones); the negative
+prompt is the empty prompt.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def train_distill_text(config, workdir: str, *, stop_after: Optional[int] = None
   mesh = sharding.make_mesh(int(config.mesh.get("data", -1)), int(config.mesh.get("fsdp", 1)))
   state = dist.init_state(teacher_params, int(config.seed))
   step_fn, state = dist.compile_step(state, mesh)  # stops here if the step cannot fit the device
-  prompts = captions.distill_prompts()
+  prompts = captions.distill_prompts(str(dc.get("prompt_set", "full")))
   logging.info("Di[M]O (text): %d steps at batch %d from %d prompts (%d held out).", steps,
                dist.s.batch_size, len(prompts), len(captions.held_out_prompts()))
   last = stop_after or steps
