@@ -1,14 +1,12 @@
 """The text-conditioned Di[M]O step (a condition pytree per example, guidance against the negative
 prompt) on a tiny Meissonic transformer."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_on_simulated_devices
 
 from configs import captioned_digits
 from dimo_jax.core import divergences, masking
@@ -176,10 +174,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_text_step_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                       timeout=400)
+  out = run_on_simulated_devices(SHARDED_SCRIPT, timeout=400)
   assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
 
 
