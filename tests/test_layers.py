@@ -14,6 +14,7 @@ LAYERS = (
     ("storage", "data"),
     ("converters",),
     ("evaluation",),
+    ("families",),
     ("modes",),
     ("main", "convert"),
 )
