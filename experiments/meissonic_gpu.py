@@ -36,7 +36,8 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
 
 from configs import meissonic as meissonic_config  # noqa: E402  pylint: disable=wrong-import-position
-from dimo_jax.core import meissonic_sampler as ms  # noqa: E402  pylint: disable=wrong-import-position
+from dimo_jax.core import samplers as ms  # noqa: E402  pylint: disable=wrong-import-position
+from dimo_jax.evaluation import text_to_image as t2i  # noqa: E402  pylint: disable=wrong-import-position
 from dimo_jax.core import sharding  # noqa: E402  pylint: disable=wrong-import-position
 from dimo_jax.core.memory import estimated_bytes  # noqa: E402  pylint: disable=wrong-import-position
 from dimo_jax.method import dimo  # noqa: E402  pylint: disable=wrong-import-position
@@ -149,16 +150,16 @@ def measure_sampling(args) -> List[Dict[str, Any]]:
   text_len = 8 if args.tiny else TEXT_LEN
   net = meissonic.MeissonicTransformer(mcfg)
   params = jax.jit(lambda k: meissonic.init_params(mcfg, k, text_len=text_len))(jax.random.key(0))
-  apply_fn = ms.model_apply_fn(net)
+  apply_fn = t2i.model_apply_fn(net)
   n = args.sample_batch
   cond = random_conditions(jax.random.key(4), (n,), mcfg, text_len)
   neg = random_conditions(jax.random.key(5), (1,), mcfg, text_len)
   rows = []
   programs = {
-      "generator, 1 step": lambda: ms.one_step_text_sample(
+      "generator, 1 step": lambda: ms.one_step_cond_sampler(
           apply_fn, params, jax.random.key(6), cond, seq_len=mcfg.seq_len, mask_id=mcfg.mask_id,
           codebook_size=mcfg.codebook_size, r_init=0.5, noise_sigma=0.3),
-      f"teacher, {args.teacher_steps} steps, guidance 9": lambda: ms.meissonic_sample(
+      f"teacher, {args.teacher_steps} steps, guidance 9": lambda: ms.gumbel_ramp_sampler(
           apply_fn, params, jax.random.key(7), cond, neg, seq_len=mcfg.seq_len, mask_id=mcfg.mask_id,
           codebook_size=mcfg.codebook_size, steps=args.teacher_steps, guidance=9.0)}
   for name, fn in programs.items():

@@ -14,7 +14,8 @@ import pytest
 
 from dimo_jax.converters import meissonic as conv
 from dimo_jax.converters.safetensors_io import save_safetensors
-from dimo_jax.core import meissonic_sampler as ms
+from dimo_jax.core import samplers as ms
+from dimo_jax.evaluation.text_to_image import model_apply_fn
 from dimo_jax.networks import meissonic as net
 from dimo_jax.networks import meissonic_blocks as blocks
 
@@ -444,7 +445,7 @@ def _cond(rows):
 def test_sampler_schedule_timesteps_and_no_mask_left():
   steps = 6
   cond = _cond(np.zeros((3, K)))
-  tokens, trace = ms.meissonic_sample(_timestep_apply, None, jax.random.PRNGKey(0), cond,
+  tokens, trace = ms.gumbel_ramp_sampler(_timestep_apply, None, jax.random.PRNGKey(0), cond,
                                       seq_len=L, mask_id=K, codebook_size=K, steps=steps,
                                       return_trace=True)
   counts = ms.mask_schedule_counts(L, steps)
@@ -462,7 +463,7 @@ def test_sampler_guidance_uses_negative_condition():
   cond, neg = _cond(rng.normal(size=(2, K))), _cond(rng.normal(size=(1, K)))
   neg2 = _cond(np.repeat(neg["text"][:, 0], 2, axis=0))
   params = {"scale": jnp.float32(0.5)}
-  run = lambda c, n, **kw: np.asarray(ms.meissonic_sample(
+  run = lambda c, n, **kw: np.asarray(ms.gumbel_ramp_sampler(
       _table_apply, params, jax.random.PRNGKey(3), c, n, seq_len=L, mask_id=K, codebook_size=K,
       steps=4, **kw))
   np.testing.assert_array_equal(run(cond, neg, guidance=0.0), run(neg2, None))
@@ -482,7 +483,7 @@ def test_sampler_per_row_keys_match_a_batch_of_one():
   cond, neg = _cond(rng.normal(size=(3, K))), _cond(rng.normal(size=(1, K)))
   params = {"scale": jnp.float32(0.5)}
   keys = jnp.stack([jax.random.PRNGKey(s) for s in (7, 8, 9)])
-  run = lambda key, c: np.asarray(ms.meissonic_sample(
+  run = lambda key, c: np.asarray(ms.gumbel_ramp_sampler(
       _table_apply, params, key, c, neg, seq_len=L, mask_id=K, codebook_size=K, steps=5))
   batched = run(keys, cond)
   for b in range(3):
@@ -498,15 +499,15 @@ def test_sampler_per_row_keys_match_a_batch_of_one():
 def test_samplers_with_tiny_model(released):
   config, params = conv.load_meissonic(released["out"])
   model = net.MeissonicTransformer(config)
-  apply_fn = ms.model_apply_fn(model)
+  apply_fn = model_apply_fn(model)
   _, cond = _inputs(TINY)
   cond.pop("micro")   # defaults to [1024, 1024, 0, 0, 6]
   neg = jax.tree_util.tree_map(lambda x: x[:1] * 0.5, cond)
   kw = dict(seq_len=TINY.seq_len, mask_id=TINY.mask_id, codebook_size=TINY.codebook_size)
-  tokens = ms.meissonic_sample(apply_fn, params, jax.random.PRNGKey(1), cond, neg, steps=4, **kw)
+  tokens = ms.gumbel_ramp_sampler(apply_fn, params, jax.random.PRNGKey(1), cond, neg, steps=4, **kw)
   tokens = np.asarray(tokens)
   assert tokens.shape == (2, TINY.seq_len) and (tokens >= 0).all() and (tokens < TINY.codebook_size).all()
-  draw = lambda seed: [np.asarray(a) for a in ms.one_step_text_sample(
+  draw = lambda seed: [np.asarray(a) for a in ms.one_step_cond_sampler(
       apply_fn, params, jax.random.PRNGKey(seed), cond, r_init=0.5, noise_sigma=0.3,
       return_init=True, **kw)]
   one, x_init = draw(2)

@@ -2,7 +2,7 @@
 and one-step sampling from a distilled generator (``mode=sample`` with
 ``config.sample.generator``): the HPS v2 and GenEval folder layouts the official scorers read,
 GenEval's seed reset per prompt, resuming, the errors for bad prompt files, and the generator's
-draw against ``core.meissonic_sampler.one_step_text_sample`` called directly. The tiny converted
+draw against ``core.samplers.one_step_cond_sampler`` called directly. The tiny converted
 networks and tokenizer are ``test_sample_text``'s."""
 import json
 import os
@@ -14,9 +14,10 @@ from PIL import Image
 from test_sample_text import TRANSFORMER, _config, _random_params, release  # noqa: F401 (fixture)
 
 from dimo_jax import main
-from dimo_jax.core import meissonic_sampler as ms
+from dimo_jax.core import samplers
 from dimo_jax.evaluation import prompt_suites as ps
-from dimo_jax.modes import evaluate_text, sample_text
+from dimo_jax.evaluation import text_to_image as sample_text
+from dimo_jax.modes import sample
 from dimo_jax.networks import meissonic
 from dimo_jax.storage import checkpoints
 
@@ -50,7 +51,7 @@ def _pixels(path):
 def test_hps_layout(release, tmp_path):  # noqa: F811
   prompts = _hps_folder(tmp_path / "benchmark")
   out = tmp_path / "eval"
-  res = main.run(_eval_config(release, out, suite="hps", hps_prompts=prompts), str(tmp_path / "w"))
+  res = main.run(_eval_config(release, out, suite="hps", hps_prompts=prompts), str(tmp_path / "w"))["t2i"]
   assert res["written"] == 7 and res["skipped"] == 0
   # hpsv2.evaluate takes every entry of the folder for a style: the four folders and nothing else.
   assert sorted(os.listdir(out / "hps")) == sorted(ps.HPS_STYLES)
@@ -75,7 +76,7 @@ def test_geneval_layout_seed_reset_and_resume(release, tmp_path):  # noqa: F811
   generator = str(release / "transformer")  # a converted folder, as a released generator's
   cfg = _eval_config(release, out, suite="geneval", geneval_metadata=str(metadata))
   cfg.sample.generator = generator
-  res = main.run(cfg, str(tmp_path / "w"))
+  res = main.run(cfg, str(tmp_path / "w"))["t2i"]
   assert res["written"] == 12
   folder = out / "geneval"
   assert sorted(os.listdir(folder)) == ["00000", "00001", "00002"]
@@ -99,7 +100,7 @@ def test_geneval_layout_seed_reset_and_resume(release, tmp_path):  # noqa: F811
   os.remove(folder / "00001" / "samples" / "0002.png")
   kept = folder / "00000" / "samples" / "0000.png"
   stamp = os.stat(kept).st_mtime_ns
-  res = main.run(cfg, str(tmp_path / "w"))
+  res = main.run(cfg, str(tmp_path / "w"))["t2i"]
   assert (res["written"], res["skipped"]) == (1, 11)
   np.testing.assert_array_equal(_pixels(folder / "00001" / "samples" / "0002.png"), images[(1, 2)])
   assert os.stat(kept).st_mtime_ns == stamp
@@ -149,8 +150,8 @@ def test_one_step_generator_matches_core(release, tmp_path):  # noqa: F811
   enc = sample_text.encode_prompts(nets, prompts, 3)
   cond = {**enc, "micro": np.broadcast_to(np.asarray(settings.micro_conds, np.float32), (3, 5))}
   tcfg = nets.transformer.config
-  apply_fn = ms.model_apply_fn(nets.transformer)
-  direct = [np.asarray(ms.one_step_text_sample(
+  apply_fn = sample_text.model_apply_fn(nets.transformer)
+  direct = [np.asarray(samplers.one_step_cond_sampler(
       apply_fn, nets.transformer_params, jax.random.PRNGKey(3 + i), {k: v[i:i + 1] for k, v in cond.items()},
       seq_len=tcfg.seq_len, mask_id=tcfg.mask_id, codebook_size=tcfg.codebook_size, r_init=0.6,
       noise_sigma=0.1, temperature=1.2))[0] for i in range(3)]
@@ -199,7 +200,7 @@ def test_bad_prompt_files(release, tmp_path):  # noqa: F811
     main.run(_eval_config(release, tmp_path / "o", suite="hps"), str(tmp_path))
   with pytest.raises(ValueError, match="config.evaluate.suite='coco'"):
     main.run(_eval_config(release, tmp_path / "o", suite="coco"), str(tmp_path))
-  assert evaluate_text.is_text_to_image(_eval_config(release, tmp_path / "o"))
+  assert sample.family_of(_eval_config(release, tmp_path / "o")) == "meissonic"
 
   # The layouts, as the scorers name them.
   assert ps.hps_image_path("o", "photo", 7) == os.path.join("o", "photo", "00007.jpg")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from configs import meissonic as meissonic_config
 from dimo_jax import main
-from dimo_jax.modes import sample_text
+from dimo_jax.evaluation import text_to_image as sample_text
 from dimo_jax.networks import clip_text, meissonic, meissonic_vq
 
 TRANSFORMER = meissonic.MeissonicConfig.tiny(text_dim=32)  # 8 x 8 tokens, codebook 32

@@ -142,17 +142,20 @@ def forward_mask(key, tokens, mask_id: int, schedule: str = "arccos", *, exact: 
   return apply_mask(tokens, mask, mask_id), mask, ratio
 
 
-def make_x_init(key, batch: int, seq_len: int, vocab_size: int, r_init):
-  """Di[M]O's initial state: uniform random codes, then exactly round(L * r_init) masks.
+def make_x_init(key, batch: int, seq_len: int, vocab_size: int, r_init, mask_id=None):
+  """Di[M]O's initial state ``[batch, seq_len]`` int32: uniform random codes in
+  ``[0, vocab_size)``, then exactly round(L * r_init) positions set to ``mask_id`` (default
+  ``vocab_size``, the token networks' mask id; Meissonic's lies past its codebook).
 
-  ``r_init = 1`` gives all masks, ``r_init = 0`` all random codes (no mask at all).
+  ``r_init = 1`` gives all masks, ``r_init = 0`` all random codes (no mask at all). Every
+  one-step draw of every family starts here.
   """
   k_tok, k_mask = jax.random.split(key)
   tokens = jax.random.randint(k_tok, (batch, seq_len), 0, vocab_size, jnp.int32)
   n = jnp.round(seq_len * jnp.asarray(r_init, jnp.float32)).astype(jnp.int32)
   n = jnp.clip(n, 0, seq_len)
   mask = exact_count_mask(k_mask, (batch, seq_len), jnp.broadcast_to(n, (batch,)))
-  return apply_mask(tokens, mask, vocab_size)
+  return apply_mask(tokens, mask, vocab_size if mask_id is None else mask_id)
 
 
 def parse_r_init(spec) -> Callable:

@@ -12,6 +12,7 @@ traced, so sweeping them does not recompile.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import Callable, Optional
 
@@ -372,5 +373,148 @@ def one_step_sampler(apply_fn: Callable, params, key, labels, x_init, *, codeboo
                    use_top_p=_use_top_p(top_p))
 
 
-
 SAMPLERS = ("confidence", "ancestral")
+
+
+# --------------------------------------------------------------------------- condition pytrees
+# The samplers of text-conditioned networks (Meissonic, the captioned digits): ``apply_fn(params,
+# tokens, cond, timestep, noise_sigma=0.0, rng=None) -> logits [B, L, codebook_size]``, ``cond``
+# a pytree whose leaves lead with the batch axis. Jit-compiled with ``apply_fn`` static.
+_LOG_MIN_PROB = math.log(1e-20)
+
+
+def cosine_mask_lengths(seq_len: int, steps: int) -> np.ndarray:
+  """``floor(seq_len * cos(pi/2 * (i+1)/steps))`` per step, in float32 arithmetic as upstream."""
+  ratio = (np.arange(1, steps + 1, dtype=np.float32) / np.float32(steps)).astype(np.float32)
+  mask_ratio = np.cos(ratio * np.float32(math.pi / 2)).astype(np.float32)
+  return np.floor(np.float32(seq_len) * mask_ratio).astype(np.int32)
+
+
+def mask_schedule_counts(seq_len: int, steps: int) -> np.ndarray:
+  """Masked tokens left after each of ``steps`` steps of ``gumbel_ramp_sampler`` (``[steps]``;
+  the last entry is 0): step ``i`` re-masks ``max(1, min(#masked - 1, floor(seq_len cos(pi/2
+  (i+1)/steps))))`` tokens, ``#masked`` being the count before the step (``seq_len`` at first)."""
+  base = cosine_mask_lengths(seq_len, steps)
+  counts, masked = [], seq_len
+  for i in range(steps):
+    masked = 0 if i == steps - 1 else max(1, min(masked - 1, int(base[i])))
+    counts.append(masked)
+  return np.asarray(counts, np.int32)
+
+
+def _cond_batch(cond) -> int:
+  return int(jax.tree_util.tree_leaves(cond)[0].shape[0])
+
+
+def _is_key_batch(key, batch: int) -> bool:
+  """Whether ``key`` is one key per batch row (``[B]`` typed or ``[B, 2]`` raw) or one key."""
+  single_ndim = 0 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 1
+  if key.ndim == single_ndim:
+    return False
+  if key.ndim == single_ndim + 1 and key.shape[0] == batch:
+    return True
+  raise ValueError(f"key must be one PRNG key or one per row ({batch} rows); got shape {key.shape}")
+
+
+def _check_cond_sizes(seq_len: int, mask_id: int, codebook_size: int, steps: int = 1) -> None:
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}")
+  if seq_len < 1:
+    raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+  if 0 <= mask_id < codebook_size:
+    raise ValueError(f"mask_id {mask_id} lies inside the codebook [0, {codebook_size})")
+
+
+def _cond_logits(logits, batch: int, seq_len: int, codebook_size: int):
+  if logits.shape != (batch, seq_len, codebook_size):
+    raise ValueError(f"apply_fn returned logits of shape {logits.shape}, expected "
+                     f"{(batch, seq_len, codebook_size)}")
+  return logits.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "seq_len", "mask_id", "codebook_size",
+                                             "steps", "return_trace"))
+def gumbel_ramp_sampler(apply_fn: Callable, params, key, cond, neg_cond=None, *, seq_len: int,
+                        mask_id: int, codebook_size: int, steps: int, guidance=1.0,
+                        temperature=(2.0, 0.0), return_trace: bool = False):
+  """The confidence sampler of Meissonic's pipeline (aMUSEd's scheduler) on condition pytrees;
+  returns tokens ``[B, seq_len]`` int32 (no mask left).
+
+  All tokens start masked; at step ``i`` of ``N`` the network sees timestep ``N - 1 - i``, every
+  position draws a token from the softmax (known tokens are kept), and the ``floor(L cos(pi/2
+  (i+1)/N))`` (clamped to ``[1, #masked - 1]``) least confident new tokens are masked again,
+  confidence being ``log p(token) + tau_i Gumbel`` with ``tau = linspace(*temperature, N)``; the
+  last step keeps everything. ``neg_cond`` (batch 1 or B, the structure of ``cond``) switches on
+  guidance ``u + guidance (c - u)`` from ONE batched call on ``[negative; prompt]`` (``guidance=0``
+  samples the negative condition, 1 the prompt); ``None`` samples ``cond`` without guidance.
+  ``key`` is one key for the batch or one per row (``[B]`` typed or ``[B, 2]`` raw): then row
+  ``b`` draws what a batch of one with ``key[b]`` draws. With ``return_trace`` also returns the
+  masked counts after each step ``[steps, B]``.
+  """
+  _check_cond_sizes(seq_len, mask_id, codebook_size, steps)
+  batch = _cond_batch(cond)
+  if neg_cond is not None:
+    grow = lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])) if x.shape[0] == 1 else x  # noqa: E731
+    neg_cond = jax.tree_util.tree_map(lambda x: grow(jnp.asarray(x)), neg_cond)
+    both = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, jnp.asarray(c, u.dtype)]), neg_cond, cond)
+
+  def logits_fn(tokens, timestep):
+    if neg_cond is None:
+      return _cond_logits(apply_fn(params, tokens, cond, timestep), batch, seq_len, codebook_size)
+    out = _cond_logits(apply_fn(params, jnp.concatenate([tokens, tokens]), both, timestep), 2 * batch,
+                       seq_len, codebook_size)
+    uncond, c = out[:batch], out[batch:]
+    return uncond + jnp.asarray(guidance, jnp.float32) * (c - uncond)
+
+  base = jnp.asarray(cosine_mask_lengths(seq_len, steps))
+  taus = jnp.linspace(jnp.asarray(temperature[0], jnp.float32), jnp.asarray(temperature[1], jnp.float32), steps)
+  per_row = _is_key_batch(key, batch)
+
+  def noise(k, logits):
+    """A categorical draw from ``logits`` and Gumbel noise of the confidence's shape."""
+    k_draw, k_gumbel = jax.random.split(k)
+    drawn = jax.random.categorical(k_draw, logits, axis=-1).astype(jnp.int32)
+    return drawn, jax.random.gumbel(k_gumbel, logits.shape[:-1])
+
+  def step(tokens, i):
+    logits = logits_fn(tokens, (steps - 1 - i).astype(jnp.float32))
+    if per_row:
+      drawn, gumbel = jax.vmap(noise)(jax.vmap(lambda k: jax.random.fold_in(k, i))(key), logits)
+    else:
+      drawn, gumbel = noise(jax.random.fold_in(key, i), logits)
+    unknown = tokens == mask_id
+    drawn = jnp.where(unknown, drawn, tokens)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), drawn[..., None], axis=-1)[..., 0]
+    confidence = jnp.maximum(logp, _LOG_MIN_PROB) + taus[i] * gumbel
+    confidence = jnp.where(unknown, confidence, jnp.inf)   # known tokens are never re-masked
+    mask_len = jnp.maximum(1, jnp.minimum(unknown.sum(-1) - 1, base[i]))
+    rank = jnp.argsort(jnp.argsort(confidence, axis=-1), axis=-1)
+    remask = (rank < mask_len[:, None]) & (i < steps - 1)
+    return jnp.where(remask, mask_id, drawn), remask.sum(-1)
+
+  tokens, trace = jax.lax.scan(step, jnp.full((batch, seq_len), mask_id, jnp.int32), jnp.arange(steps))
+  return (tokens, trace) if return_trace else tokens
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "seq_len", "mask_id", "codebook_size",
+                                             "return_init"))
+def one_step_cond_sampler(apply_fn: Callable, params, key, cond, *, seq_len: int, mask_id: int,
+                          codebook_size: int, r_init=0.5, noise_sigma=0.3, temperature=1.0,
+                          x_init=None, return_init: bool = False):
+  """A distilled generator's one-step draw on a condition pytree; returns tokens ``[B, seq_len]``
+  int32 (with ``return_init`` also ``x_init``).
+
+  ``key`` splits into three: ``x_init`` (``masking.make_x_init``: uniform codes, exactly
+  ``round(L r_init)`` positions at ``mask_id``; or the given ``x_init``), the embedding noise
+  ``noise_sigma`` and the categorical draw at ``temperature`` (> 0), one forward at timestep 0
+  (the Di[M]O convention).
+  """
+  _check_cond_sizes(seq_len, mask_id, codebook_size)
+  batch = _cond_batch(cond)
+  k_init, k_noise, k_draw = jax.random.split(key, 3)
+  if x_init is None:
+    x_init = masking.make_x_init(k_init, batch, seq_len, codebook_size, r_init, mask_id=mask_id)
+  logits = apply_fn(params, x_init, cond, jnp.zeros((), jnp.float32), noise_sigma=noise_sigma, rng=k_noise)
+  logits = _cond_logits(logits, batch, seq_len, codebook_size) / jnp.asarray(temperature, jnp.float32)
+  tokens = jax.random.categorical(k_draw, logits, axis=-1).astype(jnp.int32)
+  return (tokens, x_init) if return_init else tokens

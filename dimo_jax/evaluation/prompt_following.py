@@ -1,5 +1,5 @@
 """Prompt-following scores of the captioned-digits task: the teacher with its own multi-step
-sampler (``core.meissonic_sampler.meissonic_sample``, guidance against the empty prompt) at
+sampler (``core.samplers.gumbel_ramp_sampler``, guidance against the empty prompt) at
 several step counts and the Di[M]O generator at one step, on every full prompt
 (``data.captions.full_prompt_ids``), the prompts seen in distillation and those held out scored
 apart.
@@ -12,25 +12,35 @@ grey values between samples of one prompt, averaged over prompts). The digit is 
 project's token classifier (``evaluation.classifier_features``, trained on the digits' training
 split and cached); the attributes are measured on the sample exactly as on the data
 (``data.captions.Thresholds``, with the prompt's digit), so real images score 100% on them.
+
+``evaluate_prompt_following`` is the evaluator ``prompt_following`` of ``mode=evaluate`` for
+``config.family='captioned_digits'`` (``evaluation.evaluators``); ``evaluate_captioned`` runs it
+on networks already in memory (the end of a distillation) and writes the table.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable, Dict, Sequence
+import os
+import time
+from typing import Any, Callable, Dict, Sequence
 
 import jax
 import numpy as np
 
-from dimo_jax.core import meissonic_sampler
-from dimo_jax.data import captions, image_grids
+from dimo_jax.core import samplers
+from dimo_jax.data import captions, datasets, image_grids
 from dimo_jax.evaluation import classifier_features, metrics
+from dimo_jax.evaluation.evaluators import Request, Result, evaluate, output_dir, register
+from dimo_jax.networks import meissonic, text_conditioning
+from dimo_jax.storage import checkpoints, loaders
 
 SETS = ("seen", "held_out")
 
 
 @functools.lru_cache(maxsize=8)
 def timestep_free_apply(model) -> Callable:
-  """``apply_fn`` of ``core.meissonic_sampler`` for a ``TextTokenModel`` trained at timestep 0:
+  """``apply_fn`` of ``core.samplers``' condition samplers for a ``TextTokenModel`` trained at timestep 0:
   the sampler's step index is not fed (the captioned-digits teacher never saw another)."""
   def apply_fn(params, tokens, cond, timestep, noise_sigma=0.0, rng=None):
     del timestep
@@ -115,7 +125,7 @@ def teacher_samples(model, params, table, prompt_ids, *, steps: int, guidance: f
   for i, start in enumerate(range(0, len(prompt_ids), batch)):
     ids = prompt_ids[start:start + batch]
     cond = captions.gather(table, ids)
-    toks = meissonic_sampler.meissonic_sample(
+    toks = samplers.gumbel_ramp_sampler(
         apply_fn, params, jax.random.fold_in(jax.random.key(seed), i), cond, neg, seq_len=model.seq_len,
         mask_id=model.mask_id, codebook_size=model.codebook_size, steps=int(steps), guidance=float(guidance),
         temperature=tuple(float(t) for t in temperature))
@@ -129,7 +139,7 @@ def generator_samples(model, params, table, prompt_ids, *, r_init: float, sigma:
   out = []
   for i, start in enumerate(range(0, len(prompt_ids), batch)):
     cond = captions.gather(table, prompt_ids[start:start + batch])
-    toks = meissonic_sampler.one_step_text_sample(
+    toks = samplers.one_step_cond_sampler(
         apply_fn, params, jax.random.fold_in(jax.random.key(seed), i), cond, seq_len=model.seq_len,
         mask_id=model.mask_id, codebook_size=model.codebook_size, r_init=float(r_init),
         noise_sigma=float(sigma), temperature=float(temperature))
@@ -182,3 +192,95 @@ def save_grid(tokens: np.ndarray, path: str, per_prompt: int, columns: int = 10,
   """The first sample of each full prompt as a PNG grid (prompt order: digit-major)."""
   first = np.asarray(tokens)[:: int(per_prompt)][:40]
   image_grids.save_image_grid(image_grids.tokens_to_images(first, 17, (8, 8)), path, ncols=columns)
+
+
+# ---------------------------------------------------------------------------- the evaluator
+@dataclasses.dataclass
+class CaptionedData:
+  """The digits, their attribute thresholds and every caption's condition (``condition table``)."""
+  ds: Any
+  thresholds: captions.Thresholds
+  table: dict
+
+
+def captioned_data(config) -> CaptionedData:
+  """The captioned digits of ``config.data`` / ``config.captions`` (the teacher's text encoder)."""
+  dc, cc, m = config.data, config.captions, config.model
+  ds = datasets.load_digits(levels=int(dc.levels), val_fraction=float(dc.val_fraction), seed=int(dc.seed))
+  enc = captions.encoder_config(width=int(cc.encoder_width), layers=int(cc.encoder_layers),
+                                heads=int(cc.encoder_heads), mlp_dim=int(cc.encoder_mlp_dim),
+                                projection_dim=int(m.num_heads) * int(m.head_dim))
+  return CaptionedData(ds, captions.Thresholds.fit(ds.train_tokens, ds.train_labels),
+                       captions.condition_table(enc, int(cc.encoder_seed)))
+
+
+def load_text_network(path: str, *, use_ema: bool = True):
+  """``(model, params)`` of a captioned-digits teacher or generator folder (its ``config.json``
+  names the network); a folder of another family is a ``ValueError`` naming the fix."""
+  params, ema, stored = checkpoints.load_params(path)
+  if not stored or "meissonic" not in stored or "text_encoder" not in stored:
+    raise ValueError(f"{path}: not a captioned-digits network (its config.json has no 'meissonic' entry); "
+                     "train one with --config=configs/captioned_digits.py --config.mode=distill")
+  model = text_conditioning.build(meissonic.MeissonicConfig.from_dict(stored["meissonic"]),
+                                  text_len=int(stored["text_encoder"]["max_positions"]))
+  return model, (ema if use_ema and ema is not None else params)
+
+
+def prompt_following_rows(config, out_dir: str, teacher, generator, data: CaptionedData) -> Result:
+  """The rows of the real digits, the teacher (its sampler at ``config.evaluate.teacher_steps``)
+  and the generator (one step), each scored on the seen and held-out prompts; grids of the
+  teacher's first and last step counts and of the generator in ``out_dir``."""
+  ec = config.evaluate
+  model, t_params = teacher
+  scorer = Scorer(data.ds, data.thresholds, os.path.join(out_dir, "classifier"))
+  ids = eval_prompts(int(ec.per_prompt))
+  rows = [{"name": "real", "model": "real digits", "steps": 0, "scores": scorer.score(scorer.real, scorer.real_ids)}]
+  for steps in ec.teacher_steps:
+    t0 = time.time()
+    toks = teacher_samples(model, t_params, data.table, ids, steps=int(steps), guidance=float(config.teacher.guidance),
+                           temperature=tuple(ec.teacher_temperature), seed=int(ec.seed))
+    rows.append({"name": f"teacher_steps{int(steps)}", "model": "teacher (Meissonic sampler)", "steps": int(steps),
+                 "scores": scorer.score(toks, ids), "seconds": time.time() - t0})
+    if int(steps) in (1, max(ec.teacher_steps)):
+      save_grid(toks, os.path.join(out_dir, f"teacher_{int(steps)}.png"), int(ec.per_prompt))
+  toks = generator_samples(model, generator, data.table, ids, r_init=float(ec.r_init), sigma=float(ec.sigma),
+                           temperature=float(ec.gen_temp), seed=int(ec.seed))
+  rows.append({"name": "generator", "model": "Di[M]O generator", "steps": 1, "scores": scorer.score(toks, ids)})
+  save_grid(toks, os.path.join(out_dir, "generator_1.png"), int(ec.per_prompt))
+  return Result(rows, {"classifier": {k: scorer.meta.get(k) for k in ("val_accuracy", "train_accuracy")}})
+
+
+def markdown(results: dict) -> str:
+  """The prompt-following table and the goal notes of the seen and held-out prompts."""
+  rows = results["rows"]
+  notes = [goal_note(rows, s) for s in SETS]
+  return format_table(rows) + "\n\n" + "\n".join(n for n in notes if n)
+
+
+@register("prompt_following")
+def evaluate_prompt_following(req: Request, *, teacher=None, generator=None, data=None) -> Result:
+  """The evaluator ``prompt_following``: the teacher of ``config.teacher.checkpoint`` (default
+  ``<workdir>/teacher``) and the generator of ``<workdir>/generator``, unless given."""
+  config, workdir = req.config, req.workdir
+  use_ema = bool(config.teacher.get("use_ema", True))
+  if teacher is None:
+    teacher = load_text_network(config.teacher.get("checkpoint", "") or os.path.join(workdir, "teacher"),
+                                use_ema=use_ema)
+  if generator is None:
+    generator = load_text_network(loaders.generator_dir(workdir))[1]
+  req.format = markdown
+  checkpoints.makedirs(req.out_dir)
+  return prompt_following_rows(config, req.out_dir, teacher, generator, data or captioned_data(config))
+
+
+def evaluate_captioned(config, workdir: str, *, teacher=None, generator=None, data=None) -> str:
+  """``mode=evaluate``'s prompt-following table of ``(model, params)`` ``teacher`` and the
+  generator's ``params`` already in memory (loaded from ``workdir`` when None); writes
+  ``results.json``, ``table.md`` and grids to ``config.evaluate.output_dir`` (default
+  ``<workdir>/eval``), prints the table and returns it."""
+  req = Request(config, workdir, output_dir(config, workdir), "captioned_digits")
+  fn = lambda r: evaluate_prompt_following(r, teacher=teacher, generator=generator, data=data)  # noqa: E731
+  results = evaluate(req, ["prompt_following"], evaluators={"prompt_following": fn})
+  if jax.process_index() == 0:
+    print(results["table"], flush=True)
+  return results["table"]

@@ -21,7 +21,7 @@ from absl import logging
 
 from dimo_jax.core import samplers, sharding
 from dimo_jax.core.sharding import host_array
-from dimo_jax.evaluation.settings import EvalSettings, r_init_value
+from dimo_jax.evaluation.settings import EvalSettings, SamplerSettings, r_init_value, sampler_settings_from_config
 from dimo_jax.networks import conditioning
 from dimo_jax.storage import checkpoints
 
@@ -223,31 +223,32 @@ def time_sample_fn(sample_fn: Callable, labels: np.ndarray, devices: Devices, re
 
 
 # ---------------------------------------------------------------------------- models
-def teacher_sample_fn(model, params, steps: int, sc) -> Callable:
-  """``fn(key, labels) -> tokens`` with the iterative sampler configured by ``config.sample``."""
-  get = (lambda k, d: sc.get(k, d)) if sc is not None else (lambda k, d: d)
-  name = get("sampler", "confidence")
-  if name not in samplers.SAMPLERS:
-    raise ValueError(f"config.sample.sampler={name!r} is not known; choose one of {samplers.SAMPLERS}")
+def teacher_sample_fn(model, params, steps: int, sc, steps_flag: str = "config.evaluate.teacher_steps"):
+  """``(fn(key, labels) -> tokens, meta)``: the iterative sampler that ``config.sample`` (or a
+  ``SamplerSettings``) configures, at ``steps`` steps; ``steps_flag`` names the flag of a step
+  count outside ``[1, seq_len]``. ``meta``: the sampler's name and settings."""
+  sp = sc if isinstance(sc, SamplerSettings) else sampler_settings_from_config(sc)
+  if sp.sampler not in samplers.SAMPLERS:
+    raise ValueError(f"config.sample.sampler={sp.sampler!r} is not known; choose one of {samplers.SAMPLERS}")
   if not 1 <= steps <= model.seq_len:
-    raise ValueError(f"config.evaluate.teacher_steps holds {steps}; step counts must be in [1, {model.seq_len}] "
-                     "(the sequence length)")
-  guidance = float(get("guidance", 1.0))
-  if guidance != 1.0 and (not model.has_null_class or model.num_classes == 0):
-    raise ValueError(f"config.sample.guidance={guidance} needs a class-conditional model with a null class; "
+    raise ValueError(f"{steps_flag}={steps}: step counts must be in [1, {model.seq_len}] (the sequence length)")
+  kwargs = dict(sp.teacher_kwargs(), steps=int(steps))
+  guidance = kwargs["guidance"]
+  if guidance != 1.0 and not model.has_null_class:
+    raise ValueError(f"config.sample.guidance={guidance} needs a null class, which model.arch='bert' lacks; "
                      "use --config.sample.guidance=1")
-  kwargs = dict(seq_len=model.seq_len, codebook_size=model.codebook_size, steps=int(steps),
-                schedule=get("schedule", "arccos"), temperature=float(get("temperature", 1.0)),
-                guidance=guidance, guidance_schedule=get("guidance_schedule", "constant"),
-                null_label=model.null_label if model.has_null_class else None,
-                top_k=int(get("top_k", 0)), top_p=float(get("top_p", 1.0)))
+  if guidance != 1.0 and model.num_classes == 0:
+    raise ValueError(f"config.sample.guidance={guidance} needs a class-conditional model, but this one is "
+                     "unconditional; use --config.sample.guidance=1")
+  kwargs.update(seq_len=model.seq_len, codebook_size=model.codebook_size,
+                null_label=model.null_label if model.has_null_class else None)
   apply_fn = conditioning.make_apply_fn(model)
-  if name == "confidence":
-    kwargs["r_temp"] = float(get("r_temp", 4.5))
+  if sp.sampler == "confidence":
+    kwargs["r_temp"] = sp.r_temp
     sampler = samplers.confidence_sampler
   else:
     sampler = samplers.ancestral_sampler
-  meta = dict(sampler=name, **{k: v for k, v in kwargs.items() if k not in ("seq_len", "codebook_size")})
+  meta = dict(sampler=sp.sampler, **{k: v for k, v in kwargs.items() if k not in ("seq_len", "codebook_size")})
   return (lambda key, labels: sampler(apply_fn, params, key, labels, **kwargs)), meta
 
 
@@ -270,8 +271,8 @@ def _generator_program(model, r_init, sigma: float, top_k: int, top_p: float) ->
 
 def generator_sample_fn(model, params, s: EvalSettings, sc, temperature: float) -> Tuple[Callable, dict]:
   """``fn(key, labels) -> tokens``: one-step samples (``samplers.one_step_generate``)."""
-  get = (lambda k, d: sc.get(k, d)) if sc is not None else (lambda k, d: d)
-  top_k, top_p = int(get("top_k", 0)), float(get("top_p", 1.0))
+  sp = sc if isinstance(sc, SamplerSettings) else sampler_settings_from_config(sc)
+  top_k, top_p = sp.top_k, sp.top_p
   gen = _generator_program(model, s.r_init, float(s.sigma), top_k, top_p)
   temp = jnp.float32(temperature)
   meta = dict(r_init=s.r_init, sigma=s.sigma, temperature=float(temperature), top_k=top_k, top_p=top_p)

@@ -1,13 +1,68 @@
-"""The options of one evaluation (``config.evaluate``), read and checked."""
+"""The options of one evaluation (``config.evaluate``) and of the samplers (``config.sample``),
+read and checked."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 from dimo_jax.core import masking, samplers
 from dimo_jax.evaluation.fid_protocol import check_protocol
+
+
+# ---------------------------------------------------------------------------- sampler settings
+DEFAULT_STEPS = 16  # the teacher's step count wherever config.sample.steps is not set
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """The sampler options of ``config.sample`` every family shares (``sampler_settings_from_config``).
+
+  ``temperature`` and ``guidance`` are None where the config leaves them unset: each family's
+  sampler has its own default (a number for the class-conditional samplers, Meissonic's Gumbel
+  ramp ``(2, 0)`` and guidance 9); ``batch_size`` 0 is unset too (a family's default)."""
+  sampler: str = "confidence"
+  steps: int = DEFAULT_STEPS
+  schedule: str = "arccos"
+  temperature: Any = None
+  r_temp: float = 4.5
+  guidance: Optional[float] = None
+  guidance_schedule: str = "constant"
+  top_k: int = 0
+  top_p: float = 1.0
+  r_init: Any = 0.6
+  sigma: float = 0.1
+  seed: int = 0
+  batch_size: int = 0
+
+  def teacher_kwargs(self) -> dict:
+    """The class-conditional samplers' keyword arguments (``core.samplers.confidence_sampler``)."""
+    return dict(steps=self.steps, schedule=self.schedule,
+                temperature=float(1.0 if self.temperature is None else self.temperature),
+                guidance=float(1.0 if self.guidance is None else self.guidance),
+                guidance_schedule=self.guidance_schedule, top_k=self.top_k, top_p=self.top_p)
+
+
+def sampler_settings_from_config(config, **overrides) -> SamplerSettings:
+  """``config.sample``'s sampler options (a ConfigDict or dict, or a config holding one under
+  ``sample``; ``overrides`` replace fields), checked: a bad value is a ``ValueError`` naming the
+  flag. The one reader of these fields for every mode and family."""
+  sc = config.get("sample", None) if hasattr(config, "get") and "sample" in config else config
+  get = (lambda k, d: sc.get(k, d)) if sc is not None else (lambda k, d: d)
+  guidance, temperature = get("guidance", None), get("temperature", None)
+  values = dict(sampler=str(get("sampler", "confidence")), steps=int(get("steps", DEFAULT_STEPS)),
+                schedule=str(get("schedule", "arccos")), temperature=temperature, r_temp=float(get("r_temp", 4.5)),
+                guidance=None if guidance is None else float(guidance),
+                guidance_schedule=str(get("guidance_schedule", "constant")), top_k=int(get("top_k", 0)),
+                top_p=float(get("top_p", 1.0)), r_init=get("r_init", 0.6), sigma=float(get("sigma", 0.1)),
+                seed=int(get("seed", 0)), batch_size=int(get("batch_size", 0)))
+  values.update(overrides)
+  if values["steps"] < 1:
+    raise ValueError(f"config.sample.steps must be >= 1, got {values['steps']}")
+  if get("batch_size", None) is not None and values["batch_size"] < 1:
+    raise ValueError(f"config.sample.batch_size must be >= 1, got {values['batch_size']}")
+  return SamplerSettings(**values)
 
 
 # ---------------------------------------------------------------------------- settings
@@ -43,6 +98,7 @@ class EvalSettings:
   grid_steps: Tuple[int, ...] = (1, 4, 16)
   grid_columns: int = 10
   output_dir: str = ""
+  evaluators: Any = ()  # evaluation.evaluators' names ('' or (): the family's defaults)
 
 
 REFERENCE_SPLITS = ("val", "train", "all")
@@ -70,10 +126,8 @@ def settings_from_config(config) -> EvalSettings:
   unknown = sorted(set(ev) - names)
   if unknown:
     raise ValueError(f"config.evaluate has unknown field(s) {unknown}; known fields: {sorted(names)}")
-  sc = config.get("sample", None) if hasattr(config, "get") else None
-  sget = (lambda k, d: sc.get(k, d)) if sc is not None else (lambda k, d: d)
-  defaults = dict(r_init=sget("r_init", 0.6), sigma=float(sget("sigma", 0.1)),
-                  batch_size=int(sget("batch_size", 100)), seed=int(sget("seed", 0)))
+  sp = sampler_settings_from_config(config.get("sample", None) if hasattr(config, "get") else None)
+  defaults = dict(r_init=sp.r_init, sigma=sp.sigma, batch_size=sp.batch_size or 100, seed=sp.seed)
   teacher = config.get("teacher", None) if hasattr(config, "get") else None
   if teacher is not None:
     defaults["use_ema"] = bool(teacher.get("use_ema", True))

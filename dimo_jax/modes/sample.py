@@ -1,10 +1,16 @@
-"""Sampling from a trained model (``mode=sample``).
+"""Sampling from a trained model (``mode=sample``) for every family (``config.family``).
 
-``run_sample`` loads the teacher stored in ``config.sample.checkpoint`` (or the workdir): its
-parameters (EMA by default) and the ``config.json`` written beside them, draws
-``config.sample.num`` token sequences in batches with the confidence or ancestral sampler and
+``classes``: ``run_sample`` loads the teacher stored in ``config.sample.checkpoint`` (or the
+workdir; its parameters, EMA by default, and the ``config.json`` written beside them) or, with
+``config.sample.model='generator'``, a distilled generator, draws ``config.sample.num`` token
+sequences in batches with the confidence or ancestral sampler (or the generator's one step) and
 writes ``<output>.npy`` (tokens ``[N, L]``), ``<output>_labels.npy`` (labels ``[N]``) and, when
-the tokens are grey-level images, ``<output>.png``.
+the tokens are grey-level images or VQGAN codes, ``<output>.png``.
+
+``meissonic``: a prompt file to one PNG per prompt (``evaluation.text_to_image``), from the
+teacher's multi-step sampler or the one-step generator of ``config.sample.generator``.
+
+The sampler's settings are read once, by ``evaluation.settings.sampler_settings_from_config``.
 """
 
 from __future__ import annotations
@@ -20,15 +26,32 @@ import numpy as np
 from absl import logging
 
 from dimo_jax.core import samplers
-from dimo_jax.core.samplers import SAMPLERS
 from dimo_jax.core.sharding import host_array
 from dimo_jax.data import image_grids
+from dimo_jax.evaluation import text_to_image
+from dimo_jax.evaluation.sample_sets import teacher_sample_fn
+from dimo_jax.evaluation.settings import sampler_settings_from_config
+from dimo_jax.families import base as families
 from dimo_jax.modes import loop
-from dimo_jax.networks import conditioning, maskgit
+from dimo_jax.networks import maskgit
 from dimo_jax.networks.conditioning import balanced_labels
 from dimo_jax.storage import checkpoints, loaders
 
-SAMPLE_MODELS = ("teacher", "generator", "meissonic")
+SAMPLE_MODELS = ("teacher", "generator")
+
+
+def family_of(config) -> str:
+  """``config.family`` (checked against ``families.base.FAMILIES``). A config file written before
+  the key existed is read as its sections say: ``meissonic`` with a ``meissonic`` section,
+  ``captioned_digits`` for that data set, else ``classes``."""
+  if hasattr(config, "get") and config.get("family", ""):
+    name = families.family_name(config)
+    if name not in families.FAMILIES:
+      families.get_family(config)  # the UserError listing the known families
+    return name
+  if "meissonic" in config:
+    return "meissonic"
+  return "captioned_digits" if (config.get("data", None) or {}).get("name", "") == "captioned_digits" else "classes"
 
 
 def parse_labels(spec: str, num: int, num_classes: int) -> np.ndarray:
@@ -149,33 +172,11 @@ def _batched(fn, labels: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
 
 
 def sample_teacher(model, params, labels: np.ndarray, sample_cfg) -> np.ndarray:
-  """Draws one sequence per label with the configured iterative sampler."""
-  sc = sample_cfg
-  name = sc.get("sampler", "confidence")
-  if name not in SAMPLERS:
-    raise ValueError(f"config.sample.sampler={name!r} is not known; choose one of {SAMPLERS}")
-  steps = int(sc.get("steps", 16))
-  if not 1 <= steps <= model.seq_len:
-    raise ValueError(f"config.sample.steps={steps} must be in [1, {model.seq_len}] (the sequence length)")
-  guidance = float(sc.get("guidance", 1.0))
-  if guidance != 1.0 and not model.has_null_class:
-    raise ValueError(f"config.sample.guidance={guidance} needs a null class, which model.arch='bert' lacks; "
-                     "use --config.sample.guidance=1")
-  if guidance != 1.0 and model.num_classes == 0:
-    raise ValueError(f"config.sample.guidance={guidance} needs a class-conditional model, but this one is "
-                     "unconditional; use --config.sample.guidance=1")
-  kwargs = dict(seq_len=model.seq_len, codebook_size=model.codebook_size, steps=steps,
-                schedule=sc.get("schedule", "arccos"), temperature=float(sc.get("temperature", 1.0)),
-                guidance=guidance, guidance_schedule=sc.get("guidance_schedule", "constant"),
-                null_label=model.null_label if model.has_null_class else None,
-                top_k=int(sc.get("top_k", 0)), top_p=float(sc.get("top_p", 1.0)))
-  apply_fn = conditioning.make_apply_fn(model)
-  if name == "confidence":
-    sampler = functools.partial(samplers.confidence_sampler, r_temp=float(sc.get("r_temp", 4.5)), **kwargs)
-  else:
-    sampler = functools.partial(samplers.ancestral_sampler, **kwargs)
-  return _batched(lambda key, lab: sampler(apply_fn, params, key, lab), labels,
-                  int(sc.get("batch_size", labels.shape[0])), int(sc.get("seed", 0)))
+  """Draws one sequence per label with the configured iterative sampler
+  (``evaluation.sample_sets.teacher_sample_fn``)."""
+  sp = sampler_settings_from_config(sample_cfg)
+  fn, _ = teacher_sample_fn(model, params, sp.steps, sp, steps_flag="config.sample.steps")
+  return _batched(fn, labels, sp.batch_size or labels.shape[0], sp.seed)
 
 
 def _vqgan_dir(config) -> str:
@@ -214,29 +215,45 @@ def _run_sample_generator(config, workdir: str) -> dict:
   num = _check_common(sc, model.seq_len)
   labels = parse_labels(sc.get("labels", ""), num, model.num_classes)
   paths = output_paths(sc.get("output", ""), workdir or path)
+  sp = sampler_settings_from_config(sc)
   gen = jax.jit(functools.partial(
-      samplers.one_step_generate, model, r_init=float(sc.get("r_init", 0.6)), sigma=float(sc.get("sigma", 0.1)),
-      temperature=float(sc.get("temperature", 1.0)), top_k=int(sc.get("top_k", 0)),
-      top_p=float(sc.get("top_p", 1.0))))
-  tokens = _batched(lambda key, lab: gen(params, key, lab), labels, int(sc.get("batch_size", num)),
-                    int(sc.get("seed", 0)))
+      samplers.one_step_generate, model, r_init=float(sp.r_init), sigma=sp.sigma,
+      temperature=float(1.0 if sp.temperature is None else sp.temperature), top_k=sp.top_k, top_p=sp.top_p))
+  tokens = _batched(lambda key, lab: gen(params, key, lab), labels, sp.batch_size or num, sp.seed)
   written = write_outputs(tokens, labels, paths, vocab_size=model.codebook_size,
                           image_shape=_image_shape(stored_config or {}), vqgan_dir=_vqgan_dir(config))
   return dict(written, num=num)
 
 
-def run_sample(config, workdir: str) -> dict:
-  """``mode=sample``: writes samples; returns the written paths (``tokens``, ``labels``, ``image``)
-  and ``num``."""
+def _run_sample_tokens(config, workdir: str) -> dict:
   kind = config.sample.get("model", "teacher")
   if kind == "teacher":
     return _run_sample_teacher(config, workdir)
   if kind == "generator":
     return _run_sample_generator(config, workdir)
-  if kind == "meissonic":  # text-to-image from a prompt file (configs/meissonic.py)
-    from dimo_jax.modes import sample_text  # pylint: disable=import-outside-toplevel
-    return sample_text.run(config, workdir)
   raise ValueError(f"config.sample.model={kind!r} is not known; choose one of {SAMPLE_MODELS}")
+
+
+def _no_sampler(family: str):
+  def refuse(config, workdir):
+    del config, workdir
+    raise checkpoints.UserError(f"config.family={family!r} has no mode=sample; its samples are drawn by "
+                                "--config.mode=evaluate (grids in <workdir>/eval)")
+  return refuse
+
+
+SAMPLE_WRITERS = {  # family -> run(config, workdir): what mode=sample writes for it
+    "classes": _run_sample_tokens,
+    "meissonic": text_to_image.write_prompt_images,
+    "captioned_digits": _no_sampler("captioned_digits"),
+}
+
+
+def run_sample(config, workdir: str) -> dict:
+  """``mode=sample`` for ``config.family``: writes samples; returns the written paths
+  (``classes``: ``tokens``, ``labels``, ``image``; ``meissonic``: ``output``, ``images``,
+  ``index``, ``grid``) and ``num``."""
+  return SAMPLE_WRITERS[family_of(config)](config, workdir)
 
 
 run = loop.entry(run_sample)  # what ``dimo_jax.main`` calls for ``config.mode='sample'``

@@ -4,7 +4,7 @@ This module owns the network's configuration and its assembly; the layers and th
 they are built from (RMSNorm, RoPE tables, the 2x2 token compression, the sinusoidal embedding,
 the dual- and single-stream blocks) live in ``dimo_jax/networks/meissonic_blocks.py``. The
 diffusers-checkpoint converter lives in ``dimo_jax/converters/meissonic.py`` and the multi-step
-sampler in ``dimo_jax/core/meissonic_sampler.py``.
+sampler in ``dimo_jax/core/samplers.py`` (``gumbel_ramp_sampler``).
 
 Architecture (a Flux-style MMDiT with an aMUSEd-style token embedding and output head)::
 

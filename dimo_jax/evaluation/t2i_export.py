@@ -1,10 +1,9 @@
-"""Text-to-image benchmark images for the official PyTorch scorers (``mode=evaluate`` with
-``configs/meissonic.py``): HPS v2.0 and GenEval, from Meissonic's multi-step sampler or a one-step
-Di[M]O generator.
+"""Text-to-image benchmark images for the official PyTorch scorers: the evaluator ``t2i_export``
+of ``mode=evaluate`` for ``config.family='meissonic'`` (``evaluation.evaluators``): HPS v2.0 and
+GenEval, from Meissonic's multi-step sampler or a one-step Di[M]O generator.
 
-``modes/evaluate.py`` hands a config whose ``config.sample.model`` is ``meissonic`` to
-``run_text_evaluate``. The model and how it samples are ``config.sample``'s, as in
-``mode=sample`` (``modes/sample_text.py``): without ``config.sample.generator`` the teacher with
+The model and how it samples are ``config.sample``'s, as in ``mode=sample``
+(``evaluation.text_to_image``): without ``config.sample.generator`` the teacher with
 ``steps`` steps, ``guidance`` against ``negative_prompt`` and the temperature ramp; with it the
 generator's one step with ``config.sample.one_step`` (``r_init``, ``sigma``, ``temperature``).
 ``config.evaluate``:
@@ -46,9 +45,10 @@ import jax
 import numpy as np
 from absl import logging
 
+from dimo_jax.data.text import file_sha1
 from dimo_jax.evaluation import prompt_suites as ps
-from dimo_jax.modes import sample_text
-from dimo_jax.modes.distill_meissonic import file_sha1
+from dimo_jax.evaluation import text_to_image as sample_text
+from dimo_jax.evaluation.evaluators import Request, Result, register
 
 SUITES = ("hps", "geneval")
 DEFAULT_OUTPUT = "t2i_eval"
@@ -57,12 +57,6 @@ GENEVAL_DIR = "geneval"
 GENEVAL_RESULTS = "geneval_results.jsonl"
 SETTINGS_FILE = "settings.json"
 JPEG_QUALITY = 75  # PIL's default, with which the authors' script saved the HPS images
-
-
-def is_text_to_image(config) -> bool:
-  """Whether ``config`` is a text-to-image one (``config.sample.model == 'meissonic'``)."""
-  sc = config.get("sample", None) if hasattr(config, "get") else None
-  return sc is not None and sc.get("model", "") == "meissonic"
 
 
 # ---------------------------------------------------------------------------- settings
@@ -109,10 +103,11 @@ def read_eval_settings(config, workdir: str) -> EvalSettings:
 
 
 class Job(NamedTuple):
-  """One image: where it goes, its prompt and its seed."""
+  """One image: where it goes, its prompt, its seed and its suite."""
   path: str
   prompt: str
   seed: int
+  suite: str = ""
 
 
 def plan(es: EvalSettings, seed: int) -> Tuple[List[Job], Dict[str, str], Dict[str, Any]]:
@@ -130,7 +125,7 @@ def plan(es: EvalSettings, seed: int) -> Tuple[List[Job], Dict[str, str], Dict[s
       if len(prompts) != ps.HPS_PROMPTS_PER_STYLE:
         logging.warning("%s.json holds %d prompts, not the benchmark's %d: the scores are not the "
                         "paper's", style, len(prompts), ps.HPS_PROMPTS_PER_STYLE)
-      jobs += [Job(ps.hps_image_path(folder, style, i), p, seed + i) for i, p in enumerate(cut(prompts))]
+      jobs += [Job(ps.hps_image_path(folder, style, i), p, seed + i, "hps") for i, p in enumerate(cut(prompts))]
     suites["hps"] = {
         "prompts": os.path.abspath(es.hps_prompts), "styles": list(by_style),
         "prompts_sha1": {s: file_sha1(os.path.join(es.hps_prompts, f"{s}.json")) for s in by_style},
@@ -146,7 +141,7 @@ def plan(es: EvalSettings, seed: int) -> Tuple[List[Job], Dict[str, str], Dict[s
     folder = os.path.join(es.output, GENEVAL_DIR)
     for i, entry in enumerate(cut(entries)):
       metadata[ps.geneval_metadata_path(folder, i)] = entry.line
-      jobs += [Job(ps.geneval_sample_path(folder, i, k), entry.prompt, seed + k)
+      jobs += [Job(ps.geneval_sample_path(folder, i, k), entry.prompt, seed + k, "geneval")
                for k in range(es.geneval_samples)]
     suites["geneval"] = {
         "metadata": os.path.abspath(es.geneval_metadata), "metadata_sha1": file_sha1(es.geneval_metadata),
@@ -224,13 +219,13 @@ def write_metadata_files(metadata: Dict[str, str]) -> None:
 # ---------------------------------------------------------------------------- run
 
 
-def run_text_evaluate(config, workdir: str) -> Dict[str, Any]:
-  """``mode=evaluate`` for text-to-image (see the module docstring).
-
-  Returns ``{"output", "written", "skipped", "suites", "commands"}``: the output folder, the
-  numbers of images drawn now and found already written, ``settings.json``'s per-suite records
-  and the scoring commands.
-  """
+@register("t2i_export")
+def evaluate_t2i_export(req: Request) -> Result:
+  """The evaluator ``t2i_export`` (see the module docstring): draws the images of the asked suites
+  that are not written yet. Returns one row per suite (``images`` asked, ``written`` now,
+  ``skipped`` as already there) and, under ``t2i``, the output folder, the counts, ``settings.json``'s
+  per-suite records and the scoring commands (printed too)."""
+  config, workdir = req.config, req.workdir
   if "meissonic" not in config:
     raise ValueError("text-to-image evaluation needs the meissonic section of configs/meissonic.py; "
                      "use --config=configs/meissonic.py")
@@ -292,5 +287,12 @@ def run_text_evaluate(config, workdir: str) -> Dict[str, Any]:
           "github djghosh13/geneval):")
     for c in commands:
       print("  " + c)
-  return {"output": es.output, "written": len(todo), "skipped": len(jobs) - len(todo),
-          "suites": suites, "commands": commands}
+  model = "generator" if settings.generator else "teacher"
+  rows = []
+  for suite in es.suites:
+    asked = [j for j in jobs if j.suite == suite]
+    drawn = sum(1 for j in todo if j.suite == suite)
+    rows.append({"name": suite, "model": model, "steps": sampler["steps"], "images": len(asked),
+                 "written": drawn, "skipped": len(asked) - drawn, "folder": os.path.join(es.output, suite)})
+  return Result(rows, {"t2i": {"output": es.output, "written": len(todo), "skipped": len(jobs) - len(todo),
+                               "suites": suites, "commands": commands}})

@@ -1,10 +1,11 @@
-"""Text-to-image sampling with Meissonic (``mode=sample`` with ``config.sample.model='meissonic'``).
+"""Text-to-image sampling with Meissonic (``mode=sample`` of ``config.family='meissonic'``; the
+images ``evaluation.t2i_export`` writes for the benchmarks are drawn here too).
 
-``run(config, workdir)`` reads ``config.sample.prompts`` (a UTF-8 file, one prompt per line),
+``write_prompt_images(config, workdir)`` reads ``config.sample.prompts`` (a UTF-8 file, one prompt per line),
 tokenises the prompts with the released CLIP tokenizer (``config.meissonic.tokenizer``), encodes
 them with the converted CLIP text tower in batches under ``jax.jit`` (the penultimate hidden
 states and the projected pooled embedding; the negative prompt once), draws the image tokens with
-Meissonic's multi-step sampler (``core.meissonic_sampler.meissonic_sample``, jit-compiled once:
+Meissonic's multi-step sampler (``core.samplers.gumbel_ramp_sampler``, jit-compiled once:
 guidance against ``config.sample.negative_prompt``, the Gumbel temperature ramp, the
 micro-conditions) in batches of ``config.sample.batch_size``, and decodes each image on its own in
 float32 with the converted VQ model. Image ``i`` draws with its own key
@@ -27,7 +28,7 @@ One-step sampling from a distilled generator: ``config.sample.generator`` names 
 ``generator`` folder (``mode=distill`` writes it; its EMA parameters are used when present; the
 workdir itself is accepted too) or a converted transformer folder (``python -m dimo_jax.convert
 meissonic`` of a released one-step generator, e.g. ``Yuanzhi/DiMO``'s ``meissonic/transformer``).
-Each image is then ONE forward of the generator (``core.meissonic_sampler.one_step_text_sample``,
+Each image is then ONE forward of the generator (``core.samplers.one_step_cond_sampler``,
 per image with its own key, no guidance) with ``config.sample.one_step``'s ``r_init``, ``sigma``
 and ``temperature``; the teacher's transformer folder is not read, the VQ model, text encoder and
 tokenizer are. ``settings.json`` records the generator folder and the three values in place of the
@@ -44,10 +45,9 @@ import functools
 import json
 import os
 import re
-import tempfile
 import time
 import unicodedata
-from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -58,15 +58,18 @@ from dimo_jax.converters import clip_text as clip_conv
 from dimo_jax.converters import commands
 from dimo_jax.converters import meissonic as meissonic_conv
 from dimo_jax.converters import meissonic_vq as vq_conv
-from dimo_jax.core import meissonic_sampler as ms
+from dimo_jax.core import samplers
 from dimo_jax.data import image_grids, text
-from dimo_jax.networks.meissonic import MeissonicConfig, MeissonicTransformer
-from dimo_jax.storage import checkpoints
+from dimo_jax.evaluation.settings import sampler_settings_from_config
+from dimo_jax.networks.meissonic import DEFAULT_MICRO_CONDS, MeissonicConfig, MeissonicTransformer
+from dimo_jax.storage import checkpoints, loaders
 
 INDEX_FILE = "index.jsonl"
 GRID_FILE = "grid.png"
 SETTINGS_FILE = "settings.json"
 SLUG_CHARS = 48
+DEFAULT_GUIDANCE = 9.0
+DEFAULT_TEMPERATURE = (2.0, 0.0)  # the Gumbel noise on the confidence, first step -> last step
 
 
 # ---------------------------------------------------------------------------- names
@@ -124,19 +127,16 @@ def read_settings(config, workdir: str, require_prompts: bool = True) -> Setting
   if not prompts and require_prompts:
     raise ValueError("config.sample.prompts is not set; pass --config.sample.prompts=<file>, a UTF-8 "
                      "text file with one prompt per line")
-  steps = int(sc.get("steps", ms.DEFAULT_STEPS))
-  if steps < 1:
-    raise ValueError(f"config.sample.steps must be >= 1, got {steps}")
-  temperature = tuple(float(t) for t in sc.get("temperature", ms.DEFAULT_TEMPERATURE))
+  common = sampler_settings_from_config(config)
+  steps = common.steps
+  temperature = tuple(float(t) for t in sc.get("temperature", DEFAULT_TEMPERATURE))
   if len(temperature) != 2:
     raise ValueError(f"config.sample.temperature must be (first, last), got {temperature}")
-  micro = tuple(float(m) for m in sc.get("micro_conds", ms.DEFAULT_MICRO_CONDS))
+  micro = tuple(float(m) for m in sc.get("micro_conds", DEFAULT_MICRO_CONDS))
   if len(micro) != 5:
     raise ValueError(f"config.sample.micro_conds must hold 5 values (width, height, crop top, crop "
                      f"left, aesthetic score), got {micro}")
-  batch_size = int(sc.get("batch_size", 1))
-  if batch_size < 1:
-    raise ValueError(f"config.sample.batch_size must be >= 1, got {batch_size}")
+  batch_size = common.batch_size or 1
   output = sc.get("output", "") or os.path.join(workdir, "samples")
   if output.endswith(".npy") or output.endswith(".png"):
     raise ValueError(f"config.sample.output={output!r} names a file; text-to-image sampling writes a "
@@ -154,9 +154,9 @@ def read_settings(config, workdir: str, require_prompts: bool = True) -> Setting
     raise ValueError(f"config.sample.one_step.sigma must be >= 0 and temperature > 0, got "
                      f"sigma={sigma}, temperature={gen_temp}")
   return Settings(prompts_file=prompts, resolution=resolution, negative_prompt=str(sc.get("negative_prompt", "")),
-                  steps=steps, guidance=float(sc.get("guidance", ms.DEFAULT_GUIDANCE)),
+                  steps=steps, guidance=float(sc.get("guidance", DEFAULT_GUIDANCE)),
                   temperature=temperature, micro_conds=micro, batch_size=batch_size,
-                  seed=int(sc.get("seed", config.get("seed", 0))), output=output,
+                  seed=common.seed, output=output,
                   grid_columns=int(sc.get("grid_columns", 4)),
                   grid_image_size=int(sc.get("grid_image_size", 256)),
                   generator=str(sc.get("generator", "") or ""), one_step=(r_init, sigma, gen_temp))
@@ -206,8 +206,8 @@ def resolve_generator(path: str) -> Tuple[str, str]:
   path = os.fspath(path)
   if os.path.isfile(os.path.join(path, "params.msgpack")):
     return "converted", path
-  if os.path.isdir(os.path.join(path, "generator")):
-    path = os.path.join(path, "generator")
+  if os.path.isdir(loaders.generator_dir(path)):
+    path = loaders.generator_dir(path)
   if os.path.isdir(checkpoints.checkpoint_dir(path)):
     return "checkpoint", path
   what = "does not exist" if not os.path.exists(path) else "holds no generator"
@@ -295,6 +295,17 @@ def _padded_batches(n: int, batch_size: int):
     yield np.asarray(rows), count
 
 
+@functools.lru_cache(maxsize=32)
+def model_apply_fn(model) -> Callable:
+  """``apply_fn(params, tokens, cond, timestep, noise_sigma=0.0, rng=None)`` of a Meissonic
+  transformer, the convention of ``core.samplers``' condition samplers; cached per model, so that
+  repeated sampler calls reuse their compiled programs."""
+  def apply_fn(params, tokens, cond, timestep, noise_sigma=0.0, rng=None):
+    return model.apply({"params": params}, tokens, cond, timestep=timestep, noise_sigma=noise_sigma,
+                       rngs={} if rng is None else {"noise": rng})
+  return apply_fn
+
+
 @functools.lru_cache(maxsize=8)
 def _text_encoder(model):
   """``encode(params, ids) -> (penultimate, pooled)`` in float32, jit-compiled once per model."""
@@ -333,14 +344,14 @@ def make_decoder(nets: Networks):
 @functools.partial(jax.jit, static_argnames=("apply_fn", "seq_len", "mask_id", "codebook_size"))
 def one_step_rows(apply_fn, params, keys, cond, *, seq_len: int, mask_id: int, codebook_size: int,
                   r_init, noise_sigma, temperature):
-  """``one_step_text_sample`` for every row on its own: row ``b`` draws with ``keys[b]`` exactly
+  """``samplers.one_step_cond_sampler`` for every row on its own: row ``b`` draws with ``keys[b]`` exactly
   what a batch of one with that key draws (``x_init``, embedding noise and the draw), whatever
   else is in the batch (up to floating-point differences of the network between batch sizes)."""
   def row(key, c):
     one = jax.tree_util.tree_map(lambda x: x[None], c)
-    return ms.one_step_text_sample(apply_fn, params, key, one, seq_len=seq_len, mask_id=mask_id,
-                                   codebook_size=codebook_size, r_init=r_init,
-                                   noise_sigma=noise_sigma, temperature=temperature)[0]
+    return samplers.one_step_cond_sampler(apply_fn, params, key, one, seq_len=seq_len, mask_id=mask_id,
+                                          codebook_size=codebook_size, r_init=r_init,
+                                          noise_sigma=noise_sigma, temperature=temperature)[0]
   return jax.vmap(row)(keys, cond)
 
 
@@ -350,7 +361,7 @@ def draw_tokens(nets: Networks, settings: Settings, cond: Dict[str, np.ndarray],
   row ``b`` drawn with ``PRNGKey(seeds[b])``: the teacher's multi-step sampler with guidance
   against ``neg_cond``, or, with ``settings.generator``, the generator's one step (no guidance)."""
   tcfg = nets.transformer.config
-  apply_fn = ms.model_apply_fn(nets.transformer)
+  apply_fn = model_apply_fn(nets.transformer)
   keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
   sizes = dict(seq_len=tcfg.seq_len, mask_id=tcfg.mask_id, codebook_size=tcfg.codebook_size)
   if settings.generator:
@@ -358,9 +369,9 @@ def draw_tokens(nets: Networks, settings: Settings, cond: Dict[str, np.ndarray],
     tokens = one_step_rows(apply_fn, nets.transformer_params, keys, cond, r_init=r_init,
                            noise_sigma=sigma, temperature=temperature, **sizes)
   else:
-    tokens = ms.meissonic_sample(apply_fn, nets.transformer_params, keys, cond, neg_cond,
-                                 steps=settings.steps, guidance=settings.guidance,
-                                 temperature=settings.temperature, **sizes)
+    tokens = samplers.gumbel_ramp_sampler(apply_fn, nets.transformer_params, keys, cond, neg_cond,
+                                          steps=settings.steps, guidance=settings.guidance,
+                                          temperature=settings.temperature, **sizes)
   return np.asarray(tokens)
 
 
@@ -378,16 +389,7 @@ def _thumbnail(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _write_text_atomic(path: str, content: str) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(content)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  checkpoints.atomic_write_bytes(path, content.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------- run
@@ -403,7 +405,7 @@ def check_paths(config, settings: Settings) -> None:
     commands.check_meissonic_paths(config)
 
 
-def run(config, workdir: str) -> Dict[str, Any]:
+def write_prompt_images(config, workdir: str) -> Dict[str, Any]:
   """``mode=sample`` for Meissonic: prompts file -> PNGs, ``index.jsonl``, ``grid.png``.
 
   Returns ``{"output", "images", "index", "grid", "num"}`` (paths; ``num`` images).
