@@ -8,20 +8,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import pathlib
 
 import jax
-import ml_collections
 import numpy as np
 
 from configs import captioned_digits, digits
-from configs import meissonic as meissonic_base
-from dimo_jax.storage import checkpoints, loaders
+from dimo_jax.storage import checkpoints
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "one_path_golden.json")
-K, L, C = 5, 16, 3
-MODEL_CFG = {"arch": "preln", "width": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "dropout": 0.0}
-STORED = {"model": MODEL_CFG, "dataset": {"name": "npy:t.npy", "vocab_size": K, "seq_len": L,
-                                          "num_classes": C, "image_shape": [4, 4]}}
 PROMPTS = ["a cat on a mat", "sat on a cat", "a mat"]
 HPS = {"anime": ["a cat on a mat", "a cat"], "photo": ["cat"]}
 TIMING_KEYS = ("ms_per_sample", "seconds")
@@ -46,27 +41,15 @@ def comparable_rows(rows):
 
 
 # ---------------------------------------------------------------------------- class-conditional tokens
-def _save_token_model(folder, seed, shift=0.0):
-  from dimo_jax.networks import maskgit  # pylint: disable=import-outside-toplevel
-  model = loaders.model_from_stored(STORED)
-  params = jax.jit(lambda k: maskgit.init_params(model, k))(jax.random.key(seed))
-  ema = jax.tree_util.tree_map(lambda p: p + shift, params)
-  checkpoints.save_params(folder, params, STORED, ema_params=ema)
-
-
 def classes_setup(root) -> dict:
-  """4x4 grey-level data with 3 classes, a teacher and a distillation workdir with a generator."""
-  root = str(root)
-  rng = np.random.default_rng(0)
-  labels = np.arange(240) % C
-  img = rng.integers(0, 2, size=(240, 4, 4))
-  for i, c in enumerate(labels):
-    img[i, c, :] = rng.integers(3, 5, size=4)
-  np.save(os.path.join(root, "t.npy"), img.reshape(240, L).astype(np.int32))
-  np.save(os.path.join(root, "l.npy"), labels.astype(np.int32))
-  _save_token_model(os.path.join(root, "teacher"), 0, shift=0.01)
-  _save_token_model(os.path.join(root, "distill", "generator"), 1)
-  return {"root": root, "teacher": os.path.join(root, "teacher"), "workdir": os.path.join(root, "distill")}
+  """``test_evaluate``'s 4x4 grey-level data with 3 classes, a teacher and a distillation workdir
+  with a generator."""
+  from test_evaluate import _save_model, _synthetic_data  # pylint: disable=import-outside-toplevel
+  root = pathlib.Path(root)
+  _synthetic_data(str(root))
+  _save_model(str(root / "teacher"), 0, shift=0.01)
+  _save_model(str(root / "distill" / "generator"), 1)
+  return {"root": root, "teacher": str(root / "teacher"), "workdir": str(root / "distill")}
 
 
 def classes_sample_config(setup, **sample):
@@ -81,44 +64,16 @@ def classes_sample_config(setup, **sample):
 
 
 def classes_evaluate_config(setup):
-  c = digits.get_config()
-  c.mode = "evaluate"
-  c.data.name = "npy"
-  c.data.path = os.path.join(setup["root"], "t.npy")
-  c.data.labels = os.path.join(setup["root"], "l.npy")
-  c.data.vocab_size = K
-  c.data.num_classes = C
-  c.data.image_shape = (4, 4)
-  c.data.val_fraction = 0.25
-  c.teacher.checkpoint = setup["teacher"]
-  c.sample.batch_size = 8
-  c.sample.seed = 5
-  c.evaluate = ml_collections.ConfigDict(dict(
-      teacher_steps=(1, 2), generator_temperatures=(1.0,), per_class=10, entropy_samples=0,
-      timing_repeats=0, grid_steps=(1, 2), classifier=dict(steps=60, feature_dim=32)))
-  return c
+  """``test_evaluate``'s config without the entropy shift and timings, a shorter classifier run."""
+  from test_evaluate import _config  # pylint: disable=import-outside-toplevel
+  return _config(setup, entropy_samples=0, timing_repeats=0, classifier=dict(steps=60, feature_dim=32))
 
 
 # ---------------------------------------------------------------------------- Meissonic
 def meissonic_config(release, prompts_file, **sample):
-  """``configs/meissonic.py`` on the tiny converted release of ``test_sample_text``."""
-  c = meissonic_base.get_config()
-  c.meissonic.transformer = str(release / "transformer")
-  c.meissonic.vqvae = str(release / "vqvae")
-  c.meissonic.text_encoder = str(release / "text_encoder")
-  c.meissonic.tokenizer = str(release / "Meissonic" / "tokenizer")
-  c.meissonic.source = str(release / "Meissonic")
-  c.meissonic.dtype = "float32"
-  c.meissonic.param_dtype = "float32"
-  c.sample.prompts = str(prompts_file)
-  c.sample.resolution = 32
-  c.sample.steps = 3
-  c.sample.batch_size = 2
-  c.sample.grid_columns = 2
-  c.sample.grid_image_size = 16
-  c.sample.seed = 7
-  c.sample.update(sample)
-  return c
+  """``test_sample_text``'s ``configs/meissonic.py`` on its tiny converted release, 3 steps, seed 7."""
+  from test_sample_text import _config  # pylint: disable=import-outside-toplevel
+  return _config(release, prompts_file, **{"steps": 3, "seed": 7, **sample})
 
 
 def write_prompts(folder) -> str:
