@@ -1,0 +1,60 @@
+"""The evaluator registry, its one writer and the one reader of ``config.sample`` (no network runs)."""
+import json
+import os
+
+import ml_collections
+import pytest
+
+from dimo_jax.evaluation import evaluators, settings
+
+
+def _config(**evaluate):
+  return ml_collections.ConfigDict({"sample": {"steps": 8}, "evaluate": evaluate})
+
+
+def test_names_default_to_the_family_and_unknown_ones_are_refused():
+  assert evaluators.evaluator_names(_config(), "classes") == ("image_sets", "token_tv")
+  assert evaluators.evaluator_names(_config(evaluators=""), "meissonic") == ("t2i_export",)
+  assert evaluators.evaluator_names(_config(evaluators="token_tv, image_sets"), "classes") == ("token_tv", "image_sets")
+  with pytest.raises(ValueError, match=r"'fid', which is not an evaluator; choose from image_sets"):
+    evaluators.evaluator_names(_config(evaluators=["fid"]), "classes")
+  with pytest.raises(ValueError, match=r"config.family='llada' has no default evaluators"):
+    evaluators.evaluator_names(_config(), "llada")
+
+
+def test_rows_merge_by_name_and_one_writer(tmp_path):
+  seen = []
+
+  def first(req):
+    seen.append(req.family)
+    return evaluators.Result([{"name": "teacher_steps1", "steps": 1, "fid": 9.0}, {"name": "generator", "fid": 7.0}],
+                             {"reference": "val"})
+
+  def second(req):
+    req.finish.append(lambda results: results.update(ratio=results["rows"][1]["fid"] / results["rows"][0]["fid"]))
+    return evaluators.Result([{"name": "generator", "tv_seq": 0.25}, {"name": "real", "tv_seq": 0.1}])
+
+  req = evaluators.Request(_config(), str(tmp_path), str(tmp_path / "eval"), "classes")
+  results = evaluators.evaluate(req, ["image_sets", "token_tv"], {"image_sets": first, "token_tv": second})
+  assert seen == ["classes"]
+  assert results["rows"] == [{"name": "teacher_steps1", "steps": 1, "fid": 9.0},
+                             {"name": "generator", "fid": 7.0, "tv_seq": 0.25}, {"name": "real", "tv_seq": 0.1}]
+  assert results["ratio"] == pytest.approx(7.0 / 9.0) and results["reference"] == "val"
+  stored = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert stored["rows"] == results["rows"] and stored["evaluators"] == ["image_sets", "token_tv"]
+  table = (tmp_path / "eval" / "table.md").read_text().splitlines()
+  assert table[0] == "| name | steps | fid | tv_seq |"
+  assert table[3] == "| generator | - | 7 | 0.25 |"
+  assert not [f for f in os.listdir(tmp_path / "eval") if f.startswith(".tmp")]
+
+
+def test_one_reader_of_the_sampler_settings():
+  sp = settings.sampler_settings_from_config(ml_collections.ConfigDict({"sample": {"steps": 8, "guidance": 2}}))
+  assert (sp.steps, sp.guidance, sp.temperature, sp.batch_size, sp.seed) == (8, 2.0, None, 0, 0)
+  assert sp.teacher_kwargs()["temperature"] == 1.0
+  assert settings.sampler_settings_from_config(ml_collections.ConfigDict({"sample": {}})).steps == settings.DEFAULT_STEPS
+  assert settings.sampler_settings_from_config({"sampler": "ancestral"}, steps=3).steps == 3
+  with pytest.raises(ValueError, match=r"config.sample.steps must be >= 1, got 0"):
+    settings.sampler_settings_from_config({"steps": 0})
+  with pytest.raises(ValueError, match=r"config.sample.batch_size must be >= 1, got 0"):
+    settings.sampler_settings_from_config({"batch_size": 0})
