@@ -11,6 +11,7 @@ import ml_collections
 
 def get_config():
   c = ml_collections.ConfigDict()
+  c.family = "captioned_digits"  # dimo_jax/families/captioned_digits.py
   c.mode = "distill"  # teacher | distill (trains the teacher first when config.teacher.checkpoint is absent)
   c.seed = 3407
 

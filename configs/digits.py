@@ -8,6 +8,7 @@ import ml_collections
 
 def get_config():
   c = ml_collections.ConfigDict()
+  c.family = "classes"  # class-conditional token networks (dimo_jax/families/classes.py)
   c.mode = "distill"  # teacher | distill | sample | evaluate
   c.seed = 3407
   # True: jax.distributed.initialize() with JAX's cluster detection (SLURM, Open MPI, Kubernetes);

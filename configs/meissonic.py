@@ -36,6 +36,7 @@ NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, wat
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   del arg
   c = ml_collections.ConfigDict()
+  c.family = "meissonic"  # dimo_jax/families/meissonic.py
   c.mode = "sample"
   c.seed = 42
 

@@ -69,7 +69,7 @@ def run(config, workdir: str, given=()):
   fn = resolve_mode(mode)
   from dimo_jax.modes import loop  # pylint: disable=import-outside-toplevel
   from dimo_jax.storage.checkpoints import UserError  # pylint: disable=import-outside-toplevel
-  loop.refuse_model_flags(mode, given)
+  loop.check_flags(config, mode, given)
   if os.path.isfile(workdir):
     raise UserError(f"--workdir={workdir} is a file, not a folder; pass a folder (it is created when missing)")
   return fn(config, workdir)

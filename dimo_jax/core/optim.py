@@ -59,6 +59,11 @@ def make_optimizer(lr: float, *, warmup_steps: int = 0, b1=0.9, b2=0.999, eps=1e
   return tx
 
 
+def frozen_mask(params, names):
+  """Pytree of bools, True where a leaf lies under one of ``names`` (top-level keys)."""
+  return {k: jax.tree_util.tree_map(lambda _: k in names, v) for k, v in params.items()}
+
+
 def ema_update(ema, params, step, decay):
   """EMA with the warm-up rate min(decay, (1 + t) / (10 + t))."""
   t = jnp.asarray(step, jnp.float32)

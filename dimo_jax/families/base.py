@@ -41,6 +41,7 @@ class Loaded:
   model: Any
   params: Any
   stored: dict
+  extras: Dict[str, Any] = dataclasses.field(default_factory=dict)  # what the family keeps beside (e.g. a text tower)
 
 
 class ConditionSource:
@@ -127,8 +128,12 @@ class Family:
     raise NotImplementedError
 
   def prepare_distill(self, config, workdir: str) -> None:
-    """Work a distillation needs before its teacher loads (e.g. training the teacher it names
-    when that is missing, or reading a prompt file first); nothing by default."""
+    """Checks a distillation makes before any network loads (e.g. reading a prompt file)."""
+
+  def teacher_to_train(self, config, workdir: str) -> Optional[str]:
+    """The folder where ``mode=distill`` first trains the teacher it distils (``mode=teacher``'s
+    loop on the same config), or None when the teacher is given."""
+    return None
 
   def condition_source(self, config, teacher: Loaded) -> ConditionSource:
     """The conditions of a Di[M]O run of ``teacher``."""
@@ -157,6 +162,11 @@ class Family:
 
   def teacher_grid(self, loaded: Loaded, key, path: str, config) -> Optional[str]:
     """Writes a PNG grid of the teacher's multi-step samples (as ``sample_grid``)."""
+    return None
+
+  def evaluate_table(self, config, workdir: str, teacher: Loaded, generator_params) -> Optional[str]:
+    """The family's own table at the end of a distillation (``config.distill.evaluate_at_end``),
+    or None to leave it to ``mode=evaluate``."""
     return None
 
   # -------------------------------------------------------------- what a run writes

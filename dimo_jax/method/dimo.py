@@ -34,9 +34,8 @@ from flax.training import train_state
 from dimo_jax.core import divergences, masking, sharding
 from dimo_jax.core.losses import aux_loss
 from dimo_jax.core.memory import check_fits, device_bytes_limit
-from dimo_jax.core.optim import ema_update, make_optimizer
+from dimo_jax.core.optim import ema_update, frozen_mask, make_optimizer
 from dimo_jax.core.samplers import filter_logits, sample_categorical
-from dimo_jax.networks import maskgit
 
 TrainState = train_state.TrainState
 
@@ -143,10 +142,10 @@ class Distiller:
     if settings.aux_guidance != 1.0 and not model.has_null_class:
       raise ValueError(f"config.distill.aux_guidance={settings.aux_guidance} needs a null class, which the "
                        f"{type(model).__name__} architecture lacks; set --config.distill.aux_guidance=1.0")
-    self.teacher_model = maskgit.with_dropout(
-        teacher_model, teacher_model.dropout if settings.teacher_dropout else 0.0)
-    self.gen_model = maskgit.with_dropout(model, model.dropout if settings.gen_dropout else 0.0)
-    self.aux_model = maskgit.with_dropout(model, model.dropout if settings.aux_dropout else 0.0)
+    with_dropout = lambda m, on: m.clone(dropout=float(m.dropout if on else 0.0))  # parameters unchanged
+    self.teacher_model = with_dropout(teacher_model, settings.teacher_dropout)
+    self.gen_model = with_dropout(model, settings.gen_dropout)
+    self.aux_model = with_dropout(model, settings.aux_dropout)
     self.batch_sharding = None  # set by ``jit_step`` when a mesh is given
     self.cond_shardings = None  # set by ``jit_step`` with ``cond_spec``
 
@@ -378,10 +377,16 @@ class Distiller:
     """Compiles the step for the SHAPES of a state (``jax.eval_shape`` of ``init_state``: nothing
     is allocated) and raises, naming XLA's estimate and the remedies, when it cannot fit the
     device; returns the estimate in bytes (None where the backend gives none)."""
-    fn, _ = self._jit(state_shapes, mesh, min_shard_size)
+    return self.compile_abstract(state_shapes, mesh, bytes_limit, min_shard_size)[2]
+
+  def compile_abstract(self, state_shapes, mesh=None, bytes_limit: Optional[int] = -1,
+                       min_shard_size: int = 2**14):
+    """``check_fits_abstract`` that also returns what it compiled: ``(compiled step, the state's
+    shardings, XLA's estimate)``; place the real state with ``jax.device_put(state, shardings)``."""
+    fn, shardings = self._jit(state_shapes, mesh, min_shard_size)
     args = (state_shapes,) if self.cond_spec is None else (state_shapes, self.abstract_conditions())
     compiled = fn.lower(*args).compile()
-    return check_fits(compiled, device_bytes_limit() if bytes_limit == -1 else bytes_limit)
+    return compiled, shardings, check_fits(compiled, device_bytes_limit() if bytes_limit == -1 else bytes_limit)
 
   def _cond_shardings(self, mesh):
     """The step's conditions: ``gen`` over the batch axes, ``aux`` over them on axis 1, ``neg``
@@ -415,14 +420,15 @@ class Distiller:
     return compiled, state
 
 
-def build_distiller(config, model, teacher_model=None, cond_spec=None) -> Distiller:
+def build_distiller(config, model, teacher_model=None, cond_spec=None, init_fn=None) -> Distiller:
   """A ``Distiller`` from a full config (``config.distill``, ``config.teacher``) and the model
-  (``cond_spec``: see ``Distiller``)."""
+  (``cond_spec``: see ``Distiller``). ``init_fn(key)`` gives the model's parameters (default
+  ``model.init_params``); only their shapes are used, for the frozen groups."""
   settings = DistillSettings.from_config(config)
   d = config.distill
-  init = getattr(model, "init_params", None) or (lambda key: maskgit.init_params(model, key))
+  init = init_fn or model.init_params
   shapes = jax.eval_shape(lambda: init(jax.random.key(0)))
-  frozen = maskgit.frozen_mask(shapes, tuple(d.get("freeze", ())))
+  frozen = frozen_mask(shapes, tuple(d.get("freeze", ())))
   gen_tx = make_optimizer(d.gen_lr, warmup_steps=d.warmup_steps, b1=d.b1, b2=d.b2, eps=d.eps,
                           grad_clip=d.gen_grad_clip, frozen=frozen,
                           schedule_kind=d.get("gen_lr_schedule", "constant"), steps=d.get("steps", 0))

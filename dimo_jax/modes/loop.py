@@ -7,6 +7,7 @@ on non-finite steps, preemption, sample grids, and the entry every mode's ``run`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import math
 import os
@@ -17,11 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dimo_jax.core import samplers, sharding
-from dimo_jax.core.sharding import host_array
-from dimo_jax.data import image_grids
-from dimo_jax.networks import maskgit
-from dimo_jax.networks.conditioning import sample_label_grid
+from dimo_jax.core import sharding
+from dimo_jax.families import base as families
+from dimo_jax.families.classes import save_grid  # noqa: F401 (modes.sample writes its grids with it)
 from dimo_jax.storage import checkpoints, workdir_lock as run_lock
 from dimo_jax.storage.checkpoints import UserError
 
@@ -144,41 +143,6 @@ def mean_metrics(history):
     return {}
   stacked = jax.device_get(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *history))
   return {k: float(np.mean(v)) for k, v in stacked.items()}
-
-
-def dataset_info(ds) -> dict:
-  """Data sizes stored in ``config.json`` under ``dataset``."""
-  return {"name": ds.name, "vocab_size": int(ds.vocab_size), "seq_len": int(ds.seq_len),
-          "num_classes": int(ds.num_classes),
-          "image_shape": None if ds.image_shape is None else [int(s) for s in ds.image_shape]}
-
-
-def write_sample_grid(path: str, apply_fn, params, key, *, num_classes: int, seq_len: int,
-                      vocab_size: int, image_shape, sample_cfg, has_null_class: bool = True):
-  """Draws a grid with the confidence sampler (settings from ``config.sample``); process 0 saves
-  the PNG (every process must call this: the sampler runs on the global parameters)."""
-  get = sample_cfg.get
-  labels = sample_label_grid(num_classes)
-  guidance = float(get("guidance", 1.0)) if (has_null_class and num_classes > 0) else 1.0
-  tokens = samplers.confidence_sampler(
-      apply_fn, params, key, jnp.asarray(labels), seq_len=seq_len, codebook_size=vocab_size,
-      steps=int(min(get("steps", 8), seq_len)), schedule=get("schedule", "arccos"),
-      temperature=float(get("temperature", 1.0)), r_temp=float(get("r_temp", 4.5)), guidance=guidance,
-      guidance_schedule=get("guidance_schedule", "constant"), null_label=num_classes,
-      top_k=int(get("top_k", 0)), top_p=float(get("top_p", 1.0)))
-  tokens = host_array(tokens)
-  if jax.process_index() == 0:
-    images = image_grids.tokens_to_images(tokens, vocab_size, image_shape)
-    save_grid(images, path, ncols=num_classes if num_classes > 0 else None)
-  return path
-
-
-def save_grid(images, path: str, **kwargs) -> str:
-  """``image_grids.save_image_grid`` with the user's umask on the PNG (its temporary file is 0600)."""
-  image_grids.save_image_grid(images, path, **kwargs)
-  if not checkpoints.is_remote(path):
-    checkpoints.apply_umask(path)
-  return path
 
 
 # ---------------------------------------------------------------------------- loop setup
@@ -356,18 +320,21 @@ def restore(ckpt, state, name: str):
   return restored, int(step)
 
 
-def refuse_model_flags(mode: str, keys: Iterable[str]):
+def refuse_model_flags(mode: str, keys: Iterable[str], compute_fields: Iterable[str] = ()):
   """In the modes that rebuild their networks from a stored ``config.json`` (``distill``,
-  ``sample``, ``evaluate``) only the compute fields of ``config.model`` apply; any other
-  ``--config.model.<field>`` given on the command line is refused, not ignored."""
+  ``sample``, ``evaluate``) only the family's compute fields of ``config.model``
+  (``Family.compute_fields``) apply; any other ``--config.model.<field>`` given on the command
+  line is refused, not ignored."""
   if mode == "teacher":
     return
-  refused = sorted({k for k in keys if k.startswith("model.") and k.split(".", 1)[1] not in maskgit.COMPUTE_FIELDS})
+  fields = tuple(compute_fields)
+  refused = sorted({k for k in keys if k.startswith("model.") and k.split(".", 1)[1] not in fields})
   if refused:
+    allowed = ", ".join("model." + f for f in fields) if fields else "no model field"
     raise UserError(
         f"{', '.join('--config.' + k for k in refused)} cannot apply in mode={mode}: the networks are rebuilt "
-        f"from the stored config.json of the teacher or generator. Drop the flag; only "
-        f"{', '.join('model.' + f for f in maskgit.COMPUTE_FIELDS)} apply in this mode")
+        f"from the stored config.json of the teacher or generator. Drop the flag; {allowed} "
+        f"{'applies' if not fields else 'apply'} in this mode")
 
 
 # ---------------------------------------------------------------------------- preemption
@@ -405,3 +372,239 @@ def entry(fn: Callable) -> Callable:
   run.__doc__ = fn.__doc__
   return run
 
+
+
+def check_flags(config, mode: str, given: Iterable[str]):
+  """``refuse_model_flags`` with the compute fields of ``config.family``."""
+  if mode != "teacher" and any(k.startswith("model.") for k in given):
+    refuse_model_flags(mode, given, families.get_family(config).compute_fields)
+
+
+# ---------------------------------------------------------------------------- the teacher loop
+EARLY_STOP_FILE = "early_stop.json"  # written when the validation loss stopped the run
+
+
+def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
+  """``mode=teacher`` for every family: trains ``config.family``'s teacher (``Family.teacher_run``)
+  with checkpoints in ``<workdir>/checkpoints`` and the config in ``config.json``.
+
+  Resumes from the latest intact checkpoint (after ``check_resume``); each step's randomness and
+  batch are pure functions of the step, so an interrupted run ends with the parameters of an
+  uninterrupted one. The workdir is locked for the run; SIGTERM writes a checkpoint and returns
+  ``preempted``. ``stop_after`` (or ``config.train.stop_after``) ends the loop after that many
+  steps without a final checkpoint, as if the run were killed. With ``validate`` (the classes)
+  the validation loss of the EMA parameters is logged every ``config.train.eval_every`` steps and
+  ``config.train.patience`` evaluations without a relative gain of ``min_delta`` stop the run
+  with the best EMA parameters. Returns ``step``, ``train_loss`` (mean of the last logging
+  window), the validation metrics at the end, ``val_loss_initial`` and ``preempted``."""
+  steps, stop_after, workdir = loop_setup(config.train, "train", workdir, stop_after)
+  with workdir_lock(workdir):
+    return _teacher_loop(config, workdir, families.get_family(config), steps, stop_after)
+
+
+def _teacher_loop(config, workdir: str, family, steps: int, stop_after: Optional[int]) -> dict:
+  from dimo_jax.method.mdm import Plateau  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  tc = config.train
+  mesh = sharding.make_mesh(*family.mesh_axes(config))
+  run = family.teacher_run(config, workdir, mesh)
+  if run.finished():
+    logging.info("The teacher in %s is finished; nothing to train.", workdir)
+    return {"step": steps, PREEMPTED: False}
+  ckpt, start = make_checkpointer(tc, "train", workdir, steps, run.run_config, config.get("resume_accept", ""))
+  writer = None
+  proc = jax.process_index()
+  try:
+    state = run.fns.init(jnp.int32(int(config.seed)))
+    if start:
+      state, start = restore(ckpt, state, "the teacher")
+    batches = run.batches(start)
+    if proc == 0:
+      checkpoints.write_config(workdir, run.run_config)
+    writer = create_writer(workdir)
+    log_every = max(int(tc.get("log_every", 100)), 1)
+    eval_every = int(tc.get("eval_every", 0) or 0) if run.validate else 0
+    sample_every = int(tc.get("sample_every", 0) or 0) if run.samples else 0
+    progress = create_progress(steps, writer, every_steps=log_every)
+    logging.info("Teacher (%s): %s, %d parameters, %d steps at batch %d.", family.name, run.describe,
+                 int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))), steps, int(tc.batch_size))
+
+    def validate():
+      val = run.validate(state)
+      writer.write_scalars(step, {f"val/{k[4:]}": v for k, v in val.items()})
+      return val
+
+    def write_samples():
+      path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+      run.samples(state, step, path)
+      if proc == 0:
+        logging.info("Wrote %s", path)
+
+    # Early stopping (config.train.patience > 0): the best EMA parameters are kept and saved as the
+    # final checkpoint; a marker file keeps a rerun from training past them.
+    plateau = Plateau(int(tc.get("patience", 0) or 0), float(tc.get("min_delta", 1e-3) or 0.0))
+    marker = os.path.join(workdir, EARLY_STOP_FILE)
+    stopped = bool(start and os.path.exists(marker))
+    best_ema = None
+    final = {"step": start, "train_loss": float("nan"), PREEMPTED: False}
+    history, step, t0 = [], start, time.time()
+    if start == 0 and eval_every:
+      final["val_loss_initial"] = validate()["val_loss"]
+    with PreemptionGuard() as guard:
+      while step < steps and not stopped:
+        state, metrics = run.fns.step(state, *next(batches))
+        step += 1
+        history.append(metrics)
+        progress(step)
+        if step % log_every == 0 or step == steps:
+          final["train_loss"] = log_window(history, step, writer, "train/")["loss"]
+        ckpt.save(step, state, force=step == steps or guard.requested)
+        if eval_every and step % eval_every == 0 and step != steps:
+          val = validate()
+          if plateau.update(step, val["val_loss"]) and plateau.patience:
+            best_ema = jax.device_get(state.ema_params)
+          if plateau.stop and best_ema is not None:
+            logging.info("Validation loss not improved by %g for %d evaluations (best %.5f at step %d): stopping "
+                         "at step %d with the best EMA parameters.", plateau.min_delta, plateau.patience,
+                         plateau.best, plateau.best_step, step)
+            state = state.replace(ema_params=jax.tree_util.tree_map(
+                lambda b, a: jax.device_put(b, a.sharding), best_ema, state.ema_params))
+            stopped = True
+            if proc == 0:
+              checkpoints.write_config(workdir, {"step": step, "best_step": plateau.best_step,
+                                                 "best_val_loss": plateau.best}, filename=EARLY_STOP_FILE)
+            break
+        if sample_every and step % sample_every == 0:
+          write_samples()
+        if guard.requested or (stop_after and step >= stop_after and step < steps):
+          logging.info("Stopping at step %d.", step)
+          break
+      final[PREEMPTED] = guard.requested and step < steps
+    final["step"] = step
+    if stopped:
+      final["early_stop"] = True
+    if step == steps or stopped:
+      ckpt.save(step, state, force=True)
+      ckpt.wait()
+      if run.validate:
+        final.update(validate())
+      if run.finish:
+        final.update(run.finish(state, step, final))
+      if sample_every and step % sample_every:
+        write_samples()
+    writer.flush()
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+  logging.info("Teacher training finished at step %d after %.1fs: %s", step, time.time() - t0, final)
+  return final
+
+
+# ---------------------------------------------------------------------------- the distillation loop
+def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
+  """``mode=distill`` for every family: Di[M]O (``method.dimo``) of the family's teacher into a
+  one-step generator. The whole state is checkpointed in ``<workdir>/checkpoints`` (a rerun
+  resumes after ``check_resume``); the finished EMA generator is written, gathered from every
+  process, to ``<workdir>/generator`` with the family's ``generator_config``. The workdir is
+  locked; the step is compiled for the SHAPES of the state and the run stops before anything
+  large is allocated when it cannot fit the device; non-finite token gradients are zeroed by
+  the step and counted, and ``config.distill.max_nonfinite_steps`` consecutive steps with any
+  stop the run; SIGTERM writes a checkpoint and returns ``preempted``. Returns the last logged
+  metrics, ``step`` and ``preempted`` (and the family's table with ``evaluate_at_end``)."""
+  family = families.get_family(config)
+  family.prepare_distill(config, workdir)
+  steps, stop_after, workdir = loop_setup(config.distill, "distill", workdir, stop_after)
+  with workdir_lock(workdir):
+    teacher_path = family.teacher_to_train(config, workdir)
+    if teacher_path:
+      logging.info("No finished teacher in %s: training it first.", teacher_path)
+      final = train_teacher(config, teacher_path)
+      if final.get(PREEMPTED):
+        return dict(final, step=0)
+    return _distill_loop(config, workdir, family, steps, stop_after)
+
+
+def _distill_loop(config, workdir: str, family, steps: int, stop_after: Optional[int]) -> dict:
+  import time  # pylint: disable=import-outside-toplevel
+  from dimo_jax.method import dimo  # pylint: disable=import-outside-toplevel
+  from dimo_jax.storage import loaders  # pylint: disable=import-outside-toplevel
+  dc, seed = config.distill, int(config.seed)
+  teacher = family.load_teacher(config, workdir)
+  source = family.condition_source(config, teacher)
+  dist = dimo.build_distiller(config, teacher.model, cond_spec=source.spec)
+  if dist.s.divergence == "jeffreys" and dist.s.beta < 0:
+    logging.warning("config.distill.divergence='jeffreys' with beta=%g < 0 diverges against a teacher that gives "
+                    "some tokens zero (or near-zero) probability (docs/proofs.md, section 4); forward KL "
+                    "(divergence='fkl' or beta=0) is the safe choice.", dist.s.beta)
+  mesh = sharding.make_mesh(*family.mesh_axes(config))
+  shapes = jax.eval_shape(lambda p: dist.init_state(p, seed), teacher.params)
+  step_fn, shardings, need = dist.compile_abstract(shapes, mesh)  # refuses here when the step cannot fit
+  if need:
+    logging.info("XLA's estimate of the step: %.1f GB per device.", need / 1e9)
+  state = jax.device_put(dist.init_state(teacher.params, seed), shardings)
+  run_config = family.run_config(config, teacher)
+  ckpt, start = make_checkpointer(dc, "distill", workdir, steps, run_config, config.get("resume_accept", ""))
+  writer = None
+  final = {}
+  try:
+    if start:
+      fresh_teacher = state.teacher_params
+      state, start = restore(ckpt, state, "distillation")
+      if any(k.split(".")[0] in ("teacher", "model", "dataset") for k in ckpt.accepted):
+        # An accepted change of teacher: distil the teacher the config names, not the stored copy.
+        state = state.replace(teacher_params=fresh_teacher)
+    if jax.process_index() == 0:
+      checkpoints.write_config(workdir, run_config)
+    writer = create_writer(workdir)
+    log_every = max(int(dc.get("log_every", 100)), 1)
+    sample_every = int(dc.get("sample_every", 0) or 0)
+    progress = create_progress(steps, writer, every_steps=log_every)
+    sample_key = jax.random.fold_in(jax.random.key(seed), 3)
+    samples = os.path.join(workdir, "samples")
+    if start == 0 and sample_every:
+      family.teacher_grid(teacher, sample_key, os.path.join(samples, "teacher.png"), config)
+    logging.info("Di[M]O (%s): %s teacher with %d parameters; %d steps at batch %d on %d devices.", family.name,
+                 type(teacher.model).__name__, int(sum(x.size for x in jax.tree_util.tree_leaves(teacher.params))),
+                 steps, dist.s.batch_size, mesh.size)
+    history, step, t0 = [], start, time.time()
+    watch = NonFiniteWatch(int(dc.get("max_nonfinite_steps", 100) or 0), "distill", ckpt)
+    with PreemptionGuard() as guard:
+      while step < steps:
+        conds = source.step_conditions(seed, step, dist.s.batch_size, dist.s.aux_updates)
+        state, metrics = step_fn(state) if conds is None else step_fn(state, dist.place_conditions(conds))
+        step += 1
+        history.append(metrics)
+        watch.update(step, metrics)
+        progress(step)
+        if step % log_every == 0 or step == steps:
+          final = log_window(history, step, writer, stop_on_nonfinite=False, name="distill")
+        if step == steps:
+          watch.flush()
+        ckpt.save(step, state, force=step == steps or guard.requested)
+        if sample_every and (step % sample_every == 0 or step == steps):
+          family.sample_grid(dataclasses.replace(teacher, params=state.ema_params), jax.random.fold_in(sample_key, step),
+                             os.path.join(samples, f"generator_{step:07d}.png"), config)
+        if guard.requested or (stop_after and step >= stop_after and step < steps):
+          logging.info("Stopping at step %d.", step)
+          break
+    ckpt.wait()
+    final[PREEMPTED] = guard.requested and step < steps
+    if step == steps:
+      checkpoints.save_params(loaders.generator_dir(workdir), sharding.host_tree(state.gen.params),
+                              family.generator_config(run_config, teacher, teacher.model, step),
+                              ema_params=sharding.host_tree(state.ema_params), step=step)
+    writer.flush()
+    final["step"] = step
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+  logging.info("Distillation stopped at step %d after %.1fs: %s", step, time.time() - t0, final)
+  if step == steps and dc.get("evaluate_at_end", False):
+    table = family.evaluate_table(config, workdir, teacher, sharding.host_tree(state.ema_params))
+    if table is not None:
+      final["table"] = table
+    else:
+      final["evaluate"] = True  # modes.distill runs mode=evaluate's table
+  return final

@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dimo_jax.core import optim
+
 Dtype = Any
 
 REMAT_POLICIES = {
@@ -171,6 +173,10 @@ class _Base(nn.Module):
   @property
   def null_label(self) -> int:
     return self.num_classes
+
+  def init_params(self, key):
+    """Fresh parameters (``init_params`` of this module)."""
+    return init_params(self, key)
 
   def _noisy(self, e, noise_sigma):
     """Di[M]O embedding noise on the visual-token embeddings: sigma*eps + sqrt(1-sigma^2)*e."""
@@ -367,4 +373,4 @@ FROZEN_NAMES = ("tok_emb", "pos_emb", "out_bias")
 
 def frozen_mask(params, names=FROZEN_NAMES):
   """Pytree of bools, True where a leaf lies under one of ``names`` (top-level keys)."""
-  return {k: jax.tree_util.tree_map(lambda _: k in names, v) for k, v in params.items()}
+  return optim.frozen_mask(params, names)

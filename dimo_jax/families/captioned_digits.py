@@ -1,0 +1,237 @@
+"""``config.family = "captioned_digits"``: the embedded text-to-image task. 8x8 digits with prompts
+measured from each image ("a thick slanted seven", ``data.captions``), a small
+Meissonic-architecture teacher (``networks.meissonic`` through ``networks.text_conditioning``)
+trained with ``method.mdm_text``, and Di[M]O from the prompts alone.
+
+The teacher's folder holds, in ``config.json``, its ``meissonic`` config, the ``text_encoder``
+and the attribute ``thresholds`` beside the run's config and ``finished_step``. A distillation
+whose ``config.teacher.checkpoint`` is empty trains the teacher into ``<workdir>/teacher`` first.
+
+The conditions of a Di[M]O step are a pure function of ``(config.seed, step)``: ``batch_size``
+prompts for the generator update and ``aux_updates x batch_size`` fresh ones for the auxiliary
+updates, drawn uniformly from ``data.captions.distill_prompts(config.distill.prompt_set)``
+(``full``: the 30 full prompts, the default; ``all``: also the 50 partial ones); the negative
+prompt is the empty prompt (caption 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dimo_jax.core import sharding
+from dimo_jax.data import captions, datasets, image_grids
+from dimo_jax.evaluation import prompt_following
+from dimo_jax.families import base
+from dimo_jax.method import mdm_text
+from dimo_jax.method.mdm import TeacherSettings
+from dimo_jax.networks import meissonic, text_conditioning
+from dimo_jax.storage import checkpoints
+
+GENERATOR_SUBDIR = "generator"
+
+
+@dataclasses.dataclass
+class CaptionedData:
+  """The digits, their attribute values, the thresholds and every caption's condition."""
+  ds: datasets.TokenDataset
+  thresholds: captions.Thresholds
+  train_attrs: np.ndarray  # [N, 2]
+  table: dict  # caption id -> condition leaves
+  encoder: object  # clip_text.CLIPTextConfig
+
+
+def load_captioned(config) -> CaptionedData:
+  """The data, the thresholds fitted on it and the condition table of ``config.captions``."""
+  dc, cc = config.data, config.captions
+  ds = datasets.load_digits(levels=int(dc.levels), val_fraction=float(dc.val_fraction), seed=int(dc.seed))
+  th = captions.Thresholds.fit(ds.train_tokens, ds.train_labels)
+  enc = captions.encoder_config(width=int(cc.encoder_width), layers=int(cc.encoder_layers),
+                                heads=int(cc.encoder_heads), mlp_dim=int(cc.encoder_mlp_dim),
+                                projection_dim=int(config.model.num_heads) * int(config.model.head_dim))
+  table = captions.condition_table(enc, int(cc.encoder_seed))
+  return CaptionedData(ds, th, th.attributes(ds.train_tokens, ds.train_labels), table, enc)
+
+
+def model_config(config, data: CaptionedData) -> meissonic.MeissonicConfig:
+  """The teacher's ``MeissonicConfig``: ``config.model`` on the digits' grid and grey levels."""
+  m = config.model
+  fields = {f.name for f in dataclasses.fields(meissonic.MeissonicConfig)}
+  kw = {k: m[k] for k in m.keys() if k in fields}
+  kw["axes_dims_rope"] = tuple(kw.get("axes_dims_rope", ()))
+  levels = int(data.ds.vocab_size)
+  kw.update(codebook_size=levels, vocab_size=levels + 1, grid=int(data.ds.image_shape[0]),
+            text_dim=data.encoder.width, pooled_dim=int(m.num_heads) * int(m.head_dim))
+  return meissonic.MeissonicConfig(**kw)
+
+
+def teacher_dir(config, workdir: str) -> str:
+  """``config.teacher.checkpoint``, or ``<workdir>/teacher`` when it is empty."""
+  return config.teacher.get("checkpoint", "") or os.path.join(workdir, "teacher")
+
+
+def is_finished(path: str, steps: int) -> bool:
+  cfg = checkpoints.read_config(path) if os.path.isdir(path) else None
+  return bool(cfg) and int(cfg.get("finished_step", -1)) >= steps
+
+
+def load_text_teacher(path: str, *, use_ema: bool = True):
+  """``(model, params, stored_config)`` of a finished captioned-digits teacher."""
+  params, ema, stored = checkpoints.load_params(path)
+  if not stored or "meissonic" not in stored:
+    raise ValueError(f"{path}: not a text-conditioned teacher (its config.json has no 'meissonic' entry); "
+                     "train one with --config=configs/captioned_digits.py --config.mode=teacher")
+  mcfg = meissonic.MeissonicConfig.from_dict(stored["meissonic"])
+  model = text_conditioning.build(mcfg, text_len=int(stored["text_encoder"]["max_positions"]))
+  return model, (ema if use_ema and ema is not None else params), stored
+
+
+class PromptTable(base.ConditionSource):
+  """Conditions gathered from a table of encoded prompts (module docstring)."""
+
+  def __init__(self, table, prompts: np.ndarray, salt: int = 7):
+    self.table = table
+    self.prompts = np.asarray(prompts)
+    self.salt = int(salt)
+    self.spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), table)
+
+  def step_conditions(self, seed: int, step: int, batch: int, aux_updates: int) -> dict:
+    rng = np.random.default_rng([int(seed), self.salt, int(step)])
+    gen = rng.choice(self.prompts, size=(batch,))
+    aux = rng.choice(self.prompts, size=(aux_updates, batch))
+    return {"gen": captions.gather(self.table, gen), "aux": captions.gather(self.table, aux),
+            "neg": self.negative()}
+
+  def negative(self):
+    return captions.gather(self.table, np.zeros((1,), np.int32))
+
+
+class CaptionedDigits(base.Family):
+  """The embedded text-to-image task (module docstring)."""
+
+  name = "captioned_digits"
+  compute_fields = ()
+  evaluators = ("prompt_following",)
+
+  # -------------------------------------------------------------- mode=teacher
+  def teacher_run(self, config, workdir: str, mesh) -> base.TeacherRun:
+    tc = config.train
+    steps = int(tc.steps)
+    data = load_captioned(config)
+    mcfg = model_config(config, data)
+    model = text_conditioning.build(mcfg, text_len=data.encoder.max_positions)
+    batch = int(tc.batch_size)
+    sharding.check_batch(batch, mesh, "config.train.batch_size")
+    fns = mdm_text.compile_text_teacher(model, mesh, TeacherSettings.from_config(tc, steps))
+    cc, ds, seed = config.captions, data.ds, int(config.seed)
+
+    def batches(start):
+      for step in range(start, steps):
+        rng = np.random.default_rng([seed, step])
+        idx = rng.integers(0, ds.num_train, batch)
+        cid = captions.training_captions(rng, ds.train_labels[idx], data.train_attrs[idx],
+                                         attribute_dropout=float(cc.attribute_dropout),
+                                         null_prob=float(cc.null_prob))
+        yield (jax.device_put(jnp.asarray(ds.train_tokens[idx]), fns.batch_sharding),
+               jax.device_put(captions.gather(data.table, cid), fns.batch_sharding))
+
+    run_config = base.config_dict(config)
+
+    def finish(state, step, final):
+      stored = dict(run_config, meissonic=mcfg.to_dict(), text_encoder=dataclasses.asdict(data.encoder),
+                    thresholds=dataclasses.asdict(data.thresholds), finished_step=steps, role="teacher")
+      if jax.process_index() == 0:
+        checkpoints.write_config(workdir, stored)
+      return {}
+
+    return base.TeacherRun(model=model, fns=fns, run_config=run_config, batches=batches,
+                           describe=f"Meissonic architecture on the captioned digits, {ds.num_train} images",
+                           finish=finish, finished=lambda: is_finished(workdir, steps))
+
+  def teacher_to_train(self, config, workdir: str) -> Optional[str]:
+    path = teacher_dir(config, workdir)
+    if config.teacher.get("checkpoint", "") or is_finished(path, int(config.train.steps)):
+      return None
+    return path
+
+  # -------------------------------------------------------------- networks
+  def load_teacher(self, config, workdir: str) -> base.Loaded:
+    return base.Loaded(*load_text_teacher(teacher_dir(config, workdir), use_ema=bool(config.teacher.use_ema)))
+
+  def load_generator(self, config, path: str) -> base.Loaded:
+    if os.path.isdir(os.path.join(path, GENERATOR_SUBDIR)):
+      path = os.path.join(path, GENERATOR_SUBDIR)
+    return base.Loaded(*load_text_teacher(path, use_ema=True))
+
+  def condition_source(self, config, teacher: base.Loaded) -> base.ConditionSource:
+    return PromptTable(load_captioned(config).table,
+                       captions.distill_prompts(str(config.distill.get("prompt_set", "full"))))
+
+  def run_config(self, config, teacher: base.Loaded) -> dict:
+    return dict(super().run_config(config, teacher), role="distill")
+
+  def network_config(self, teacher: base.Loaded, model) -> dict:
+    return {k: teacher.stored[k] for k in ("meissonic", "text_encoder", "thresholds")}
+
+  # -------------------------------------------------------------- what a person looks at
+  def decode(self, tokens, stored: dict):
+    levels = int(stored["meissonic"]["codebook_size"])
+    grid = int(stored["meissonic"]["grid"])
+    return image_grids.tokens_to_images(tokens, levels, (grid, grid))
+
+  def evaluate_table(self, config, workdir: str, teacher: base.Loaded, generator_params) -> Optional[str]:
+    return evaluate_captioned(config, workdir, teacher=(teacher.model, teacher.params), generator=generator_params)
+
+
+def evaluate_captioned(config, workdir: str, *, teacher=None, generator=None, data=None) -> str:
+  """The prompt-following table of the teacher (its sampler at ``config.evaluate.teacher_steps``)
+  and the generator (one step); writes ``results.json``, ``table.md`` and grids to
+  ``config.evaluate.output_dir`` (default ``<workdir>/eval``) and returns the table."""
+  ec = config.evaluate
+  out_dir = ec.get("output_dir", "") or os.path.join(workdir, "eval")
+  checkpoints.makedirs(out_dir)
+  data = data or load_captioned(config)
+  if teacher is None:
+    model, t_params, _ = load_text_teacher(teacher_dir(config, workdir), use_ema=bool(config.teacher.use_ema))
+  else:
+    model, t_params = teacher
+  if generator is None:
+    params, ema, _ = checkpoints.load_params(os.path.join(workdir, GENERATOR_SUBDIR))
+    generator = ema if ema is not None else params
+  scorer = prompt_following.Scorer(data.ds, data.thresholds, os.path.join(out_dir, "classifier"))
+  ids = prompt_following.eval_prompts(int(ec.per_prompt))
+  rows = [{"model": "real digits", "steps": 0, "scores": scorer.score(scorer.real, scorer.real_ids)}]
+  for steps in ec.teacher_steps:
+    t0 = time.time()
+    toks = prompt_following.teacher_samples(model, t_params, data.table, ids, steps=int(steps),
+                                            guidance=float(config.teacher.guidance),
+                                            temperature=tuple(ec.teacher_temperature), seed=int(ec.seed))
+    rows.append({"model": "teacher (Meissonic sampler)", "steps": int(steps), "scores": scorer.score(toks, ids),
+                 "seconds": time.time() - t0})
+    if int(steps) in (1, max(ec.teacher_steps)):
+      prompt_following.save_grid(toks, os.path.join(out_dir, f"teacher_{int(steps)}.png"), int(ec.per_prompt))
+  toks = prompt_following.generator_samples(model, generator, data.table, ids, r_init=float(ec.r_init),
+                                            sigma=float(ec.sigma), temperature=float(ec.gen_temp),
+                                            seed=int(ec.seed))
+  rows.append({"model": "Di[M]O generator", "steps": 1, "scores": scorer.score(toks, ids)})
+  prompt_following.save_grid(toks, os.path.join(out_dir, "generator_1.png"), int(ec.per_prompt))
+  table = prompt_following.format_table(rows)
+  notes = [prompt_following.goal_note(rows, s) for s in prompt_following.SETS]
+  text = table + "\n\n" + "\n".join(n for n in notes if n)
+  if jax.process_index() == 0:
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+      json.dump({"rows": rows, "classifier": {k: scorer.meta.get(k) for k in ("val_accuracy", "train_accuracy")}},
+                f, indent=1, default=float)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+      f.write(text + "\n")
+    print(text, flush=True)
+  return text
+
+
+FAMILY = CaptionedDigits()

@@ -1,0 +1,185 @@
+"""``config.family = "classes"``: class-conditional token networks (``networks.maskgit``) on token
+data with optional class labels: the embedded digits, your own token tables (``configs/tokens.py``)
+and MaskGIT (``configs/maskgit.py``, ``configs/maskgit_google.py``).
+
+The teacher trains with ``method.mdm`` on ``data.datasets``; its folder holds the network's
+``model`` and the data's sizes (``dataset``) in ``config.json``. Class labels are the condition:
+Di[M]O draws them uniformly inside its step, and guidance's negative condition is the null class.
+"""
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dimo_jax.core import samplers, sharding
+from dimo_jax.core.sharding import global_batch, host_array
+from dimo_jax.converters import commands
+from dimo_jax.data import batching, datasets, image_grids
+from dimo_jax.evaluation import token_metrics
+from dimo_jax.families import base
+from dimo_jax.method.mdm import TeacherSettings, compile_teacher, evaluate_val_loss
+from dimo_jax.networks import maskgit
+from dimo_jax.networks.conditioning import make_apply_fn, null_labels, sample_label_grid
+from dimo_jax.storage import checkpoints, loaders
+
+REPORT_FILE = "teacher_report.json"  # the bound next to the data's entropies, the structure checks
+
+
+def dataset_info(ds) -> dict:
+  """Data sizes stored in ``config.json`` under ``dataset``."""
+  return {"name": ds.name, "vocab_size": int(ds.vocab_size), "seq_len": int(ds.seq_len),
+          "num_classes": int(ds.num_classes),
+          "image_shape": None if ds.image_shape is None else [int(s) for s in ds.image_shape]}
+
+
+def save_grid(images, path: str, **kwargs) -> str:
+  """``image_grids.save_image_grid`` with the user's umask on the PNG (its temporary file is 0600)."""
+  image_grids.save_image_grid(images, path, **kwargs)
+  if not checkpoints.is_remote(path):
+    checkpoints.apply_umask(path)
+  return path
+
+
+def write_sample_grid(path: str, apply_fn, params, key, *, num_classes: int, seq_len: int,
+                      vocab_size: int, image_shape, sample_cfg, has_null_class: bool = True):
+  """Draws a grid with the confidence sampler (settings from ``config.sample``); process 0 saves
+  the PNG (every process must call this: the sampler runs on the global parameters)."""
+  get = sample_cfg.get
+  labels = sample_label_grid(num_classes)
+  guidance = float(get("guidance", 1.0)) if (has_null_class and num_classes > 0) else 1.0
+  tokens = samplers.confidence_sampler(
+      apply_fn, params, key, jnp.asarray(labels), seq_len=seq_len, codebook_size=vocab_size,
+      steps=int(min(get("steps", 8), seq_len)), schedule=get("schedule", "arccos"),
+      temperature=float(get("temperature", 1.0)), r_temp=float(get("r_temp", 4.5)), guidance=guidance,
+      guidance_schedule=get("guidance_schedule", "constant"), null_label=num_classes,
+      top_k=int(get("top_k", 0)), top_p=float(get("top_p", 1.0)))
+  tokens = host_array(tokens)
+  if jax.process_index() == 0:
+    images = image_grids.tokens_to_images(tokens, vocab_size, image_shape)
+    save_grid(images, path, ncols=num_classes if num_classes > 0 else None)
+  return path
+
+
+class Classes(base.Family):
+  """Class-conditional token networks (module docstring)."""
+
+  name = "classes"
+  compute_fields = maskgit.COMPUTE_FIELDS
+  evaluators = ("fid", "inception_score", "prdc", "entropy_shift", "token_metrics")
+
+  # -------------------------------------------------------------- mode=teacher
+  def teacher_run(self, config, workdir: str, mesh) -> base.TeacherRun:
+    tc = config.train
+    ds = datasets.load_dataset(config.data)
+    model = maskgit.build_model(config.model, codebook_size=ds.vocab_size, seq_len=ds.seq_len,
+                                num_classes=ds.num_classes)
+    label_dropout = float(tc.get("label_dropout", 0.0) or 0.0)
+    if label_dropout > 0 and ds.num_classes > 0 and not model.has_null_class:
+      raise ValueError(f"config.train.label_dropout={label_dropout} needs a null class, which "
+                       f"model.arch={config.model.arch!r} lacks; set --config.train.label_dropout=0")
+    mask_id, null_label = ds.vocab_size, ds.num_classes
+    batch_size = int(tc.batch_size)
+    sharding.check_batch(batch_size, mesh, "config.train.batch_size")
+    n_proc, proc = jax.process_count(), jax.process_index()
+    if batch_size % n_proc:
+      raise ValueError(f"config.train.batch_size={batch_size} must be a multiple of the {n_proc} processes")
+    fns = compile_teacher(model, mesh, TeacherSettings.from_config(tc, int(tc.steps)), mask_id, ds.num_classes)
+    apply_fn = make_apply_fn(model)
+    seed = int(config.seed)
+
+    def batches(start):
+      # Batch k of the run is a pure function of (seed, k): a resumed run continues the stream.
+      it = batching.batch_iterator(ds.train_tokens, ds.train_labels, batch_size // n_proc,
+                                   int(tc.get("data_seed", seed)), shard_index=proc, num_shards=n_proc,
+                                   start_step=start)
+      for tokens, labels in it:
+        if labels is None:
+          labels = null_labels(tokens.shape[0], null_label)
+        yield global_batch(tokens, fns.batch_sharding), global_batch(labels, fns.batch_sharding)
+
+    def validate(state):
+      return evaluate_val_loss(apply_fn, state.ema_params, ds.val_tokens, ds.val_labels, mask_id=mask_id,
+                               null_label=null_label, key=jax.random.fold_in(jax.random.key(seed), 2),
+                               batch_size=int(tc.get("eval_batch_size", 0) or batch_size),
+                               schedule=tc.get("mask_schedule", "arccos"), exact=True)
+
+    def samples(state, step, path):
+      write_sample_grid(path, apply_fn, state.ema_params, jax.random.fold_in(jax.random.fold_in(
+          jax.random.key(seed), 3), step), num_classes=ds.num_classes, seq_len=ds.seq_len,
+                        vocab_size=ds.vocab_size, image_shape=ds.image_shape, sample_cfg=config.sample,
+                        has_null_class=model.has_null_class)
+
+    def finish(state, step, final):
+      if int(tc.get("structure_samples", 0) or 0) <= 0 or not (ds.num_classes == 0 or model.has_null_class):
+        return {}
+      report = token_metrics.teacher_report(
+          apply_fn, state.ema_params, ds.train_tokens, ds.val_tokens, vocab_size=ds.vocab_size, mask_id=mask_id,
+          null_label=null_label, key=jax.random.fold_in(jax.random.key(seed), 5),
+          num_samples=int(tc.structure_samples))
+      if proc == 0:
+        checkpoints.write_config(workdir, report, filename=REPORT_FILE)
+      return {"val_nll_bound": report.get("val_nll_bound"), "structure_warnings": len(report["warnings"])}
+
+    describe = (f"{type(model).__name__}, {ds.num_train} train / {ds.num_val} val sequences of length "
+                f"{ds.seq_len}, vocabulary {ds.vocab_size}, {ds.num_classes} classes")
+    return base.TeacherRun(model=model, fns=fns, run_config=dict(base.config_dict(config), dataset=dataset_info(ds)),
+                           batches=batches, describe=describe, validate=validate,
+                           samples=samples if ds.image_shape is not None else None, finish=finish)
+
+  # -------------------------------------------------------------- networks
+  def load_teacher(self, config, workdir: str) -> base.Loaded:
+    try:
+      model, params, stored = loaders.load_teacher(
+          config.teacher.checkpoint, use_ema=bool(config.teacher.get("use_ema", True)),
+          overrides=self.compute_overrides(config))
+    except FileNotFoundError:
+      commands.check_paths(config, which=("teacher", "vqgan"))
+      raise
+    return base.Loaded(model, params, stored)
+
+  def load_generator(self, config, path: str) -> base.Loaded:
+    return base.Loaded(*loaders.load_generator(path, overrides=self.compute_overrides(config)))
+
+  def condition_source(self, config, teacher: base.Loaded) -> base.ConditionSource:
+    return base.ClassLabels(teacher.model.num_classes)
+
+  def run_config(self, config, teacher: base.Loaded) -> dict:
+    stored_model = dict(teacher.stored.get("model", {}), **self.compute_overrides(config))
+    return dict(super().run_config(config, teacher), model=stored_model,
+                dataset=teacher.stored.get("dataset") or {}, role="distill")
+
+  # -------------------------------------------------------------- what a person looks at
+  def decode(self, tokens, stored: dict):
+    info = stored.get("dataset") or {}
+    if not info.get("image_shape"):
+      return None
+    return image_grids.tokens_to_images(tokens, int(info["vocab_size"]), info["image_shape"])
+
+  def teacher_grid(self, loaded: base.Loaded, key, path: str, config):
+    info, model = loaded.stored.get("dataset") or {}, loaded.model
+    if not info.get("image_shape"):
+      return None
+    return write_sample_grid(path, make_apply_fn(model), loaded.params, key, num_classes=model.num_classes,
+                             seq_len=model.seq_len, vocab_size=model.codebook_size,
+                             image_shape=info["image_shape"], sample_cfg=config.sample,
+                             has_null_class=model.has_null_class)
+
+  def sample_grid(self, loaded: base.Loaded, key, path: str, config):
+    model = loaded.model
+    labels = jnp.asarray(sample_label_grid(model.num_classes))
+    tokens = host_array(samplers.one_step_generate(model, loaded.params, key, labels,
+                                                   r_init=float(config.sample.r_init),
+                                                   sigma=float(config.sample.sigma)))
+    images = self.decode(np.asarray(tokens), loaded.stored)
+    if images is None:
+      return None
+    if jax.process_index() == 0:
+      save_grid(images, path, ncols=model.num_classes if model.num_classes > 0 else None)
+    return path
+
+
+FAMILY = Classes()
+
+
