@@ -8,19 +8,18 @@ Teacher only:
 """
 import ml_collections
 
+from configs import base
+
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.family = "captioned_digits"  # dimo_jax/families/captioned_digits.py
-  c.mode = "distill"  # teacher | distill (trains the teacher first when config.teacher.checkpoint is absent)
-  c.seed = 3407
+  # mode: teacher | distill (trains the teacher first when config.teacher.checkpoint is absent)
+  c = base.get_config("captioned_digits", "distill", seed=3407)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "captioned_digits"
   c.data.levels = 17
   c.data.val_fraction = 0.1
   c.data.seed = 0
-  c.data.image_shape = (8, 8)
 
   # Prompts and the fixed text encoder (dimo_jax/data/captions.py).
   c.captions = ml_collections.ConfigDict()
@@ -43,7 +42,6 @@ def get_config():
   c.model.downsample = True
   c.model.upsample = True
 
-  c.train = ml_collections.ConfigDict()
   c.train.steps = 2000
   c.train.batch_size = 64
   c.train.lr = 1e-3
@@ -64,7 +62,6 @@ def get_config():
   c.teacher.guidance = 2.0  # against the empty prompt, in distillation and in the teacher's rows
   c.teacher.guidance_schedule = "constant"
 
-  c.distill = ml_collections.ConfigDict()
   c.distill.steps = 800
   c.distill.batch_size = 64
   c.distill.prompt_set = "full"  # full: the 30 full prompts; all: also the 50 with an attribute left out
@@ -110,8 +107,4 @@ def get_config():
   c.evaluate.gen_temp = 1.0
   c.evaluate.seed = 0
   c.evaluate.output_dir = ""  # '' = <workdir>/eval
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
   return c

@@ -5,16 +5,11 @@ Distill:  python -m dimo_jax.main --config=configs/digits.py --workdir=/tmp/digi
 """
 import ml_collections
 
+from configs import base
+
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.family = "classes"  # class-conditional token networks (dimo_jax/families/classes.py)
-  c.mode = "distill"  # teacher | distill | sample | evaluate
-  c.seed = 3407
-  # True: jax.distributed.initialize() with JAX's cluster detection (SLURM, Open MPI, Kubernetes);
-  # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID start it without this
-  # (experiments/tpu/README.md, "Multi-host and multi-node").
-  c.distributed = False
+  c = base.get_config("classes", "distill", seed=3407)
 
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()
@@ -52,7 +47,6 @@ def get_config():
   c.model.attention_impl = ""  # '' (XLA) | cudnn
 
   # ---------------------------------------------------------------- teacher training (mode=teacher)
-  c.train = ml_collections.ConfigDict()
   c.train.steps = 3000
   c.train.batch_size = 64  # global
   c.train.lr = 1e-3
@@ -82,7 +76,6 @@ def get_config():
   c.teacher.guidance_schedule = "constant"  # constant | linear (adaptive: ramps 0 -> w over ratio)
 
   # ---------------------------------------------------------------- Di[M]O distillation (mode=distill)
-  c.distill = ml_collections.ConfigDict()
   c.distill.steps = 400  # plateaus by ~200 steps on digits (docs/proofs.md, section 7)
   c.distill.batch_size = 64  # global
   c.distill.r_init = "fix_0.6"  # 'fix_R' | 'random_LO_HI' | a number
@@ -179,8 +172,4 @@ def get_config():
   c.evaluate.grid_columns = 10
   c.evaluate.output_dir = ""  # '' = <workdir>/eval
 
-  # ---------------------------------------------------------------- devices
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all devices not used by fsdp
-  c.mesh.fsdp = 1
   return c

@@ -86,8 +86,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- Di[M]O (the authors' settings)
   c.distill.steps = 30_000  # the paper evaluates the EMA at 30k steps
-  c.distill.per_device_batch_size = PER_DEVICE_BATCH
-  c.distill.batch_size = PER_DEVICE_BATCH * devices  # global
+  c.distill.batch_size = PER_DEVICE_BATCH * devices  # global: PER_DEVICE_BATCH per device
   c.distill.r_init = "fix_0.6"
   c.distill.sigma = 0.1
   c.distill.sigma_warmup_steps = 0

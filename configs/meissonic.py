@@ -27,6 +27,8 @@ HPS v2.0 and GenEval").
 """
 import ml_collections
 
+from configs import base
+
 # The negative prompt of every Meissonic script and of Di[M]O (reference section 4).
 NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, watermark, logo, "
                    "signature, text, jpeg artifacts, signature, sketch, duplicate, ugly, "
@@ -35,10 +37,7 @@ NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, wat
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   del arg
-  c = ml_collections.ConfigDict()
-  c.family = "meissonic"  # dimo_jax/families/meissonic.py
-  c.mode = "sample"
-  c.seed = 42
+  c = base.get_config("meissonic", "sample", seed=42, train=False)
 
   # ---------------------------------------------------------------- the networks (converted folders)
   c.meissonic = ml_collections.ConfigDict()
@@ -100,7 +99,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.guidance = 4.0  # against the negative prompt's condition, in the same batched call
   c.teacher.guidance_schedule = "constant"
-  c.distill = ml_collections.ConfigDict()
   c.distill.prompts = ""  # a UTF-8 text file, one prompt per line (the authors: aesthetics_6_plus.txt)
   c.distill.negative_prompt = NEGATIVE_PROMPT
   # Prompt conditions: '' = the CLIP tower under jax.jit on each step's prompts; a .npz path = every
@@ -136,9 +134,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.distill.aux_label_smoothing = 0.1
   c.distill.aux_soft_target = False
   c.distill.smooth_teacher = False
-  c.distill.teacher_dropout = False
-  c.distill.gen_dropout = False
-  c.distill.aux_dropout = False
   c.distill.ema_decay = 0.9999
   c.distill.compute_dtype = "bfloat16"  # the three transformers compute in bf16 ...
   c.distill.param_dtype = "float32"  # ... with float32 master weights and Adam states
@@ -148,7 +143,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- devices: parameters and Adam
   # states over fsdp (teacher, generator and auxiliary with Adam take about 40 GB in float32).
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
   c.mesh.fsdp = -1  # -1: every device
   return c

@@ -26,7 +26,8 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 
 from configs import captioned_digits  # noqa: E402  pylint: disable=wrong-import-position
 from dimo_jax.evaluation import prompt_following  # noqa: E402  pylint: disable=wrong-import-position
-from dimo_jax.modes import distill_text, teacher_text  # noqa: E402  pylint: disable=wrong-import-position
+from dimo_jax.families import captioned_digits as family  # noqa: E402  pylint: disable=wrong-import-position
+from dimo_jax.modes import distill  # noqa: E402  pylint: disable=wrong-import-position
 from dimo_jax.storage import checkpoints  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -75,8 +76,8 @@ def main(argv=None):
   t_steps = [int(s) for s in args.teacher_steps.split(",")]
   temps = [float(t) for t in args.gen_temps.split(",") if t]
   base = captioned_digits.get_config()
-  data = teacher_text.load_captioned(base)
-  model, t_params, _ = teacher_text.load_text_teacher(args.teacher, use_ema=True)
+  data = family.load_captioned(base)
+  model, t_params, _ = family.load_text_teacher(args.teacher, use_ema=True)
   scorer = prompt_following.Scorer(data.ds, data.thresholds, os.path.join(args.out, "classifier"))
   ids = prompt_following.eval_prompts(args.per_prompt)
   summary = []
@@ -91,9 +92,9 @@ def main(argv=None):
       config.distill.evaluate_at_end = False
       workdir = os.path.join(args.out, f"{v['name']}_s{seed}")
       t0 = time.time()
-      distill_text.train_distill_text(config, workdir)
+      distill.train_distill(config, workdir)
       seconds = time.time() - t0
-      params, ema, _ = checkpoints.load_params(distill_text.generator_dir(workdir))
+      params, ema, _ = checkpoints.load_params(os.path.join(workdir, family.GENERATOR_SUBDIR))
       ec = config.evaluate
       rows = teacher_rows(config, model, t_params, data, scorer, ids, t_steps, args.out)
       n_teacher = len(rows)

@@ -188,18 +188,18 @@ def test_step_that_cannot_fit_is_refused_before_anything_is_allocated():
 
 def test_meissonic_distill_refuses_bad_prompt_files(tmp_path):
   from configs import meissonic as meissonic_config  # pylint: disable=import-outside-toplevel
-  from dimo_jax.modes import distill_meissonic  # pylint: disable=import-outside-toplevel
+  from dimo_jax.modes import distill  # pylint: disable=import-outside-toplevel
   cfg = meissonic_config.get_config()
   cfg.mode = "distill"
   with pytest.raises(ValueError, match="config.distill.prompts is empty"):
-    distill_meissonic.train_distill_meissonic(cfg, str(tmp_path / "w"))
+    distill.train_distill(cfg, str(tmp_path / "w"))
   empty = tmp_path / "empty.txt"
   empty.write_text("\n   \n")
   cfg.distill.prompts = str(empty)
   with pytest.raises(ValueError, match="the prompt file is empty"):
-    distill_meissonic.train_distill_meissonic(cfg, str(tmp_path / "w"))
+    distill.train_distill(cfg, str(tmp_path / "w"))
   long = tmp_path / "long.txt"
   long.write_text("a cat\n" + "x" * 1001 + "\n")
   cfg.distill.prompts = str(long)
   with pytest.raises(ValueError, match="line 2: the prompt has 1001 characters"):
-    distill_meissonic.train_distill_meissonic(cfg, str(tmp_path / "w"))
+    distill.train_distill(cfg, str(tmp_path / "w"))
