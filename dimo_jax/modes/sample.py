@@ -41,17 +41,9 @@ SAMPLE_MODELS = ("teacher", "generator")
 
 
 def family_of(config) -> str:
-  """``config.family`` (checked against ``families.base.FAMILIES``). A config file written before
-  the key existed is read as its sections say: ``meissonic`` with a ``meissonic`` section,
-  ``captioned_digits`` for that data set, else ``classes``."""
-  if hasattr(config, "get") and config.get("family", ""):
-    name = families.family_name(config)
-    if name not in families.FAMILIES:
-      families.get_family(config)  # the UserError listing the known families
-    return name
-  if "meissonic" in config:
-    return "meissonic"
-  return "captioned_digits" if (config.get("data", None) or {}).get("name", "") == "captioned_digits" else "classes"
+  """``config.family``, checked against ``families.base.FAMILIES`` (a missing or unknown name is a
+  ``UserError`` naming the flag and the known families)."""
+  return families.get_family(config).name
 
 
 def parse_labels(spec: str, num: int, num_classes: int) -> np.ndarray:
