@@ -21,7 +21,6 @@ the ``tokenizers`` library:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -214,12 +213,3 @@ def read_prompts(path: str, max_chars: int = MAX_PROMPT_CHARS) -> List[str]:
     raise ValueError(f"{path}: the prompt file is empty (no non-blank line); write one prompt "
                      "per line.")
   return prompts
-
-
-def file_sha1(path: str) -> str:
-  """SHA-1 (hex) of a file's bytes, read in 1 MiB pieces: what fingerprints a prompt file."""
-  h = hashlib.sha1()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()

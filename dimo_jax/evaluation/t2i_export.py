@@ -45,7 +45,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from dimo_jax.data.text import file_sha1
+from dimo_jax.data.prompt_cache import file_sha1
 from dimo_jax.evaluation import prompt_suites as ps
 from dimo_jax.evaluation import text_to_image as sample_text
 from dimo_jax.evaluation.evaluators import Request, Result, register
