@@ -9,8 +9,8 @@ depend on the weights' values).
    step, and the device's peak bytes in use after that batch (the allocator's peak only grows, so
    with ascending batches it is the peak of the batch just run). XLA's own estimate of the step
    is printed beside it.
-2. Sampling at ``--sample_batch`` images: the one-step generator (``one_step_text_sample``) against
-   the teacher's guided 48-step sampler (``meissonic_sample``), both with bf16 parameters, each
+2. Sampling at ``--sample_batch`` images: the one-step generator (``one_step_cond_sampler``) against
+   the teacher's guided 48-step sampler (``gumbel_ramp_sampler``), both with bf16 parameters, each
    compiled first, then the median of ``--repeats`` runs; token ids only (the VQ decoder is the
    same for both and is timed on its own row).
 
