@@ -1,6 +1,7 @@
 """Faults through the modes and the command line: one run per workdir, a resume that refuses a
 changed config, non-finite values that the step guards, damaged checkpoints, a full disk, and the
 command line's one-line errors and exit codes. Tiny token configs (8 tokens of 6 codes)."""
+import contextlib
 import errno
 import glob
 import json
@@ -96,10 +97,7 @@ def _lock_record(workdir, host, pid, heartbeat):
 
 def test_a_live_lock_stops_a_second_run_at_once(tmp_path, data):
   workdir = str(tmp_path / "run")
-  os.makedirs(workdir)
-  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-  try:
-    _lock_record(workdir, socket.gethostname(), holder.pid, time.time())
+  with _held(workdir) as holder:
     with pytest.raises(checkpoints.WorkdirInUse) as e:
       teacher.train_teacher(_config(data), workdir)
     assert str(e.value) == (
@@ -111,6 +109,16 @@ def test_a_live_lock_stops_a_second_run_at_once(tmp_path, data):
     _lock_record(workdir, "another-host", 1, time.time())
     with pytest.raises(checkpoints.WorkdirInUse, match="host another-host, pid 1"):
       teacher.train_teacher(_config(data), workdir)
+
+
+@contextlib.contextmanager
+def _held(workdir):
+  """``workdir`` locked by a live process of this host (yielded) for the body."""
+  os.makedirs(workdir, exist_ok=True)
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    _lock_record(workdir, socket.gethostname(), holder.pid, time.time())
+    yield holder
   finally:
     holder.kill()
     holder.wait()
@@ -460,3 +468,72 @@ def test_output_files_get_the_users_umask(tmp_path, data, teacher_dir):
     os.umask(old)
   for path in (tmp_path / "run" / "config.json", paths["tokens"], paths["labels"], paths["image"]):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o664, path
+
+
+# ---------------------------------------------------------------------------- every family
+@pytest.fixture(scope="module")
+def family_teachers(tmp_path_factory):
+  """The tiny teachers of ``family_runs`` (two steps; Meissonic's is the converted transformer)."""
+  import family_runs as runs  # pylint: disable=import-outside-toplevel
+  folder = str(tmp_path_factory.mktemp("families"))
+  out = {}
+  for family in ("classes", "captioned_digits"):
+    out[family] = os.path.join(folder, family, "teacher")
+    teacher.train_teacher(runs.CONFIGS[family](os.path.join(folder, family), "teacher", runs.STEPS), out[family])
+  return folder, out
+
+
+def _family_distill(family_teachers, family, teacher_path=None):
+  import family_runs as runs  # pylint: disable=import-outside-toplevel
+  folder, teachers = family_teachers
+  c = runs.CONFIGS[family](os.path.join(folder, family), "distill", runs.STEPS)
+  if family != "meissonic":
+    c.teacher.checkpoint = teacher_path or teachers[family]
+  elif teacher_path:
+    c.meissonic.transformer = teacher_path
+  return c
+
+
+@pytest.mark.parametrize("family", ["classes", "captioned_digits", "meissonic"])
+def test_every_family_holds_its_workdir_resumes_after_sigterm_and_refuses_another_teacher(
+    tmp_path, family_teachers, family, monkeypatch):
+  """A held workdir stops a second run at once (exit status 2); SIGTERM after the first step
+  writes a checkpoint and returns ``preempted`` (exit status 75); the rerun resumes and ends with
+  the generator of an uninterrupted run (the golden fingerprint of ``test_one_path``); a rerun
+  with another teacher is refused."""
+  import family_runs as runs  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "dimo")
+  with _held(workdir):
+    with pytest.raises(checkpoints.WorkdirInUse) as e:
+      distill.train_distill(_family_distill(family_teachers, family), workdir)
+    assert isinstance(e.value, cli.user_errors())  # the command line's exit status 2
+  os.remove(os.path.join(workdir, "run.lock"))
+
+  real_progress = loop.create_progress
+
+  def progress_then_sigterm(*args, **kwargs):
+    report = real_progress(*args, **kwargs)
+    def on_step(step):
+      report(step)
+      if step == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return on_step
+  monkeypatch.setattr(loop, "create_progress", progress_then_sigterm)
+  out = distill.train_distill(_family_distill(family_teachers, family), workdir)
+  assert out["preempted"] and out["step"] == 1
+  assert [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()] == ["1"]
+  assert not os.path.exists(os.path.join(workdir, "generator"))
+  monkeypatch.setattr(loop, "create_progress", real_progress)
+
+  other = str(tmp_path / "other_teacher")
+  source = (family_teachers[1][family] if family != "meissonic"
+            else _family_distill(family_teachers, family).meissonic.transformer)
+  shutil.copytree(source, other)
+  with pytest.raises(checkpoints.UserError, match=r"teacher.checkpoint|meissonic.transformer"):
+    distill.train_distill(_family_distill(family_teachers, family, other), workdir)
+
+  out = distill.train_distill(_family_distill(family_teachers, family), workdir)
+  assert out["step"] == runs.STEPS and not out["preempted"]
+  with np.load(os.path.join(ROOT, "tests", "data", "family_steps_golden.npz")) as g:
+    want = runs.from_arrays(g, f"{family}/generator")
+  assert runs.folder_fingerprint(os.path.join(workdir, "generator")) == want

@@ -217,11 +217,13 @@ def workdir_lock(workdir: str):
 # rematerialisation, where a converter's input was), left out of the resume check.
 _CADENCE = ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints", "stop_after", "eval_every",
             "eval_batch_size", "evaluate_at_end", "max_nonfinite_steps")
-_NOT_COMPARED = ("model.remat", "model.attention_impl", "teacher.source", "data.tfds_data_dir")
-# What each mode's run computes from.
-_COMPARED = {"train": ("mode", "seed", "data", "model", "train", "dataset"),
-             "distill": ("mode", "seed", "model", "teacher", "distill", "dataset")}
-_PATHS = ("teacher.checkpoint", "data.path", "data.labels")
+_NOT_COMPARED = ("model.remat", "model.attention_impl", "teacher.source", "data.tfds_data_dir", "meissonic.source",
+                 "meissonic.remat", "meissonic.attention_impl")
+# What each mode's run computes from (``meissonic``: the converted networks a Meissonic run distils).
+_COMPARED = {"train": ("family", "mode", "seed", "data", "model", "train", "dataset"),
+             "distill": ("family", "mode", "seed", "model", "teacher", "distill", "dataset", "meissonic")}
+_PATHS = ("teacher.checkpoint", "data.path", "data.labels", "meissonic.transformer", "meissonic.vqvae",
+          "meissonic.text_encoder", "meissonic.tokenizer")
 
 
 def _flatten(tree, prefix=""):
@@ -330,11 +332,10 @@ def refuse_model_flags(mode: str, keys: Iterable[str], compute_fields: Iterable[
   fields = tuple(compute_fields)
   refused = sorted({k for k in keys if k.startswith("model.") and k.split(".", 1)[1] not in fields})
   if refused:
-    allowed = ", ".join("model." + f for f in fields) if fields else "no model field"
+    allowed = f"only {', '.join('model.' + f for f in fields)} apply" if fields else "no model field applies"
     raise UserError(
         f"{', '.join('--config.' + k for k in refused)} cannot apply in mode={mode}: the networks are rebuilt "
-        f"from the stored config.json of the teacher or generator. Drop the flag; {allowed} "
-        f"{'applies' if not fields else 'apply'} in this mode")
+        f"from the stored config.json of the teacher or generator. Drop the flag; {allowed} in this mode")
 
 
 # ---------------------------------------------------------------------------- preemption
