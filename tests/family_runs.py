@@ -1,8 +1,9 @@
 """Tiny runs of every model family (teacher and distillation), shared by ``test_one_path.py`` and
 ``test_faults.py``, and the per-leaf fingerprint that compares their parameters bit for bit.
 
-``python tests/family_runs.py <out.npz>`` writes the fingerprints of every case (how
-``tests/data/family_steps_golden.npz`` was made)."""
+``python tests/family_runs.py <out.npz>`` wrote the fingerprints of every case through the
+per-family modes of commit eaf833c (``_old_paths``): ``tests/data/family_steps_golden.npz``. Those
+modules are gone since; ``_old_paths`` is kept as the record of how the golden values were made."""
 import hashlib
 import os
 import sys
