@@ -108,8 +108,14 @@ def test_captioned_digits_evaluate(golden, tmp_path):
   assert table.splitlines()[:2 + 2 * (len(rows) - 1)] == want["table"].splitlines()[:2 + 2 * (len(rows) - 1)]
 
 
+def _no_models(tmp_path) -> dict:
+  """A classes setup whose folders are empty: the refusals come before anything is loaded."""
+  os.makedirs(tmp_path / "distill")
+  return {"root": tmp_path, "teacher": str(tmp_path / "teacher"), "workdir": str(tmp_path / "distill")}
+
+
 def test_evaluate_refuses_a_held_or_unfinished_workdir(tmp_path):
-  setup = classes_setup(tmp_path)
+  setup = _no_models(tmp_path)
   cfg = _with_family(classes_evaluate_config(setup), "classes")
   lock_path = os.path.join(setup["workdir"], workdir_lock.LOCK_FILE)
   with open(lock_path, "w", encoding="utf-8") as f:  # a live run: this test's parent process
@@ -123,7 +129,7 @@ def test_evaluate_refuses_a_held_or_unfinished_workdir(tmp_path):
 
 
 def test_unknown_evaluator_and_family_are_refused(tmp_path):
-  setup = classes_setup(tmp_path)
+  setup = _no_models(tmp_path)
   cfg = _with_family(classes_evaluate_config(setup), "classes")
   cfg.evaluate.evaluators = "image_sets,fid50k"
   with pytest.raises(ValueError, match=r"'fid50k', which is not an evaluator; choose from image_sets, token_tv"):
