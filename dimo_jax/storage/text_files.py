@@ -32,8 +32,12 @@ def read_text(path, fix: str = "") -> str:
 
 
 def read_lines(path, fix: str = "") -> List[str]:
-  """The lines of ``read_text(path)``, without their line endings."""
-  return read_text(path, fix).splitlines()
+  """The lines of ``read_text(path)`` split at ``\n`` only (as iterating over the open file does),
+  without their ``\n`` / ``\r\n`` endings."""
+  lines = read_text(path, fix).split("\n")
+  if lines and not lines[-1]:
+    lines.pop()
+  return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def read_json(path, fix: str = "") -> Any:
@@ -43,8 +47,8 @@ def read_json(path, fix: str = "") -> Any:
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:
-    raise UserError(f"{os.fspath(path)}, line {e.lineno} column {e.colno}: not valid JSON "
-                    f"({e.msg}){'; ' + fix if fix else ''}") from None
+    raise UserError(f"{os.fspath(path)}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})"
+                    f"{'; ' + fix if fix else ''}") from None
   except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, too deep a nesting
     raise UserError(f"{os.fspath(path)}: cannot be read as JSON ({type(e).__name__}: "
                     f"{str(e)[:120]}){'; ' + fix if fix else ''}") from None
