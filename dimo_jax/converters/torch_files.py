@@ -170,6 +170,15 @@ def _codecs_encode(obj, encoding="utf-8", errors="strict"):
   return codecs.encode(obj, encoding, errors)
 
 
+def _modern_name(module, name) -> Tuple[str, str]:
+  """``(module, name)`` with Python 2 names (pickle protocol < 3 writes ``__builtin__``,
+  ``copy_reg``, ...) mapped as pickle maps them."""
+  module, name = str(module), str(name)
+  if (module, name) in _compat_pickle.NAME_MAPPING:
+    return _compat_pickle.NAME_MAPPING[(module, name)]
+  return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
 class RestrictedUnpickler(pickle.Unpickler):
   """Unpickler of torch's ``data.pkl`` that builds tensors and plain containers only.
 
@@ -205,13 +214,7 @@ class RestrictedUnpickler(pickle.Unpickler):
       self._allowed[("torch", name)] = _StorageType(name, getattr(torch, dtype))
 
   def find_class(self, module, name):
-    module, name = str(module), str(name)
-    # Python 2 names (pickle protocol < 3 writes ``__builtin__``, ``copy_reg``, ...), as pickle maps them.
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-      module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-    elif module in _compat_pickle.IMPORT_MAPPING:
-      module = _compat_pickle.IMPORT_MAPPING[module]
-    key = (module, name)
+    key = _modern_name(module, name)
     if key in self._allowed:
       return self._allowed[key]
     if key[0] == "torch" and isinstance(getattr(self._torch, key[1], None), self._torch.dtype):
@@ -293,19 +296,52 @@ class _BoundedReader:
     return self._f.tell()
 
 
-class _SizeScanner(pickle.Unpickler):
-  """Unpickles nothing: every class or function becomes an inert placeholder, and each storage
-  the pickle declares (its persistent id) is recorded as ``(key, element type name, numel)``."""
+def _allocates(module: str, name: str) -> bool:
+  """True for the constructors ``torch.load(weights_only=True)`` lets a file call with a size:
+  ``bytearray(n)``, the legacy ``torch.*Tensor(n, ...)`` and ``torch.*Storage(n)``."""
+  if module == "builtins":
+    return name in ("bytearray", "bytes")
+  return module.split(".")[0] == "torch" and name.endswith(("Tensor", "Storage"))
 
-  def __init__(self, file):
+
+def _declared_count(args) -> int:
+  """The element count integer arguments ask for (their product; a size tuple counts as its own)."""
+  count = 1
+  for a in args:
+    if isinstance(a, (tuple, list)) and a and all(isinstance(x, int) for x in a):
+      count *= _declared_count(a)
+    elif isinstance(a, int) and not isinstance(a, bool):
+      count *= max(a, 0)
+  return count
+
+
+class _SizeScanner(pickle.Unpickler):
+  """Unpickles nothing: every class or function becomes an inert placeholder, each storage the
+  pickle declares (its persistent id) is recorded as ``(key, element type name, numel)``, and a
+  call of a constructor that allocates (``_allocates``) asking for more elements than ``limit``
+  is refused."""
+
+  def __init__(self, file, limit: int):
     super().__init__(file)
     self.storages: Dict[str, Tuple[str, int]] = {}
-    self._classes: Dict[Tuple[str, str], type] = {}
+    self._classes: Dict[Tuple[str, str], Any] = {}
+    self._limit = limit
 
   def find_class(self, module, name):
-    key = (str(module), str(name))
+    key = _modern_name(module, name)
+    module, name = key
     if key not in self._classes:
-      self._classes[key] = placeholder_class(*key)
+      inert = placeholder_class(*key)
+      if _allocates(*key):
+        def sized(*args, _label=f"{module}.{name}", _inert=inert, **kwargs):
+          count = _declared_count(args)
+          if count > self._limit:
+            raise pickle.UnpicklingError(f"the pickle calls {_label} for {count} elements")
+          return _inert(*args, **kwargs)
+        sized.placeholder_name = name  # a storage type named in a persistent id
+        self._classes[key] = sized
+      else:
+        self._classes[key] = inert
     return self._classes[key]
 
   def persistent_load(self, pid):
@@ -323,7 +359,7 @@ def _storage_bytes(kind: str, numel: int) -> int:
   return numel * _ELEMENT_BYTES.get(dtype, 16)  # an unknown type: the widest element
 
 
-def _scan_pickle(f, end: int) -> Dict[str, Tuple[str, int]]:
+def _scan_pickle(f, end: int, limit: int) -> Dict[str, Tuple[str, int]]:
   """The storages one pickle (from ``f``'s position, within ``end``) declares; every length field
   is checked against the bytes left first (``pickletools.genops``), so nothing large is allocated."""
   start = f.tell()
@@ -331,7 +367,7 @@ def _scan_pickle(f, end: int) -> Dict[str, Tuple[str, int]]:
     pass
   stop = f.tell()
   f.seek(start)
-  scanner = _SizeScanner(io.BytesIO(f.read(stop - start)))
+  scanner = _SizeScanner(io.BytesIO(f.read(stop - start)), limit)
   scanner.load()
   return scanner.storages
 
@@ -339,7 +375,9 @@ def _scan_pickle(f, end: int) -> Dict[str, Tuple[str, int]]:
 def check_declared_sizes(path: str) -> None:
   """Refuses a PyTorch file whose pickle asks for more bytes than the file holds, before torch
   allocates them: each storage of a zip checkpoint must match its record, the storages of a
-  legacy file must fit in the file, and no zip record may declare more bytes than the file.
+  legacy file must fit in the file, no zip record may declare more bytes than the file, and no
+  ``bytearray(n)`` / ``torch.*Tensor(n)`` / ``torch.*Storage(n)`` call may ask for more elements
+  than the file has bytes.
 
   Raises ``UserError`` naming the file; a file that is not a torch pickle passes (torch reports it).
   """
@@ -356,7 +394,7 @@ def check_declared_sizes(path: str) -> None:
         prefix = _archive_prefix(list(infos))
         with archive.open(f"{prefix}data.pkl") as f:
           data = io.BytesIO(f.read())
-        for key, (kind, numel) in _scan_pickle(data, len(data.getvalue())).items():
+        for key, (kind, numel) in _scan_pickle(data, len(data.getvalue()), size).items():
           info = infos.get(f"{prefix}data/{key}")
           want = _storage_bytes(kind, numel)
           if info is not None and want > info.file_size:
@@ -366,7 +404,7 @@ def check_declared_sizes(path: str) -> None:
     with open(path, "rb") as f:
       declared = {}
       for _ in range(_LEGACY_PICKLES):
-        declared.update(_scan_pickle(f, size))
+        declared.update(_scan_pickle(f, size, size))
   except UserError:
     raise
   except (pickle.UnpicklingError, ValueError, EOFError, TypeError, IndexError, KeyError, AttributeError,
