@@ -34,6 +34,7 @@ from dimo_jax.converters import common
 from dimo_jax.converters.safetensors_io import load_safetensors
 from dimo_jax.networks.clip_text import ACTIVATIONS, CLIPTextConfig, CLIPTextModel
 from dimo_jax.storage import text_files
+from dimo_jax.storage.checkpoints import UserError
 
 KIND = "clip-text"
 PARAMS_FILE = common.CONVERTED_PARAMS
@@ -126,7 +127,7 @@ def flax_layout(config: CLIPTextConfig = CLIPTextConfig()) -> Dict[str, Tuple[in
 def config_from_transformers(d: Mapping[str, Any], source: str = "config.json") -> CLIPTextConfig:
   """A transformers CLIP (text) ``config.json`` -> ``CLIPTextConfig``."""
   fix = f"pass Meissonic's text_encoder/ folder with its released config.json: {convert_command()}"
-  common.check_config_fields(d, _FIELD_KINDS, source, fix)
+  d = common.check_config_fields(d, _FIELD_KINDS, source, fix)
   if "text_config" in d and isinstance(d["text_config"], Mapping):
     projection = d.get("projection_dim")
     d = dict(common.check_config_fields(d["text_config"], _FIELD_KINDS, f"{source} (text_config)", fix))
@@ -134,16 +135,16 @@ def config_from_transformers(d: Mapping[str, Any], source: str = "config.json") 
       d.setdefault("projection_dim", projection)
   architectures = d.get("architectures") or []
   if architectures and not any("CLIP" in a for a in architectures):
-    raise ValueError(f"{source}: describes {architectures}, not a CLIP text model; pass "
-                     f"Meissonic's text_encoder/ folder: {convert_command()}")
+    raise UserError(f"{source}: describes {architectures}, not a CLIP text model; pass "
+                    f"Meissonic's text_encoder/ folder: {convert_command()}")
   values = {ours: d.get(theirs, _TRANSFORMERS_DEFAULTS[theirs]) for ours, theirs in _FIELDS.items()}
   if values["activation"] not in ACTIVATIONS:
-    raise ValueError(f"{source}: hidden_act {values['activation']!r} is not supported; "
-                     f"supported: {sorted(ACTIVATIONS)}.")
+    raise UserError(f"{source}: hidden_act {values['activation']!r} is not supported; "
+                    f"supported: {sorted(ACTIVATIONS)}.")
   try:
     return CLIPTextConfig(**values)
   except (TypeError, ValueError) as e:
-    raise common.checkpoints.UserError(f"{source}: not a CLIP text model config ({e}); {fix}") from None
+    raise UserError(f"{source}: not a CLIP text model config ({e}); {fix}") from None
 
 
 def infer_config(state_dict: Mapping[str, Any]) -> CLIPTextConfig:

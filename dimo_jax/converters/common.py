@@ -134,9 +134,9 @@ _KIND_WORDS = {"size": "an integer >= 1", "count": "an integer >= 0", "number": 
 
 
 def check_config_fields(d: Any, fields: Mapping[str, str], source: str, fix: str) -> dict:
-  """``d`` (a parsed ``config.json``) when it is an object whose keys named in ``fields`` have the
-  kind given there (see ``_KIND_WORDS``; ``null`` counts as absent); else ``UserError`` naming the
-  file, the key, the value and ``fix``."""
+  """``d`` (a parsed ``config.json``), less the keys of ``fields`` set to ``null`` (absent), when it
+  is an object whose keys named in ``fields`` have the kind given there (see ``_KIND_WORDS``); else
+  ``UserError`` naming the file, the key, the value and ``fix``."""
   if not isinstance(d, dict):
     raise checkpoints.UserError(f"{source}: holds a JSON {type(d).__name__}, not an object of "
                                 f"settings; {fix}")
@@ -145,7 +145,7 @@ def check_config_fields(d: Any, fields: Mapping[str, str], source: str, fix: str
     if value is not None and not _kind_ok(kind, value):
       raise checkpoints.UserError(f"{source}: \"{key}\" is {json.dumps(value)[:80]}, expected "
                                   f"{_KIND_WORDS[kind]}; {fix}")
-  return d
+  return {k: v for k, v in d.items() if v is not None or k not in fields}
 
 
 def read_config_json(path: str, fields: Mapping[str, str], fix: str) -> dict:

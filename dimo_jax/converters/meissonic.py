@@ -36,6 +36,7 @@ from dimo_jax.converters import common
 from dimo_jax.converters.safetensors_io import load_safetensors
 from dimo_jax.networks.meissonic import MeissonicConfig, param_shapes, stack_layers, unstack_layers
 from dimo_jax.storage import text_files
+from dimo_jax.storage.checkpoints import UserError
 
 KIND = "meissonic"
 PARAMS_FILE = common.CONVERTED_PARAMS
@@ -191,8 +192,8 @@ def flax_layout(config: MeissonicConfig = MeissonicConfig()) -> Dict[str, Tuple[
 def config_from_diffusers(d: Mapping[str, Any], source: str = "config.json",
                           **overrides) -> MeissonicConfig:
   """A ``MeissonicConfig`` from the released ``transformer/config.json`` (plus overrides)."""
-  common.check_config_fields(d, _CONFIG_KINDS, source, f"pass Meissonic's transformer/ folder with its "
-                             f"released config.json: {convert_command()}")
+  d = common.check_config_fields(d, _CONFIG_KINDS, source, f"pass Meissonic's transformer/ folder with its "
+                                 f"released config.json: {convert_command()}")
   fields = {}
   for key, field in _CONFIG_KEYS.items():
     if key in d and d[key] is not None:
@@ -201,8 +202,8 @@ def config_from_diffusers(d: Mapping[str, Any], source: str = "config.json",
   try:
     return MeissonicConfig(**fields)
   except (TypeError, ValueError) as e:
-    raise common.checkpoints.UserError(f"{source}: not a Meissonic transformer config ({e}); pass "
-                                       f"Meissonic's transformer/ folder: {convert_command()}") from None
+    raise UserError(f"{source}: not a Meissonic transformer config ({e}); pass "
+                    f"Meissonic's transformer/ folder: {convert_command()}") from None
 
 
 # ------------------------------------------------------------------------------------- convert

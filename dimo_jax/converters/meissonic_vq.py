@@ -30,6 +30,7 @@ from dimo_jax.converters import common
 from dimo_jax.converters.safetensors_io import load_safetensors
 from dimo_jax.networks.meissonic_vq import MeissonicVQConfig, MeissonicVQModel
 from dimo_jax.storage import text_files
+from dimo_jax.storage.checkpoints import UserError
 
 KIND = "meissonic-vq"
 PARAMS_FILE = common.CONVERTED_PARAMS
@@ -139,12 +140,12 @@ def flax_layout(config: MeissonicVQConfig = MeissonicVQConfig()) -> Dict[str, Tu
 
 def config_from_diffusers(d: Mapping[str, Any], source: str = "config.json") -> MeissonicVQConfig:
   """The released ``vqvae/config.json`` (diffusers ``VQModel``) -> ``MeissonicVQConfig``."""
-  common.check_config_fields(d, _CONFIG_KINDS, source, f"pass Meissonic's vqvae/ folder with its released "
-                             f"config.json: {convert_command()}")
+  d = common.check_config_fields(d, _CONFIG_KINDS, source, f"pass Meissonic's vqvae/ folder with its released "
+                                 f"config.json: {convert_command()}")
   name = d.get("_class_name", "VQModel")
   if name != "VQModel":
-    raise ValueError(f"{source}: describes a {name!r}, not a diffusers VQModel; pass Meissonic's "
-                     f"vqvae/ folder: {convert_command()}")
+    raise UserError(f"{source}: describes a {name!r}, not a diffusers VQModel; pass Meissonic's "
+                    f"vqvae/ folder: {convert_command()}")
   unsupported = []
   if d.get("mid_block_add_attention", True):  # diffusers' default builds mid-block attention
     unsupported.append("mid_block_add_attention=true or absent (Meissonic's VQ has no attention)")
@@ -157,7 +158,7 @@ def config_from_diffusers(d: Mapping[str, Any], source: str = "config.json") -> 
     if any(t != want for t in d.get(field, ())):
       unsupported.append(f"{field}={list(d[field])} (only {want})")
   if unsupported:
-    raise ValueError(f"{source}: this VQModel differs from Meissonic's: " + "; ".join(unsupported))
+    raise UserError(f"{source}: this VQModel differs from Meissonic's: " + "; ".join(unsupported))
   fields = dict(in_channels="in_channels", out_channels="out_channels",
                 block_out_channels="block_out_channels", layers_per_block="layers_per_block",
                 latent_channels="latent_channels", num_vq_embeddings="num_vq_embeddings",
@@ -166,8 +167,8 @@ def config_from_diffusers(d: Mapping[str, Any], source: str = "config.json") -> 
   try:
     return MeissonicVQConfig(**kwargs)
   except (TypeError, ValueError) as e:
-    raise common.checkpoints.UserError(f"{source}: not a Meissonic VQ model config ({e}); pass "
-                                       f"Meissonic's vqvae/ folder: {convert_command()}") from None
+    raise UserError(f"{source}: not a Meissonic VQ model config ({e}); pass "
+                    f"Meissonic's vqvae/ folder: {convert_command()}") from None
 
 
 def infer_config(state_dict: Mapping[str, Any]) -> MeissonicVQConfig:

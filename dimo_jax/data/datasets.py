@@ -175,7 +175,7 @@ def _load_int_npy(path: str, what: str) -> np.ndarray:
         f'{kind}). Save the array with np.save(path, arr.astype(np.int32)).')
   try:
     arr = np.load(path, mmap_mode='r', allow_pickle=False)
-  except (ValueError, EOFError, OSError, OverflowError, SyntaxError, TypeError) as e:
+  except Exception as e:  # pylint: disable=broad-except  # NumPy's header parser raises many types
     raise UserError(
         f'{what} file {path!r} is not a valid .npy array ({type(e).__name__}: '
         f'{str(e)[:160]}); a truncated or corrupt file, or one that needs pickle. Save a plain '
