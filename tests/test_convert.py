@@ -613,7 +613,8 @@ def test_integer_and_nonfinite_weights_refused_by_name(tmp_path):
   config = _clip_config()
   emb = "text_model.embeddings.token_embedding.weight"
   ints = _tiny_clip(tmp_path / "ints", config, dtype=np.int32)
-  with pytest.raises(checkpoints.UserError, match=r"ints: weights stored as integers.*token_embedding.weight \(int32\).* and 29 more"):
+  with pytest.raises(checkpoints.UserError,
+                     match=r"ints: weights stored as integers.*token_embedding.weight \(int32\).* and 29 more"):
     clip_text.convert_clip_text(ints, str(tmp_path / "o1"))
   bad = _tiny_clip(tmp_path / "nan", config, poison={emb: [np.nan, np.inf, -np.inf]})
   with pytest.raises(checkpoints.UserError) as err:

@@ -79,9 +79,9 @@ def test_checkpoint_bytes():
   params = {"a": jnp.zeros((3, 4), jnp.float32), "b": {"c": np.zeros(5, np.int8)},
             "d": jax.ShapeDtypeStruct((2, 8), jnp.bfloat16)}
   raw = 3 * 4 * 4 + 5 + 2 * 8 * 2
-  assert preflight.checkpoint_bytes(params) == int(raw * preflight.CHECKPOINT_OVERHEAD) + preflight.CHECKPOINT_SLACK_BYTES
-  assert preflight.checkpoint_bytes(params, copies=4) == (int(4 * raw * preflight.CHECKPOINT_OVERHEAD)
-                                                          + preflight.CHECKPOINT_SLACK_BYTES)
+  slack, overhead = preflight.CHECKPOINT_SLACK_BYTES, preflight.CHECKPOINT_OVERHEAD
+  assert preflight.checkpoint_bytes(params) == int(raw * overhead) + slack
+  assert preflight.checkpoint_bytes(params, copies=4) == int(4 * raw * overhead) + slack
 
 
 def test_check_free_memory(monkeypatch):
