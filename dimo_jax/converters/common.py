@@ -148,11 +148,6 @@ def check_config_fields(d: Any, fields: Mapping[str, str], source: str, fix: str
   return {k: v for k, v in d.items() if v is not None or k not in fields}
 
 
-def read_config_json(path: str, fields: Mapping[str, str], fix: str) -> dict:
-  """The ``config.json`` at ``path`` (UTF-8, checked by ``check_config_fields``)."""
-  return check_config_fields(text_files.read_json(path, fix), fields, path, fix)
-
-
 # ---------------------------------------------------------------------------- released and converted folders
 CONVERTED_CONFIG = "config.json"
 CONVERTED_PARAMS = "params.msgpack"
