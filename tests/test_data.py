@@ -387,3 +387,18 @@ def test_npy_broken_or_too_big(tmp_path, monkeypatch):
       datasets.load_npy(huge)
   finally:
     os.remove(huge)
+
+
+def test_cli_outlier_tokens_exit_2(tmp_path):
+  import subprocess
+  toks = np.random.default_rng(0).integers(0, 8, size=(20, 6)).astype(np.int64)
+  toks[3, 1] = 1_000_000
+  p = _save(tmp_path, 'outlier.npy', toks)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-m', 'dimo_jax.main', '--config=configs/tokens.py',
+                         f'--workdir={tmp_path / "run"}', f'--config.data.path={p}', '--config.mode=teacher'],
+                        capture_output=True, text=True, cwd=root, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert 'outlier.npy' in proc.stderr and '1000000 (1x)' in proc.stderr and '--config.data.vocab_size' in proc.stderr

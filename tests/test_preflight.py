@@ -111,3 +111,18 @@ def test_a_stale_lock_that_is_a_folder(tmp_path):
     with workdir_lock.WorkdirLock(str(tmp_path), heartbeat_s=0):
       assert workdir_lock.WorkdirLock(str(tmp_path)).read()["pid"] == os.getpid()
     assert not folder.exists()
+
+
+def test_cli_lock_folder_exit_2(tmp_path):
+  import subprocess
+  import sys
+  workdir = tmp_path / "run"
+  (workdir / workdir_lock.LOCK_FILE).mkdir(parents=True)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "dimo_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
+                         "--config.mode=teacher"], capture_output=True, text=True, cwd=root, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: {workdir / workdir_lock.LOCK_FILE} is a folder, not a lock file (no run makes it): move it out of "
+      f"the workdir or delete it (rm -r {workdir / workdir_lock.LOCK_FILE}), then rerun")
