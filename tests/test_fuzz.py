@@ -1,5 +1,6 @@
 """Malformed files at the readers' boundaries (hypothesis): every input is read or refused with a
-user error naming the file, never another exception type."""
+user error naming the file, never another exception type. ``DIMO_FUZZ_EXAMPLES`` sets the examples
+per test (100; the file takes about 25 s on 2 CPU cores)."""
 import json
 import os
 import struct
@@ -147,3 +148,34 @@ def test_fuzz_helpers_fail_on_other_errors(tmp_path):
     _assert_user_error(lambda: {}["x"], str(tmp_path))
   with pytest.raises(AssertionError):
     _assert_user_error(lambda: (_ for _ in ()).throw(UserError("another file")), os.fspath(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def torch_files_made(tmp_path_factory):
+  """A legacy and a zip torch file of one small state dict (bytes)."""
+  import io
+  torch = pytest.importorskip("torch")
+  out = {}
+  for name, zipped in (("legacy", False), ("zip", True)):
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, buf, _use_new_zipfile_serialization=zipped)
+    out[name] = buf.getvalue()
+  return out
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@FUZZ
+@given(which=st.sampled_from(["legacy", "zip"]), cut=st.integers(0, 300), flip=st.integers(0, 2000),
+       byte=st.integers(0, 255))
+def test_torch_files_damaged(tmp_path, torch_files_made, which, cut, flip, byte):
+  from dimo_jax.converters import torch_files
+  raw = bytearray(torch_files_made[which])
+  if flip < len(raw):
+    raw[flip] = byte
+  path = str(tmp_path / "m.pt")
+  with open(path, "wb") as f:
+    f.write(bytes(raw[:max(0, len(raw) - cut)]))
+  try:
+    torch_files.load_torch_file(path, placeholders=True)
+  except ValueError as e:  # UserError is one; every refusal names the file
+    assert path in str(e), str(e)
