@@ -141,10 +141,7 @@ def config_from_transformers(d: Mapping[str, Any], source: str = "config.json") 
   if values["activation"] not in ACTIVATIONS:
     raise UserError(f"{source}: hidden_act {values['activation']!r} is not supported; "
                     f"supported: {sorted(ACTIVATIONS)}.")
-  try:
-    return CLIPTextConfig(**values)
-  except (TypeError, ValueError) as e:
-    raise UserError(f"{source}: not a CLIP text model config ({e}); {fix}") from None
+  return common.build_config(CLIPTextConfig, values, f"{source}: not a CLIP text model config", fix)
 
 
 def infer_config(state_dict: Mapping[str, Any]) -> CLIPTextConfig:

@@ -148,6 +148,15 @@ def check_config_fields(d: Any, fields: Mapping[str, str], source: str, fix: str
   return {k: v for k, v in d.items() if v is not None or k not in fields}
 
 
+def build_config(cls, kwargs: Mapping[str, Any], what: str, fix: str):
+  """``cls(**kwargs)``; a value the config class refuses becomes ``UserError("<what> (<reason>);
+  <fix>")``."""
+  try:
+    return cls(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise checkpoints.UserError(f"{what} ({e}); {fix}") from None
+
+
 # ---------------------------------------------------------------------------- released and converted folders
 CONVERTED_CONFIG = "config.json"
 CONVERTED_PARAMS = "params.msgpack"

@@ -36,7 +36,6 @@ from dimo_jax.converters import common
 from dimo_jax.converters.safetensors_io import load_safetensors
 from dimo_jax.networks.meissonic import MeissonicConfig, param_shapes, stack_layers, unstack_layers
 from dimo_jax.storage import text_files
-from dimo_jax.storage.checkpoints import UserError
 
 KIND = "meissonic"
 PARAMS_FILE = common.CONVERTED_PARAMS
@@ -199,11 +198,8 @@ def config_from_diffusers(d: Mapping[str, Any], source: str = "config.json",
     if key in d and d[key] is not None:
       fields[field] = tuple(d[key]) if key == "axes_dims_rope" else d[key]
   fields.update(overrides)
-  try:
-    return MeissonicConfig(**fields)
-  except (TypeError, ValueError) as e:
-    raise UserError(f"{source}: not a Meissonic transformer config ({e}); pass "
-                    f"Meissonic's transformer/ folder: {convert_command()}") from None
+  return common.build_config(MeissonicConfig, fields, f"{source}: not a Meissonic transformer config",
+                             f"pass Meissonic's transformer/ folder: {convert_command()}")
 
 
 # ------------------------------------------------------------------------------------- convert

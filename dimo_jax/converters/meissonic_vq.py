@@ -164,11 +164,8 @@ def config_from_diffusers(d: Mapping[str, Any], source: str = "config.json") -> 
                 latent_channels="latent_channels", num_vq_embeddings="num_vq_embeddings",
                 vq_embed_dim="vq_embed_dim", norm_num_groups="norm_num_groups")
   kwargs = {ours: d[theirs] for ours, theirs in fields.items() if theirs in d}
-  try:
-    return MeissonicVQConfig(**kwargs)
-  except (TypeError, ValueError) as e:
-    raise UserError(f"{source}: not a Meissonic VQ model config ({e}); pass "
-                    f"Meissonic's vqvae/ folder: {convert_command()}") from None
+  return common.build_config(MeissonicVQConfig, kwargs, f"{source}: not a Meissonic VQ model config",
+                             f"pass Meissonic's vqvae/ folder: {convert_command()}")
 
 
 def infer_config(state_dict: Mapping[str, Any]) -> MeissonicVQConfig:
