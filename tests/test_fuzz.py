@@ -107,12 +107,12 @@ def test_config_json_readers(tmp_path, which, data):
   _assert_user_error(lambda: read(text_files.read_json(path), path), path)
 
 
-_NPY_DTYPES = st.sampled_from(["<i4", "<i8", "|u1", "<u2", "<f4", "|b1", "<i2", "|O", "<U3", ">i4"])
+_NPY_DTYPES = st.sampled_from(["<i4", "<i8", "|u1", "<u2", "<u8", "<f4", "|b1", "<i2", "|O", "<U3", ">i4"])
 
 
 @FUZZ
 @given(dtype=_NPY_DTYPES, shape=st.lists(st.integers(0, 5), max_size=3),
-       values=st.lists(st.integers(-3, 2**40), max_size=30), vocab=st.sampled_from([None, 0, 1, 9, 2**40]))
+       values=st.lists(st.integers(-3, 2**40) | st.sampled_from([2**63 - 1, -2**63]), max_size=30), vocab=st.sampled_from([None, 0, 1, 9, 2**40]))
 def test_token_arrays(tmp_path, dtype, shape, values, vocab):
   path = str(tmp_path / "t.npy")
   size = int(np.prod(shape)) if shape else 1

@@ -221,6 +221,8 @@ def _value_stats(array: np.ndarray) -> Tuple[int, int, np.ndarray, np.ndarray]:
   """(min, max, distinct values, their counts) of an integer array, read block by block."""
   values, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
   for _, block in _row_chunks(array):
+    if block.dtype == np.uint64:  # beyond any vocabulary anyway: kept >= 2**62 rather than wrapped negative
+      block = np.minimum(block, np.uint64(2**62))
     v, c = np.unique(block.astype(np.int64, copy=False), return_counts=True)
     values, where = np.unique(np.concatenate([values, v]), return_inverse=True)
     counts = np.bincount(where, weights=np.concatenate([counts, c]), minlength=len(values)).astype(np.int64)
