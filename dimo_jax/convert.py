@@ -62,22 +62,23 @@ MEISSONIC_KINDS = ("meissonic", "meissonic-vq", "clip-text")
 
 
 def convert_vqgan_file(kind: str, input_path: str, output: str,
-                       vqgan_fields: Optional[Mapping[str, Any]] = None) -> str:
+                       vqgan_fields: Optional[Mapping[str, Any]] = None, allow_nonfinite: bool = False) -> str:
   """Taming ``.ckpt`` (``kind='taming'``) or Google tokenizer msgpack (``'google'``) -> ``output``."""
   cfg = _vqgan_config(kind, vqgan_fields)
   if kind == "taming":
-    variables = taming.load_taming_checkpoint(input_path, cfg)
+    variables = taming.load_taming_checkpoint(input_path, cfg, allow_nonfinite=allow_nonfinite)
   else:
-    variables = google_vqgan.load_google_tokenizer(input_path, cfg)
+    variables = google_vqgan.load_google_tokenizer(input_path, cfg, allow_nonfinite=allow_nonfinite)
   return save_vqgan(output, variables, kind, cfg)
 
 
 def convert_meissonic_kind(kind: str, input_path: str, output: str, overwrite: bool = False,
-                           param_dtype: str = "") -> str:
+                           param_dtype: str = "", allow_nonfinite: bool = False) -> str:
   """One network of the Meissonic release (``kind`` in ``MEISSONIC_KINDS``) -> ``output``.
 
   Refuses an ``output`` that already holds a converted model unless ``overwrite``;
-  ``param_dtype`` (transformer only) stores its parameters in that dtype (e.g. ``bfloat16``).
+  ``param_dtype`` (transformer only) stores its parameters in that dtype (e.g. ``bfloat16``);
+  ``allow_nonfinite`` converts weights holding NaN / inf (refused otherwise).
   """
   if kind not in MEISSONIC_KINDS:
     raise ValueError(f"{kind!r} is not a Meissonic kind; choose one of {MEISSONIC_KINDS}")
@@ -95,11 +96,11 @@ def convert_meissonic_kind(kind: str, input_path: str, output: str, overwrite: b
                           "replace them, or choose another --output")
   if kind == "meissonic":
     overrides = {"param_dtype": param_dtype} if param_dtype else {}
-    meissonic.convert_meissonic(input_path, output, **overrides)
+    meissonic.convert_meissonic(input_path, output, allow_nonfinite=allow_nonfinite, **overrides)
   elif kind == "meissonic-vq":
-    meissonic_vq.convert_meissonic_vq(input_path, output)
+    meissonic_vq.convert_meissonic_vq(input_path, output, allow_nonfinite=allow_nonfinite)
   else:
-    clip_text.convert_clip_text(input_path, output)
+    clip_text.convert_clip_text(input_path, output, allow_nonfinite=allow_nonfinite)
   return output
 
 
@@ -127,21 +128,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--param_dtype", default="",
                       help="meissonic only: store the transformer's parameters in this dtype "
                            "(e.g. bfloat16, half the bytes; default float32)")
+  parser.add_argument("--allow_nonfinite", action="store_true",
+                      help="convert weights holding NaN / inf (refused by default, naming them)")
   args = parser.parse_args(argv)
+  finite = {"allow_nonfinite": args.allow_nonfinite}
   if args.kind in MEISSONIC_KINDS:
     out = convert_meissonic_kind(args.kind, args.input, args.output, overwrite=args.overwrite,
-                                 param_dtype=args.param_dtype)
+                                 param_dtype=args.param_dtype, **finite)
   elif args.kind == "valeoai":
     out = convert_valeoai_file(args.input, args.output, heads=args.heads,
                                codebook_size=args.codebook_size, num_classes=args.num_classes,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, **finite)
   elif args.kind == "dimo-generator":
     out = convert_dimo_generator(args.input, args.output, heads=args.heads,
                                  codebook_size=args.codebook_size, num_classes=args.num_classes,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, **finite)
   elif args.kind == "google-maskgit":
     out = convert_google_maskgit_file(args.input, args.output, codebook_size=args.codebook_size,
-                                      num_classes=args.num_classes, overwrite=args.overwrite)
+                                      num_classes=args.num_classes, overwrite=args.overwrite, **finite)
   else:
     try:
       fields = json.loads(args.vqgan_config) if args.vqgan_config else {}
@@ -149,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       raise ValueError(f"--vqgan_config is not valid JSON: {e}") from e
     if not isinstance(fields, dict):
       raise ValueError(f"--vqgan_config must be a JSON object of config fields, got {args.vqgan_config!r}")
-    out = convert_vqgan_file(args.kind.split("-")[0], args.input, args.output, fields)
+    out = convert_vqgan_file(args.kind.split("-")[0], args.input, args.output, fields, **finite)
   print(f"wrote {out}")
   return 0
 

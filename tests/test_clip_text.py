@@ -369,3 +369,59 @@ def test_read_prompts(tmp_path):
   with pytest.raises(ValueError, match=r"long.txt, line 3: the prompt has 30 characters, over the "
                      "limit of 20"):
     text.read_prompts(str(tmp_path / "long.txt"), max_chars=20)
+
+
+def test_vocab_ids_checked_and_against_the_encoder(tmp_path):
+  from dimo_jax.storage.checkpoints import UserError
+  vocab = _tiny_vocab(tmp_path / "tok")
+  path = str(tmp_path / "tok" / "vocab.json")
+  for bad, words in ((["a", "0"], "token 'a' has id \"0\", not an integer"),
+                     (["a", -1], "token 'a' has id -1, not an integer"),
+                     (["a", True], "token 'a' has id true"),
+                     (["b", vocab["a"]], "tokens 'a' and 'b' share the id 0")):
+    with open(path, "w") as f:
+      json.dump({**vocab, bad[0]: bad[1]}, f)
+    with pytest.raises(UserError) as err:
+      text.load_tokenizer(str(tmp_path / "tok"))
+    assert path in str(err.value) and words in str(err.value) and "tokenizer/ folder" in str(err.value)
+  with open(path, "w") as f:
+    json.dump(vocab, f)
+  largest = max(vocab.values())
+  tok = text.load_tokenizer(str(tmp_path / "tok"), embedding_rows=largest + 1)
+  assert tok.max_id == largest
+  with pytest.raises(UserError, match=r"vocab.json \+ merges.txt: token '<\|endoftext\|>' has id "
+                     rf"{largest}, beyond the {largest} rows of the text encoder's token embedding"):
+    text.load_tokenizer(str(tmp_path / "tok"), embedding_rows=largest)
+  # The captioned digits' word tokenizer is checked against the encoder it feeds the same way.
+  from dimo_jax.data import captions
+  config = captions.encoder_config()
+  small = clip.CLIPTextConfig(**{**config.to_dict(), "vocab_size": config.vocab_size - 1})
+  with pytest.raises(UserError, match=r"captioned digits vocabulary: token .* beyond the "
+                     rf"{config.vocab_size - 1} rows"):
+    captions.encode_prompts(["a two"], small, seed=0)
+
+
+def test_text_files_are_utf8_with_the_file_named_and_no_byte_order_mark(tmp_path):
+  from dimo_jax.storage.checkpoints import UserError
+  vocab = _tiny_vocab(tmp_path / "tok")
+  plain = tmp_path / "plain.txt"
+  plain.write_text("a cat\nsat\n", encoding="utf-8")
+  bom = tmp_path / "bom.txt"
+  bom.write_bytes(b"\xef\xbb\xbfa cat\r\nsat\r\n")
+  assert text.read_prompts(str(bom)) == text.read_prompts(str(plain)) == ["a cat", "sat"]
+  tok = text.load_tokenizer(str(tmp_path / "tok"))
+  first = tok.encode(text.read_prompts(str(bom))[:1])[0]
+  assert first[:4].tolist() == [tok.bos_id, vocab["a</w>"], vocab["cat</w>"], tok.eos_id]
+  latin = tmp_path / "latin.txt"
+  latin.write_bytes("a cat\ncaf\xe9\n".encode("latin-1"))
+  with pytest.raises(UserError, match=r"latin.txt, line 2: not UTF-8 text \(byte 0xe9 at offset 9\); save the "
+                     "file as UTF-8"):
+    text.read_prompts(str(latin))
+  merges = tmp_path / "tok" / "merges.txt"
+  merges.write_bytes(b"#version: 0.2\nc a\n\xff\xfe b\n")
+  with pytest.raises(UserError, match=r"merges.txt, line 3: not UTF-8 text \(byte 0xff"):
+    text.load_tokenizer(str(tmp_path / "tok"))
+  merges.write_bytes(b"\xef\xbb\xbf#version: 0.2\nc a\nca t</w>\n")  # a mark before the header is dropped
+  assert text.load_tokenizer(str(tmp_path / "tok")).tokenize("cat") == ["cat</w>"]
+  (tmp_path / "tok" / "vocab.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(vocab).encode())
+  assert text.load_tokenizer(str(tmp_path / "tok")).tokenize("cat") == ["cat</w>"]

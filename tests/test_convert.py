@@ -484,3 +484,216 @@ def test_cli_reports_errors(tmp_path):
                         env=env, timeout=120)
   assert proc.returncode == 2
   assert "error: Google MaskGIT checkpoint not found" in proc.stderr and "absent_checkpoint" in proc.stderr
+
+
+# ------------------------------------------------------------------ hostile and broken files
+
+
+def _raw_safetensors(path, header, data=b""):
+  """A .safetensors file with exactly this header (any JSON value or raw bytes) and data."""
+  import struct
+  blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+  path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+  return str(path)
+
+
+_F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize("header,words", [
+    ([1, 2], "is a JSON list, not an object"),
+    ({"w": [1]}, "'w' is described by a JSON list"),
+    ({"w": {"dtype": "F32", "shape": [2]}}, "'w' has no data_offsets"),
+    ({"w": {**_F32x2, "shape": "2"}}, "'w' has shape 2, not a list"),
+    ({"w": {**_F32x2, "shape": [-2]}}, "'w' has shape"),
+    ({"w": {**_F32x2, "shape": [True, 2]}}, "'w' has shape"),
+    ({"w": {**_F32x2, "data_offsets": ["0", "8"]}}, "'w' has data_offsets"),
+    ({"w": {**_F32x2, "data_offsets": [8, 0]}}, "0 <= begin <= end"),
+    ({"w": {**_F32x2, "dtype": 4}}, "'w' has dtype 4, which cannot be read"),
+    ({"w": _F32x2, "__metadata__": {"a": {"b": 1}}}, "__metadata__ is not an object of strings"),
+    ({"w": {**_F32x2, "data_offsets": [0, 16]}}, "'w' lies outside the file"),
+    ({"w": _F32x2, "v": {**_F32x2, "data_offsets": [4, 12], "shape": [2]}}, "overlap"),
+    (b'{"w": 1, "w": 2}', "appears twice"),
+    (b"\xff\xfe{}", "not JSON"),
+])
+def test_safetensors_header_checked(tmp_path, header, words):
+  from dimo_jax.converters import safetensors_io
+  path = _raw_safetensors(tmp_path / "w.safetensors", header, np.arange(3, dtype=np.float32).tobytes())
+  with pytest.raises(checkpoints.UserError) as err:
+    safetensors_io.load_safetensors(path)
+  assert path in str(err.value) and words in str(err.value) and "download the file again" in str(err.value)
+  assert len(str(err.value).splitlines()) == 1
+
+
+def test_safetensors_good_file_and_sharded_index(tmp_path):
+  from dimo_jax.converters import safetensors_io
+  import ml_dtypes
+  a = np.arange(6, dtype=np.float32).reshape(2, 3)
+  b = np.array([1.5, -2], dtype=ml_dtypes.bfloat16)
+  safetensors_io.save_safetensors(str(tmp_path / "x-1.safetensors"), {"a": a})
+  safetensors_io.save_safetensors(str(tmp_path / "x-2.safetensors"), {"b": b, "n": np.arange(2)})
+  index = tmp_path / "x.safetensors.index.json"
+  index.write_text(json.dumps({"weight_map": {"a": "x-1.safetensors", "b": "x-2.safetensors"}}))
+  out = safetensors_io.load_safetensors(str(tmp_path))
+  np.testing.assert_array_equal(out["a"], a)
+  assert out["b"].dtype == np.float32 and out["b"].tolist() == [1.5, -2.0]  # bfloat16 cast as a float
+  assert out["n"].dtype == np.int64
+  index.write_text(json.dumps({"weight_map": {"a": "../outside.safetensors"}}))
+  with pytest.raises(checkpoints.UserError, match=r"x.safetensors.index.json: weight_map names "
+                     r"'../outside.safetensors', not a .safetensors file beside the index"):
+    safetensors_io.load_safetensors(str(tmp_path))
+  index.write_bytes(b'{"weight_map": {"a": "x-1.safe\xe9tensors"}}')
+  with pytest.raises(checkpoints.UserError, match=r"index.json, line 1: not UTF-8 text \(byte 0xe9"):
+    safetensors_io.load_safetensors(str(tmp_path))
+
+
+def _tiny_clip(folder, config, dtype=np.float32, poison=None, hf=None):
+  """A numpy-made CLIP text release (config.json + model.safetensors) at ``config``'s sizes."""
+  from dimo_jax.converters import clip_text
+  from dimo_jax.converters.safetensors_io import save_safetensors
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(0)
+  sd = {k: rng.normal(0, 0.1, s).astype(dtype) for k, s in clip_text.clip_text_layout(config).items()}
+  sd[clip_text.POSITION_IDS] = np.arange(config.max_positions, dtype=np.int64)[None]
+  for key, value in (poison or {}).items():
+    sd[key].reshape(-1)[: len(value)] = value
+  save_safetensors(os.path.join(folder, "model.safetensors"), sd)
+  c = config
+  hf = hf if hf is not None else {
+      "vocab_size": c.vocab_size, "hidden_size": c.width, "intermediate_size": c.mlp_dim,
+      "num_hidden_layers": c.layers, "num_attention_heads": c.heads, "max_position_embeddings": c.max_positions,
+      "hidden_act": c.activation, "projection_dim": c.projection_dim, "eos_token_id": c.eos_token_id}
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(hf, f)
+  return str(folder)
+
+
+def _clip_config():
+  from dimo_jax.networks.clip_text import CLIPTextConfig
+  return CLIPTextConfig(vocab_size=12, width=8, layers=2, heads=2, mlp_dim=16, max_positions=5,
+                        projection_dim=8)
+
+
+def test_config_json_values_checked_by_type(tmp_path):
+  from dimo_jax.converters import clip_text, meissonic, meissonic_vq
+  folder = _tiny_clip(tmp_path / "clip", _clip_config())
+  cfg = os.path.join(folder, "config.json")
+  good = json.load(open(cfg))
+  for change, words in (({"num_hidden_layers": "two"}, '"num_hidden_layers" is "two", expected an integer >= 1'),
+                        ({"layer_norm_eps": "tiny"}, '"layer_norm_eps" is "tiny", expected a finite number'),
+                        ({"hidden_size": True}, '"hidden_size" is true, expected an integer >= 1'),
+                        ({"text_config": [1]}, '"text_config" is [1], expected a JSON object'),
+                        ({"text_config": {"vocab_size": -3}}, '(text_config): "vocab_size" is -3')):
+    with open(cfg, "w") as f:
+      json.dump({**good, **change}, f)
+    with pytest.raises(checkpoints.UserError) as err:
+      clip_text.convert_clip_text(folder, str(tmp_path / "out"))
+    assert cfg in str(err.value) and words in str(err.value) and "--input=<Meissonic>/text_encoder" in str(err.value)
+  with pytest.raises(checkpoints.UserError, match=r'"num_layers" is "two", expected an integer >= 1; pass '
+                     "Meissonic's transformer/ folder"):
+    meissonic.config_from_diffusers({"num_layers": "two"}, "t/config.json")
+  with pytest.raises(checkpoints.UserError, match=r'"axes_dims_rope" is \[16, "x"\], expected a list of integers'):
+    meissonic.config_from_diffusers({"axes_dims_rope": [16, "x"]}, "t/config.json")
+  with pytest.raises(checkpoints.UserError, match=r'v/config.json: "block_out_channels" is "wide"'):
+    meissonic_vq.config_from_diffusers({"block_out_channels": "wide"}, "v/config.json")
+  with pytest.raises(checkpoints.UserError, match=r"v/config.json: holds a JSON list, not an object"):
+    meissonic_vq.config_from_diffusers([], "v/config.json")
+  # A byte-order mark is dropped; bytes that are not UTF-8 are named with the file.
+  with open(cfg, "wb") as f:
+    f.write(b"\xef\xbb\xbf" + json.dumps(good).encode())
+  clip_text.convert_clip_text(folder, str(tmp_path / "bom"))
+  with open(cfg, "wb") as f:
+    f.write(json.dumps({**good, "hidden_act": "g\xe9lu"}, ensure_ascii=False).encode("latin-1"))
+  with pytest.raises(checkpoints.UserError, match=r"config.json, line 1: not UTF-8 text \(byte 0xe9 at offset"):
+    clip_text.convert_clip_text(folder, str(tmp_path / "latin"))
+
+
+def test_integer_and_nonfinite_weights_refused_by_name(tmp_path):
+  from dimo_jax.converters import clip_text, common
+  config = _clip_config()
+  emb = "text_model.embeddings.token_embedding.weight"
+  ints = _tiny_clip(tmp_path / "ints", config, dtype=np.int32)
+  with pytest.raises(checkpoints.UserError,
+                     match=r"ints: weights stored as integers.*token_embedding.weight \(int32\).* and 29 more"):
+    clip_text.convert_clip_text(ints, str(tmp_path / "o1"))
+  bad = _tiny_clip(tmp_path / "nan", config, poison={emb: [np.nan, np.inf, -np.inf]})
+  with pytest.raises(checkpoints.UserError) as err:
+    clip_text.convert_clip_text(bad, str(tmp_path / "o2"))
+  assert f"non-finite (NaN / inf) weights: {emb} (3 of 96)" in str(err.value)
+  assert "--allow_nonfinite" in str(err.value) and not os.path.exists(tmp_path / "o2")
+  clip_text.convert_clip_text(bad, str(tmp_path / "o3"), allow_nonfinite=True)
+  _, params = clip_text.load_clip_text(str(tmp_path / "o3"))
+  assert np.isnan(params["token_embedding"]["embedding"][0, 0])
+  # The integer buffers keep their integer dtype; a weight's dtype is judged by its role.
+  common.check_weights({"a.position_ids": np.arange(3), "b.num_batches_tracked": np.int64(4),
+                        "c.weight": np.ones(2, np.float16)}, "sd")
+  with pytest.raises(checkpoints.UserError, match=r"sd: weights stored as integers.*c.weight \(bool\)"):
+    common.check_weights({"c.weight": np.ones(2, bool)}, "sd")
+
+
+def test_cli_nonfinite_exit_2_then_allowed(tmp_path):
+  import subprocess
+  import sys
+  config = _clip_config()
+  bad = _tiny_clip(tmp_path / "nan", config,
+                   poison={"text_model.final_layer_norm.weight": [np.nan]})
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(__file__))
+  cmd = [sys.executable, "-m", "dimo_jax.convert", "clip-text", f"--input={bad}", f"--output={tmp_path / 'o'}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert "text_model.final_layer_norm.weight (1 of 8)" in proc.stderr and "Traceback" not in proc.stderr
+  proc = subprocess.run(cmd + ["--allow_nonfinite"], capture_output=True, text=True, cwd=root, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert os.path.isfile(tmp_path / "o" / "params.msgpack")
+
+
+def _legacy_torch_file(path, numel_op):
+  """A legacy (non-zip) torch file of one 5-element float storage whose declared element count
+  is replaced by the pickle opcode ``numel_op``."""
+  import io
+  torch = pytest.importorskip("torch")
+  buf = io.BytesIO()
+  torch.save({"w": torch.arange(5, dtype=torch.float32)}, buf, _use_new_zipfile_serialization=False)
+  raw = buf.getvalue()
+  at = raw.index(b"cpuq\x06K\x05") + 5
+  path.write_bytes(raw[:at] + numel_op + raw[at + 2:])
+  return str(path)
+
+
+def _zip_torch_file(path, replace):
+  import zipfile
+  torch = pytest.importorskip("torch")
+  torch.save({"w": torch.arange(5, dtype=torch.float32)}, str(path) + ".orig")
+  with zipfile.ZipFile(str(path) + ".orig") as src, zipfile.ZipFile(path, "w") as out:
+    for name in src.namelist():
+      data = src.read(name)
+      out.writestr(name, replace(data) if name.endswith("data.pkl") else data)
+  return str(path)
+
+
+def test_tiny_pickles_asking_for_huge_allocations_are_refused_first(tmp_path, monkeypatch):
+  import struct
+  torch = pytest.importorskip("torch")
+  fine = _legacy_torch_file(tmp_path / "fine.pt", b"K\x05")
+  assert torch_files.load_torch_file(fine)["w"].tolist() == [0, 1, 2, 3, 4]
+  huge = b"J" + struct.pack("<i", 2**31 - 1)
+  cases = {
+      "legacy.pt": (_legacy_torch_file(tmp_path / "legacy.pt", huge), "declares tensors of 8589934588 bytes"),
+      "zip.pt": (_zip_torch_file(tmp_path / "zip.pt", lambda d: d.replace(b"cpuq\x06K\x05", b"cpuq\x06" + huge)),
+                 "storage 0 declares 2147483647 elements"),
+      "bytearray.pt": (_zip_torch_file(tmp_path / "bytearray.pt", lambda d: b"\x80\x02c__builtin__\nbytearray\n"
+                                       + b"\x8a\x06" + (2**40).to_bytes(6, "little") + b"\x85R."),
+                       "calls builtins.bytearray for 1099511627776 elements"),
+  }
+  bytes8 = tmp_path / "bytes8.pt"
+  bytes8.write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b"abc")
+  cases["bytes8.pt"] = (str(bytes8), "expected 1099511627776 bytes in a bytes8")
+  monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached a hostile file"))
+  for name, (path, words) in cases.items():
+    with pytest.raises(checkpoints.UserError) as err:
+      torch_files.load_torch_file(path, placeholders=True)
+    assert path in str(err.value) and words in str(err.value), name
+  with pytest.raises(torch_files.pickle.UnpicklingError, match=r"bytes\(1099511627776\); refused"):
+    torch_files._bounded(bytes)(2**40)  # pylint: disable=protected-access
+  assert torch_files._bounded(range)(3) == range(3)  # pylint: disable=protected-access

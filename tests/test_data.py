@@ -314,3 +314,91 @@ def test_tfds_mock_mnist():
     ds2 = datasets.load_dataset(cfg)
     assert ds2.train_tokens.shape == (6, 196) and ds2.image_shape == (14, 14)
     assert ds2.train_tokens.max() <= 7
+
+
+# ----------------------------------------------------------------------------
+# Outliers, memory-mapped and broken .npy files
+
+
+def test_outlier_id_refused_when_the_vocabulary_is_inferred(tmp_path):
+  from dimo_jax.storage.checkpoints import UserError
+  toks = np.random.default_rng(0).integers(0, 8, size=(20, 6)).astype(np.int64)
+  toks[7, 3] = 1_000_000
+  p = _save(tmp_path, 'outlier.npy', toks)
+  with pytest.raises(UserError) as err:
+    datasets.load_npy(p)
+  msg = str(err.value)
+  assert 'outlier.npy' in msg and '9 distinct ids, but 1000000 (1x)' in msg
+  assert '1000001 rows (the rest fit in 8)' in msg and '--config.data.vocab_size=' in msg
+  # Stated, the vocabulary is taken as given (the loader reads data.vocab_size).
+  cfg = ml_collections.ConfigDict({'name': 'npy', 'path': p, 'vocab_size': 1_000_001})
+  assert datasets.load_dataset(cfg).vocab_size == 1_000_001
+  # Codes left unused at the top of a table are no outliers.
+  sparse = np.tile(np.array([0, 5, 17, 200]), (4, 1))
+  assert datasets.load_npy(_save(tmp_path, 'sparse.npy', sparse)).vocab_size == 201
+
+
+def test_npy_read_block_by_block_equals_whole(tmp_path, monkeypatch):
+  rng = np.random.default_rng(1)
+  toks = rng.integers(0, 50, size=(9, 5)).astype(np.int16)
+  toks[6, 4] = 60
+  p = _save(tmp_path, 'blocks.npy', toks)
+  whole = datasets.load_npy(p)
+  arr = datasets._load_int_npy(p, 'Tokens')  # pylint: disable=protected-access
+  assert isinstance(arr, np.memmap)  # nothing read until used
+  monkeypatch.setattr(datasets, '_CHUNK_ELEMENTS', 7)  # one row per block
+  lo, hi, values, counts = datasets._value_stats(arr)  # pylint: disable=protected-access
+  want_values, want_counts = np.unique(toks, return_counts=True)
+  assert (lo, hi) == (int(toks.min()), 60)
+  np.testing.assert_array_equal(values, want_values)
+  np.testing.assert_array_equal(counts, want_counts)
+  blocked = datasets.load_npy(p)
+  np.testing.assert_array_equal(blocked.train_tokens, whole.train_tokens)
+  with pytest.raises(ValueError, match=r'token 60 at index \(6, 4\), outside \[0, vocab_size=55\)'):
+    datasets.load_npy(p, vocab_size=55)
+
+
+def test_npy_broken_or_too_big(tmp_path, monkeypatch):
+  from dimo_jax.storage import preflight
+  from dimo_jax.storage.checkpoints import UserError
+  p = _save(tmp_path, 'cut.npy', np.arange(60, dtype=np.int32).reshape(10, 6))
+  with open(p, 'r+b') as f:
+    f.truncate(os.path.getsize(p) - 40)
+  with pytest.raises(UserError, match=r"cut\.npy' is not a valid \.npy array .*truncated or corrupt"):
+    datasets.load_npy(p)
+  junk = tmp_path / 'junk.npy'
+  junk.write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': 5}   \n")
+  with pytest.raises(UserError, match=r"junk\.npy' is not a valid \.npy array"):
+    datasets.load_npy(str(junk))
+  # A 200 GB sparse file: refused from its header, before a byte of it is read.
+  huge = str(tmp_path / 'huge.npy')
+  shape = (200 * 2**30 // (4 * 1024), 1024)
+  with open(huge, 'wb') as f:
+    np.lib.format.write_array_header_1_0(f, {'descr': '<i4', 'fortran_order': False, 'shape': shape})
+    try:
+      f.truncate(f.tell() + shape[0] * shape[1] * 4)
+    except OSError:
+      pytest.skip('this file system cannot hold a 200 GB sparse file')
+  monkeypatch.setattr(preflight, 'available_memory', lambda: 24 * 2**30)
+  monkeypatch.setattr(datasets, '_value_stats', lambda a: pytest.fail('the data was scanned'))
+  try:
+    with pytest.raises(UserError, match=r"huge\.npy' \(52428800 x 1024 tokens, read as int32 and split\) needs "
+                       r'400\.0 GiB of memory but 24\.0 GiB is available; use a smaller file'):
+      datasets.load_npy(huge)
+  finally:
+    os.remove(huge)
+
+
+def test_cli_outlier_tokens_exit_2(tmp_path):
+  import subprocess
+  toks = np.random.default_rng(0).integers(0, 8, size=(20, 6)).astype(np.int64)
+  toks[3, 1] = 1_000_000
+  p = _save(tmp_path, 'outlier.npy', toks)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-m', 'dimo_jax.main', '--config=configs/tokens.py',
+                         f'--workdir={tmp_path / "run"}', f'--config.data.path={p}', '--config.mode=teacher'],
+                        capture_output=True, text=True, cwd=root, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert 'outlier.npy' in proc.stderr and '1000000 (1x)' in proc.stderr and '--config.data.vocab_size' in proc.stderr

@@ -206,3 +206,25 @@ def test_bad_prompt_files(release, tmp_path):  # noqa: F811
   assert ps.hps_image_path("o", "photo", 7) == os.path.join("o", "photo", "00007.jpg")
   assert ps.geneval_metadata_path("o", 12) == os.path.join("o", "00012", "metadata.jsonl")
   assert ps.geneval_sample_path("o", 12, 3) == os.path.join("o", "00012", "samples", "0003.png")
+
+
+def test_prompt_suite_files_read_as_utf8(tmp_path):
+  folder = _hps_folder(tmp_path / "hps", HPS)
+  anime = os.path.join(folder, "anime.json")
+  with open(anime, "wb") as f:
+    f.write(b"\xef\xbb\xbf" + json.dumps(HPS["anime"]).encode())
+  assert ps.read_hps_prompts(folder)["anime"] == HPS["anime"]
+  with open(anime, "wb") as f:
+    f.write(json.dumps(["a caf\xe9"], ensure_ascii=False).encode("latin-1"))
+  with pytest.raises(checkpoints.UserError, match=r"anime.json, line 1: not UTF-8 text \(byte 0xe9 at offset 7\); "
+                     "save the file as UTF-8; the HPS v2 prompt files are JSON lists of strings"):
+    ps.read_hps_prompts(folder)
+  meta = tmp_path / "evaluation_metadata.jsonl"
+  lines = [json.dumps({"tag": "single_object", "prompt": p}, ensure_ascii=False)  # U+2028 stays inside its line
+           for p in ("a photo of a cat", "a photo of a\u2028dog")]
+  meta.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+  read = ps.read_geneval_metadata(str(meta))
+  assert [r.prompt for r in read] == ["a photo of a cat", "a photo of a\u2028dog"] and read[0].line == lines[0]
+  meta.write_bytes(lines[0].encode() + b"\n\x80\n")
+  with pytest.raises(checkpoints.UserError, match=r"evaluation_metadata.jsonl, line 2: not UTF-8 text"):
+    ps.read_geneval_metadata(str(meta))

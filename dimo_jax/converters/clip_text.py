@@ -24,7 +24,6 @@ atomically; read it back with ``load_clip_text``. Command line (wired in ``dimo_
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -34,6 +33,8 @@ import numpy as np
 from dimo_jax.converters import common
 from dimo_jax.converters.safetensors_io import load_safetensors
 from dimo_jax.networks.clip_text import ACTIVATIONS, CLIPTextConfig, CLIPTextModel
+from dimo_jax.storage import text_files
+from dimo_jax.storage.checkpoints import UserError
 
 KIND = "clip-text"
 PARAMS_FILE = common.CONVERTED_PARAMS
@@ -51,6 +52,10 @@ _FIELDS = dict(vocab_size="vocab_size", width="hidden_size", mlp_dim="intermedia
                projection_dim="projection_dim", layers="num_hidden_layers",
                heads="num_attention_heads", max_positions="max_position_embeddings",
                activation="hidden_act", ln_eps="layer_norm_eps", eos_token_id="eos_token_id")
+_FIELD_KINDS = dict(vocab_size="size", hidden_size="size", intermediate_size="size", projection_dim="size",
+                   num_hidden_layers="size", num_attention_heads="size", max_position_embeddings="size",
+                   hidden_act="text", layer_norm_eps="number", eos_token_id="count", architectures="texts",
+                   text_config="object")
 
 # Per-layer released names (after ``text_model.encoder.layers.<i>.``) -> scanned parameter paths.
 _LAYER_MODULES = {
@@ -121,20 +126,22 @@ def flax_layout(config: CLIPTextConfig = CLIPTextConfig()) -> Dict[str, Tuple[in
 
 def config_from_transformers(d: Mapping[str, Any], source: str = "config.json") -> CLIPTextConfig:
   """A transformers CLIP (text) ``config.json`` -> ``CLIPTextConfig``."""
+  fix = f"pass Meissonic's text_encoder/ folder with its released config.json: {convert_command()}"
+  d = common.check_config_fields(d, _FIELD_KINDS, source, fix)
   if "text_config" in d and isinstance(d["text_config"], Mapping):
     projection = d.get("projection_dim")
-    d = dict(d["text_config"])
+    d = dict(common.check_config_fields(d["text_config"], _FIELD_KINDS, f"{source} (text_config)", fix))
     if projection is not None:
       d.setdefault("projection_dim", projection)
   architectures = d.get("architectures") or []
   if architectures and not any("CLIP" in a for a in architectures):
-    raise ValueError(f"{source}: describes {architectures}, not a CLIP text model; pass "
-                     f"Meissonic's text_encoder/ folder: {convert_command()}")
+    raise UserError(f"{source}: describes {architectures}, not a CLIP text model; pass "
+                    f"Meissonic's text_encoder/ folder: {convert_command()}")
   values = {ours: d.get(theirs, _TRANSFORMERS_DEFAULTS[theirs]) for ours, theirs in _FIELDS.items()}
   if values["activation"] not in ACTIVATIONS:
-    raise ValueError(f"{source}: hidden_act {values['activation']!r} is not supported; "
-                     f"supported: {sorted(ACTIVATIONS)}.")
-  return CLIPTextConfig(**values)
+    raise UserError(f"{source}: hidden_act {values['activation']!r} is not supported; "
+                    f"supported: {sorted(ACTIVATIONS)}.")
+  return common.build_config(CLIPTextConfig, values, f"{source}: not a CLIP text model config", fix)
 
 
 def infer_config(state_dict: Mapping[str, Any]) -> CLIPTextConfig:
@@ -166,15 +173,16 @@ def infer_config(state_dict: Mapping[str, Any]) -> CLIPTextConfig:
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], config: CLIPTextConfig, *,
-                       source: str = "state dict") -> Dict[str, Any]:
-  """Released tensors -> nested float32 params of ``CLIPTextModel(config)``, strictly checked."""
+                       source: str = "state dict", allow_nonfinite: bool = False) -> Dict[str, Any]:
+  """Released tensors -> nested float32 params of ``CLIPTextModel(config)``, strictly checked
+  (names, shapes, float dtypes and finite values: ``common.check_state_dict``)."""
   state_dict = {k: v for k, v in state_dict.items() if k != POSITION_IDS}
   common.check_state_dict(
       state_dict, clip_text_layout(config), source=source, what=_WHAT,
       fix=("Pass Meissonic's released text_encoder/ folder (config.json + model.safetensors; a "
            "CLIPTextModelWithProjection, with text_projection.weight) or its .safetensors file: "
            f"{convert_command()}; if the architecture differs from config.json, the file and the "
-           "config do not belong together."))
+           "config do not belong together."), allow_nonfinite=allow_nonfinite)
   get = lambda k: common.to_numpy(state_dict[k]).astype(np.float32)
   flat = {
       "token_embedding/embedding": get("text_model.embeddings.token_embedding.weight"),
@@ -193,21 +201,21 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: CLIPTextConfig, *,
 
 
 def convert_clip_text(input_path: str, output_dir: str,
-                      config: Optional[CLIPTextConfig] = None) -> str:
+                      config: Optional[CLIPTextConfig] = None, allow_nonfinite: bool = False) -> str:
   """Converts a released CLIP text encoder into ``output_dir``; returns ``output_dir``.
 
-  ``config`` overrides the architecture read from ``config.json`` or inferred from the shapes.
+  ``config`` overrides the architecture read from ``config.json`` or inferred from the shapes;
+  ``allow_nonfinite`` converts weights holding NaN / inf (refused otherwise).
   """
   weights, cfg_path = common.resolve_released_input(input_path, "text_encoder", WEIGHTS_FILE,
                                                      convert_command())
   state_dict = load_safetensors(weights)
   if config is None:
     if cfg_path is not None:
-      with open(cfg_path) as f:
-        config = config_from_transformers(json.load(f), cfg_path)
+      config = config_from_transformers(text_files.read_json(cfg_path), cfg_path)
     else:
       config = infer_config(state_dict)
-  params = convert_state_dict(state_dict, config, source=weights)
+  params = convert_state_dict(state_dict, config, source=weights, allow_nonfinite=allow_nonfinite)
   common.write_converted(output_dir, KIND, config.to_dict(), params, weights)
   return output_dir
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+from dimo_jax.storage import text_files
+
 # ----------------------------------------------------------------------------- path checks
 
 _DEFAULT_INPUTS = {
@@ -126,11 +128,9 @@ def _converted_kind(path: str) -> Optional[str]:
   if not (os.path.isfile(os.path.join(path, "params.msgpack"))
           and os.path.isfile(os.path.join(path, "config.json"))):
     return None
-  import json  # pylint: disable=import-outside-toplevel
   try:
-    with open(os.path.join(path, "config.json")) as f:
-      meta = json.load(f)
-  except (OSError, ValueError):
+    meta = text_files.read_json(os.path.join(path, "config.json"))
+  except (OSError, ValueError):  # unreadable: a folder of no known kind
     return ""
   return meta.get("kind", "") if isinstance(meta, dict) else ""
 

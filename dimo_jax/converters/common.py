@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 import numpy as np
 
 from dimo_jax.core.trees import flatten, unflatten  # noqa: F401  (the converters' key paths)
-from dimo_jax.storage import checkpoints
+from dimo_jax.storage import checkpoints, text_files
 
 Params = Dict[str, Any]
 
@@ -50,14 +50,111 @@ def problems(source: str, what: str, missing: Iterable[str], unexpected: Iterabl
 
 
 def check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, Tuple[int, ...]], *,
-                     source: str, what: str, fix: str) -> None:
-  """Raises ValueError naming every missing, unexpected or mis-shaped key of ``state_dict``."""
+                     source: str, what: str, fix: str, allow_nonfinite: bool = False) -> None:
+  """Raises ValueError naming every missing, unexpected or mis-shaped key of ``state_dict``, then
+  checks the expected tensors' dtypes and values with ``check_weights``."""
   mismatched = [(k, shape_of(v), tuple(expected[k])) for k, v in state_dict.items()
                 if k in expected and shape_of(v) != tuple(expected[k])]
   report = problems(source, what, set(expected) - set(state_dict), set(state_dict) - set(expected),
                     mismatched, fix)
   if report:
     raise ValueError(report)
+  check_weights({k: v for k, v in state_dict.items() if k in expected}, source,
+                allow_nonfinite=allow_nonfinite)
+
+
+# Buffers whose role is an integer (an index table or a counter), not a weight.
+INTEGER_BUFFERS = ("position_ids", "num_batches_tracked")
+NONFINITE_FLAG = "--allow_nonfinite"
+
+
+def _is_float_dtype(dtype) -> bool:
+  name = str(dtype).replace("torch.", "")
+  return name.startswith(("float", "bfloat", "complex"))
+
+
+def check_weights(tensors: Mapping[str, Any], source: str, *, allow_nonfinite: bool = False) -> None:
+  """Refuses weights whose dtype does not fit their role and non-finite weights.
+
+  Every tensor except the integer buffers (names ending in ``INTEGER_BUFFERS``) is a weight and
+  must be stored as floats: an integer or boolean weight means a file of another model or a
+  corrupt header. NaN / inf entries are reported by name with their count; ``allow_nonfinite``
+  (the converter flag ``--allow_nonfinite``) accepts them. Raises ``UserError``.
+  """
+  wrong, nonfinite = [], []
+  for name in sorted(tensors):
+    if str(name).rsplit(".", 1)[-1] in INTEGER_BUFFERS:
+      continue
+    value = tensors[name]
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not _is_float_dtype(dtype):
+      wrong.append(f"{name} ({str(dtype).replace('torch.', '') if dtype is not None else type(value).__name__})")
+      continue
+    if not allow_nonfinite:
+      array = to_numpy(value)
+      bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+      if bad:
+        nonfinite.append(f"{name} ({bad} of {array.size})")
+  if wrong:
+    raise checkpoints.UserError(
+        f"{source}: weights stored as integers, booleans or non-arrays: {_listed(wrong)}; a weight is a "
+        "float tensor: this file holds another model's tensors or is corrupt")
+  if nonfinite:
+    raise checkpoints.UserError(
+        f"{source}: non-finite (NaN / inf) weights: {_listed(nonfinite)}; the file is damaged or "
+        f"the training diverged: use an intact file, or pass {NONFINITE_FLAG} to convert it anyway")
+
+
+def _listed(items, limit: int = 8) -> str:
+  return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# ---------------------------------------------------------------------------- config.json readers
+# A field's kind: "size" (an int >= 1), "count" (an int >= 0), "number" (a finite int or float),
+# "flag" (a bool), "text" (a string), "sizes" (a list of sizes), "texts" (a list of strings),
+# "object" (a JSON object).
+def _kind_ok(kind: str, value) -> bool:
+  is_int = isinstance(value, int) and not isinstance(value, bool)
+  checks = {
+      "size": lambda v: is_int and v >= 1,
+      "count": lambda v: is_int and v >= 0,
+      "number": lambda v: (is_int or isinstance(v, float)) and np.isfinite(float(v)),
+      "flag": lambda v: isinstance(v, bool),
+      "text": lambda v: isinstance(v, str),
+      "sizes": lambda v: isinstance(v, list) and all(_kind_ok("size", x) for x in v),
+      "texts": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+      "object": lambda v: isinstance(v, dict),
+  }
+  return checks[kind](value)
+
+
+_KIND_WORDS = {"size": "an integer >= 1", "count": "an integer >= 0", "number": "a finite number",
+               "flag": "true or false", "text": "a string", "sizes": "a list of integers >= 1",
+               "texts": "a list of strings", "object": "a JSON object"}
+
+
+def check_config_fields(d: Any, fields: Mapping[str, str], source: str, fix: str) -> dict:
+  """``d`` (a parsed ``config.json``), less the keys of ``fields`` set to ``null`` (absent), when it
+  is an object whose keys named in ``fields`` have the kind given there (see ``_KIND_WORDS``); else
+  ``UserError`` naming the file, the key, the value and ``fix``."""
+  if not isinstance(d, dict):
+    raise checkpoints.UserError(f"{source}: holds a JSON {type(d).__name__}, not an object of "
+                                f"settings; {fix}")
+  for key, kind in fields.items():
+    value = d.get(key)
+    if value is not None and not _kind_ok(kind, value):
+      raise checkpoints.UserError(f"{source}: \"{key}\" is {json.dumps(value)[:80]}, expected "
+                                  f"{_KIND_WORDS[kind]}; {fix}")
+  return {k: v for k, v in d.items() if v is not None or k not in fields}
+
+
+def build_config(cls, kwargs: Mapping[str, Any], what: str, fix: str):
+  """``cls(**kwargs)``; a value the config class refuses becomes ``UserError("<what> (<reason>);
+  <fix>")``."""
+  try:
+    return cls(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise checkpoints.UserError(f"{what} ({e}); {fix}") from None
 
 
 # ---------------------------------------------------------------------------- released and converted folders
@@ -111,14 +208,22 @@ def read_converted(folder: str, kind: str, name: str, command: str) -> Tuple[dic
     raise FileNotFoundError(
         f"{folder}: no converted {name} here (missing {', '.join(missing)}). "
         f"Convert the released weights first: {command}")
-  with open(os.path.join(folder, CONVERTED_CONFIG)) as f:
-    meta = json.load(f)
+  meta = check_config_fields(text_files.read_json(os.path.join(folder, CONVERTED_CONFIG), f"convert again: {command}"),
+                             {"kind": "text", "config": "object"}, f"{folder}/{CONVERTED_CONFIG}",
+                             f"convert again: {command}")
   if meta.get("kind") != kind:
     raise ValueError(f"{folder}/{CONVERTED_CONFIG}: kind {meta.get('kind')!r}, expected {kind!r}; "
                      f"this folder holds another converted model. {command}")
   from flax import serialization  # pylint: disable=import-outside-toplevel
   with open(os.path.join(folder, CONVERTED_PARAMS), "rb") as f:
-    restored = serialization.msgpack_restore(f.read())
+    blob = f.read()
+  try:
+    restored = serialization.msgpack_restore(blob)
+  except Exception as e:  # msgpack raises its own types for truncated or foreign bytes
+    raise checkpoints.UserError(f"{folder}/{CONVERTED_PARAMS}: not a flax msgpack file ({type(e).__name__}); "
+                                f"convert again: {command}") from None
+  if not isinstance(restored, dict) or not isinstance(restored.get("params", {}), dict):
+    raise checkpoints.UserError(f"{folder}/{CONVERTED_PARAMS}: holds no params tree; convert again: {command}")
   return meta, flatten(restored.get("params", {}))
 
 

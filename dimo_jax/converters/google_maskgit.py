@@ -10,7 +10,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from dimo_jax.converters.common import problems, shape_of
+from dimo_jax.converters.common import check_weights, problems, shape_of
 from dimo_jax.converters.maskgit_common import (
   BERT_FIELDS,
   apply_overrides,
@@ -62,14 +62,16 @@ def google_maskgit_layout(*, depth: int, width: int, heads: int, mlp_dim: int, r
 
 def convert_google_maskgit(src: Union[str, bytes, os.PathLike, Mapping[str, Any]],
                            model_cfg_overrides: Optional[Mapping[str, Any]] = None,
-                           *, source: Optional[str] = None) -> Tuple[Params, Dict[str, Any]]:
+                           *, source: Optional[str] = None,
+                           allow_nonfinite: bool = False) -> Tuple[Params, Dict[str, Any]]:
   """Google MaskGIT transformer checkpoint -> (``BertMaskTransformer`` params, constructor kwargs).
 
   ``src`` is the msgpack file path, its bytes (``flax.serialization.to_bytes({'params': ...})``,
   parsed with ``msgpack_restore``) or an already restored tree. Heads, width, depth, MLP size and
   sequence length come from the tensors; for a table other than the published 2025 rows give
   ``codebook_size`` or ``num_classes`` in ``model_cfg_overrides``. Raises ``ValueError`` listing
-  every missing, unexpected or mis-shaped parameter.
+  every missing, unexpected or mis-shaped parameter, every integer-typed one and (unless
+  ``allow_nonfinite``) every one holding NaN / inf.
   """
   if isinstance(src, Mapping):
     tree, name = src, "params"
@@ -113,6 +115,7 @@ def convert_google_maskgit(src: Union[str, bytes, os.PathLike, Mapping[str, Any]
                   "Pass Google's MaskGIT transformer checkpoint (e.g. maskgit_imagenet256_checkpoint).")
   if msg:
     raise ValueError(msg)
+  check_weights(flat, source, allow_nonfinite=allow_nonfinite)
 
   codebook_size, num_classes = split_sizes(
       rows, overrides.pop("codebook_size", None), overrides.pop("num_classes", None),
@@ -155,9 +158,12 @@ def convert_google_maskgit(src: Union[str, bytes, os.PathLike, Mapping[str, Any]
 
 
 def convert_google_maskgit_file(input_path: str, output: str, *, codebook_size: Optional[int] = None,
-                                num_classes: Optional[int] = None, overwrite: bool = False) -> str:
-  """Google MaskGIT msgpack -> teacher checkpoint directory at ``output``."""
+                                num_classes: Optional[int] = None, overwrite: bool = False,
+                                allow_nonfinite: bool = False) -> str:
+  """Google MaskGIT msgpack -> teacher checkpoint directory at ``output`` (``allow_nonfinite``:
+  convert weights holding NaN / inf, refused otherwise)."""
   overrides = {"codebook_size": codebook_size, "num_classes": num_classes}
-  params, kwargs = convert_google_maskgit(input_path, {k: v for k, v in overrides.items() if v is not None})
+  params, kwargs = convert_google_maskgit(input_path, {k: v for k, v in overrides.items() if v is not None},
+                                          allow_nonfinite=allow_nonfinite)
   return save_converted(output, params, kwargs, arch="bert", kind="google-maskgit", input_path=input_path,
                         overwrite=overwrite)

@@ -26,7 +26,6 @@ Command line (wired in ``dimo_jax.convert``)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
@@ -36,6 +35,7 @@ import numpy as np
 from dimo_jax.converters import common
 from dimo_jax.converters.safetensors_io import load_safetensors
 from dimo_jax.networks.meissonic import MeissonicConfig, param_shapes, stack_layers, unstack_layers
+from dimo_jax.storage import text_files
 
 KIND = "meissonic"
 PARAMS_FILE = common.CONVERTED_PARAMS
@@ -51,6 +51,11 @@ _CONFIG_KEYS = {
     "joint_attention_dim": "text_dim", "pooled_projection_dim": "pooled_dim",
     "axes_dims_rope": "axes_dims_rope", "downsample": "downsample", "upsample": "upsample",
 }
+
+_CONFIG_KINDS = dict(num_layers="size", num_single_layers="size", num_attention_heads="size",
+                     attention_head_dim="size", vocab_size="size", codebook_size="size",
+                     joint_attention_dim="size", pooled_projection_dim="size", axes_dims_rope="sizes",
+                     downsample="flag", upsample="flag")
 
 
 def convert_command(output: str = "<dir>") -> str:
@@ -186,22 +191,22 @@ def flax_layout(config: MeissonicConfig = MeissonicConfig()) -> Dict[str, Tuple[
 def config_from_diffusers(d: Mapping[str, Any], source: str = "config.json",
                           **overrides) -> MeissonicConfig:
   """A ``MeissonicConfig`` from the released ``transformer/config.json`` (plus overrides)."""
+  d = common.check_config_fields(d, _CONFIG_KINDS, source, f"pass Meissonic's transformer/ folder with its "
+                                 f"released config.json: {convert_command()}")
   fields = {}
   for key, field in _CONFIG_KEYS.items():
     if key in d and d[key] is not None:
       fields[field] = tuple(d[key]) if key == "axes_dims_rope" else d[key]
   fields.update(overrides)
-  try:
-    return MeissonicConfig(**fields)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{source}: not a Meissonic transformer config ({e})") from e
+  return common.build_config(MeissonicConfig, fields, f"{source}: not a Meissonic transformer config",
+                             f"pass Meissonic's transformer/ folder: {convert_command()}")
 
 
 # ------------------------------------------------------------------------------------- convert
 
 
 def convert_meissonic_state_dict(state_dict: Mapping[str, Any], config: MeissonicConfig, *,
-                                 source: str = "state dict") -> Dict[str, Any]:
+                                 source: str = "state dict", allow_nonfinite: bool = False) -> Dict[str, Any]:
   """Released tensors -> nested params of ``MeissonicTransformer(config)``, strictly checked.
 
   Tensors are stored in ``config.param_dtype``; the dual / single blocks are stacked on axis 0
@@ -213,7 +218,8 @@ def convert_meissonic_state_dict(state_dict: Mapping[str, Any], config: Meissoni
       fix=("Pass Meissonic's released transformer/ folder (config.json + diffusion_pytorch_model"
            f".safetensors) or its .safetensors file: {convert_command()}; the sizes come from the "
            "config.json beside the weights, so a file and a config that do not belong together "
-           "(or a file without its config.json at non-default sizes) show up here."))
+           "(or a file without its config.json at non-default sizes) show up here."),
+      allow_nonfinite=allow_nonfinite)
   dtype = config.storage_dtype
   flat: Dict[str, Any] = {}
   for e, group, index in entries:
@@ -233,23 +239,24 @@ def convert_meissonic_state_dict(state_dict: Mapping[str, Any], config: Meissoni
 
 
 def convert_meissonic(input_path: str, output_dir: str, config: Optional[MeissonicConfig] = None,
-                      **overrides) -> MeissonicConfig:
+                      allow_nonfinite: bool = False, **overrides) -> MeissonicConfig:
   """Converts a released transformer into ``output_dir``; returns the config written.
 
   ``config`` replaces the sizes read from ``config.json``; ``overrides`` replace single fields
-  (e.g. ``param_dtype="bfloat16"`` to store half the bytes, ``scan=False``).
+  (e.g. ``param_dtype="bfloat16"`` to store half the bytes, ``scan=False``); ``allow_nonfinite``
+  converts weights holding NaN / inf (refused otherwise).
   """
   weights, cfg_path = common.resolve_released_input(input_path, "transformer", WEIGHTS_FILE,
                                                      convert_command())
   if config is None:
     if cfg_path is not None:
-      with open(cfg_path) as f:
-        config = config_from_diffusers(json.load(f), cfg_path)
+      config = config_from_diffusers(text_files.read_json(cfg_path), cfg_path)
     else:
       config = MeissonicConfig()
   if overrides:
     config = dataclasses.replace(config, **overrides)
-  params = convert_meissonic_state_dict(load_safetensors(weights), config, source=weights)
+  params = convert_meissonic_state_dict(load_safetensors(weights), config, source=weights,
+                                        allow_nonfinite=allow_nonfinite)
   common.write_converted(output_dir, KIND, config.to_dict(), params, weights)
   return config
 

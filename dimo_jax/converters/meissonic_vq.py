@@ -19,7 +19,6 @@ atomically; read it back with ``load_meissonic_vq``. Command line (wired in ``di
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -30,12 +29,20 @@ import numpy as np
 from dimo_jax.converters import common
 from dimo_jax.converters.safetensors_io import load_safetensors
 from dimo_jax.networks.meissonic_vq import MeissonicVQConfig, MeissonicVQModel
+from dimo_jax.storage import text_files
+from dimo_jax.storage.checkpoints import UserError
 
 KIND = "meissonic-vq"
 PARAMS_FILE = common.CONVERTED_PARAMS
 CONFIG_FILE = common.CONVERTED_CONFIG
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 _WHAT = "Meissonic VQ model (diffusers VQModel) layout"
+
+_CONFIG_KINDS = dict(_class_name="text", mid_block_add_attention="flag", norm_type="text", act_fn="text",
+                     down_block_types="texts", up_block_types="texts", in_channels="size",
+                     out_channels="size", block_out_channels="sizes", layers_per_block="size",
+                     latent_channels="size", num_vq_embeddings="size", vq_embed_dim="size",
+                     norm_num_groups="size")
 
 
 def convert_command(output: str = "<dir>") -> str:
@@ -133,10 +140,12 @@ def flax_layout(config: MeissonicVQConfig = MeissonicVQConfig()) -> Dict[str, Tu
 
 def config_from_diffusers(d: Mapping[str, Any], source: str = "config.json") -> MeissonicVQConfig:
   """The released ``vqvae/config.json`` (diffusers ``VQModel``) -> ``MeissonicVQConfig``."""
+  d = common.check_config_fields(d, _CONFIG_KINDS, source, f"pass Meissonic's vqvae/ folder with its released "
+                                 f"config.json: {convert_command()}")
   name = d.get("_class_name", "VQModel")
   if name != "VQModel":
-    raise ValueError(f"{source}: describes a {name!r}, not a diffusers VQModel; pass Meissonic's "
-                     f"vqvae/ folder: {convert_command()}")
+    raise UserError(f"{source}: describes a {name!r}, not a diffusers VQModel; pass Meissonic's "
+                    f"vqvae/ folder: {convert_command()}")
   unsupported = []
   if d.get("mid_block_add_attention", True):  # diffusers' default builds mid-block attention
     unsupported.append("mid_block_add_attention=true or absent (Meissonic's VQ has no attention)")
@@ -149,13 +158,14 @@ def config_from_diffusers(d: Mapping[str, Any], source: str = "config.json") -> 
     if any(t != want for t in d.get(field, ())):
       unsupported.append(f"{field}={list(d[field])} (only {want})")
   if unsupported:
-    raise ValueError(f"{source}: this VQModel differs from Meissonic's: " + "; ".join(unsupported))
+    raise UserError(f"{source}: this VQModel differs from Meissonic's: " + "; ".join(unsupported))
   fields = dict(in_channels="in_channels", out_channels="out_channels",
                 block_out_channels="block_out_channels", layers_per_block="layers_per_block",
                 latent_channels="latent_channels", num_vq_embeddings="num_vq_embeddings",
                 vq_embed_dim="vq_embed_dim", norm_num_groups="norm_num_groups")
   kwargs = {ours: d[theirs] for ours, theirs in fields.items() if theirs in d}
-  return MeissonicVQConfig(**kwargs)
+  return common.build_config(MeissonicVQConfig, kwargs, f"{source}: not a Meissonic VQ model config",
+                             f"pass Meissonic's vqvae/ folder: {convert_command()}")
 
 
 def infer_config(state_dict: Mapping[str, Any]) -> MeissonicVQConfig:
@@ -194,14 +204,15 @@ def infer_config(state_dict: Mapping[str, Any]) -> MeissonicVQConfig:
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], config: MeissonicVQConfig, *,
-                       source: str = "state dict") -> Dict[str, Any]:
+                       source: str = "state dict", allow_nonfinite: bool = False) -> Dict[str, Any]:
   """Released tensors -> nested float32 params of ``MeissonicVQModel(config)``, strictly checked."""
   layout = meissonic_vq_layout(config)
   common.check_state_dict(
       state_dict, layout, source=source, what=_WHAT,
       fix=("Pass Meissonic's released vqvae/ folder (config.json + diffusion_pytorch_model"
            f".safetensors) or its .safetensors file: {convert_command()}; if the architecture "
-           "differs from config.json, the file and the config do not belong together."))
+           "differs from config.json, the file and the config do not belong together."),
+      allow_nonfinite=allow_nonfinite)
   flat = {}
   for key in layout:
     value = common.to_numpy(state_dict[key]).astype(np.float32)
@@ -212,20 +223,20 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: MeissonicVQConfig,
 
 
 def convert_meissonic_vq(input_path: str, output_dir: str,
-                         config: Optional[MeissonicVQConfig] = None) -> str:
+                         config: Optional[MeissonicVQConfig] = None, allow_nonfinite: bool = False) -> str:
   """Converts a released VQ model into ``output_dir``; returns ``output_dir``.
 
-  ``config`` overrides the architecture read from ``config.json`` or inferred from the shapes.
+  ``config`` overrides the architecture read from ``config.json`` or inferred from the shapes;
+  ``allow_nonfinite`` converts weights holding NaN / inf (refused otherwise).
   """
   weights, cfg_path = common.resolve_released_input(input_path, "vqvae", WEIGHTS_FILE, convert_command())
   state_dict = load_safetensors(weights)
   if config is None:
     if cfg_path is not None:
-      with open(cfg_path) as f:
-        config = config_from_diffusers(json.load(f), cfg_path)
+      config = config_from_diffusers(text_files.read_json(cfg_path), cfg_path)
     else:
       config = infer_config(state_dict)
-  params = convert_state_dict(state_dict, config, source=weights)
+  params = convert_state_dict(state_dict, config, source=weights, allow_nonfinite=allow_nonfinite)
   common.write_converted(output_dir, KIND, config.to_dict(), params, weights)
   return output_dir
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, Mapping, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-from dimo_jax.converters.common import to_numpy
+from dimo_jax.converters.common import check_weights, to_numpy
 from dimo_jax.converters.torch_files import find_placeholders, load_torch_file
 from dimo_jax.core.trees import unflatten_paths
 from dimo_jax.networks.vqgan import TamingConfig, TamingVQGAN, abstract_params, format_problems
@@ -65,12 +65,13 @@ def taming_param_layout(config: TamingConfig = TamingConfig()) -> Dict[str, Tupl
 def convert_taming_state_dict(state_dict: Mapping[str, Any],
                               config: TamingConfig = TamingConfig(),
                               param_dtype: Dtype = jnp.float32,
-                              source: str = "state_dict") -> Params:
+                              source: str = "state_dict", allow_nonfinite: bool = False) -> Params:
   """Taming ``VQModel`` PyTorch state dict -> ``TamingVQGAN`` params (the inner ``params`` tree).
 
   Accepts a plain state dict or a Lightning checkpoint dict holding one under ``state_dict``.
   Keys under ``loss.`` (perceptual loss / discriminator) are ignored. Any missing or extra key,
-  or a shape mismatch, raises ``ValueError`` listing the names and shapes.
+  or a shape mismatch, raises ``ValueError`` listing the names and shapes; integer-typed weights
+  and (unless ``allow_nonfinite``) weights holding NaN / inf are refused by name.
   """
   if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
     state_dict = state_dict["state_dict"]
@@ -95,11 +96,12 @@ def convert_taming_state_dict(state_dict: Mapping[str, Any],
         source, missing, unexpected, mismatched,
         f"Pass a Taming-transformers VQModel checkpoint whose architecture matches {config} "
         "(or adjust the TamingConfig)."))
+  check_weights({k: given[k] for k in layout}, source, allow_nonfinite=allow_nonfinite)
   return unflatten_paths(arrays)
 
 
 def load_taming_checkpoint(path: str, config: TamingConfig = TamingConfig(),
-                           param_dtype: Dtype = jnp.float32) -> Params:
+                           param_dtype: Dtype = jnp.float32, allow_nonfinite: bool = False) -> Params:
   """Load a Taming VQGAN ``.ckpt`` / ``.pth`` (Lightning or plain state dict) -> ``{'params': ...}``.
 
   Read without executing code (``torch_files.load_torch_file`` with placeholders): the
@@ -125,4 +127,5 @@ def load_taming_checkpoint(path: str, config: TamingConfig = TamingConfig(),
   if odd:
     raise ValueError(f"{path}: the state dict holds objects that are not tensors: "
                      + ", ".join(f"{where}: {label}" for where, label in odd))
-  return {"params": convert_taming_state_dict(state, config, param_dtype, source=path)}
+  return {"params": convert_taming_state_dict(state, config, param_dtype, source=path,
+                                             allow_nonfinite=allow_nonfinite)}

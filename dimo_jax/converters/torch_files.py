@@ -14,10 +14,15 @@ from __future__ import annotations
 import _compat_pickle
 import builtins
 import collections
+import io
 import os
 import pickle
+import pickletools
+import struct
 import zipfile
 from typing import Any, Dict, List, Mapping, Tuple
+
+from dimo_jax.storage.checkpoints import UserError
 
 _WRAPPER_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "network", "vit",
                  "ema", "model_ema", "ema_state_dict")
@@ -140,9 +145,38 @@ class _Storage:
     self.flat = flat
 
 
+_MAX_BUILT_ITEMS = 2**24
+
+
+def _bounded(constructor):
+  """``constructor`` (a builtin the file may call) refusing a size argument over
+  ``_MAX_BUILT_ITEMS``: ``bytes(n)``, ``bytearray(n)`` and ``range(n)`` would otherwise let a
+  tiny pickle ask for any allocation."""
+  if constructor not in (bytes, bytearray, range):
+    return constructor
+
+  def build(*args):
+    sizes = [a for a in args if isinstance(a, int)]
+    span = len(range(*sizes)) if constructor is range and sizes else (sizes[0] if sizes else 0)
+    if span > _MAX_BUILT_ITEMS:
+      raise pickle.UnpicklingError(f"the pickle asks for {constructor.__name__}({span}); refused")
+    return constructor(*args)
+
+  return build
+
+
 def _codecs_encode(obj, encoding="utf-8", errors="strict"):
   import codecs  # pylint: disable=import-outside-toplevel
   return codecs.encode(obj, encoding, errors)
+
+
+def _modern_name(module, name) -> Tuple[str, str]:
+  """``(module, name)`` with Python 2 names (pickle protocol < 3 writes ``__builtin__``,
+  ``copy_reg``, ...) mapped as pickle maps them."""
+  module, name = str(module), str(name)
+  if (module, name) in _compat_pickle.NAME_MAPPING:
+    return _compat_pickle.NAME_MAPPING[(module, name)]
+  return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -175,18 +209,12 @@ class RestrictedUnpickler(pickle.Unpickler):
         ("_codecs", "encode"): _codecs_encode,
     }
     for name in _BUILTINS:
-      self._allowed[("builtins", name)] = getattr(builtins, name)
+      self._allowed[("builtins", name)] = _bounded(getattr(builtins, name))
     for name, dtype in _STORAGE_DTYPES.items():
       self._allowed[("torch", name)] = _StorageType(name, getattr(torch, dtype))
 
   def find_class(self, module, name):
-    module, name = str(module), str(name)
-    # Python 2 names (pickle protocol < 3 writes ``__builtin__``, ``copy_reg``, ...), as pickle maps them.
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-      module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-    elif module in _compat_pickle.IMPORT_MAPPING:
-      module = _compat_pickle.IMPORT_MAPPING[module]
-    key = (module, name)
+    key = _modern_name(module, name)
     if key in self._allowed:
       return self._allowed[key]
     if key[0] == "torch" and isinstance(getattr(self._torch, key[1], None), self._torch.dtype):
@@ -243,6 +271,151 @@ class RestrictedUnpickler(pickle.Unpickler):
     return placeholder_class("copyreg", "_reconstructor")(cls, base, state)
 
 
+# ------------------------------------------------------------------------------------ declared sizes
+
+_ELEMENT_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+                  "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
+_LEGACY_PICKLES = 4  # magic number, protocol version, system info, the object
+
+
+class _BoundedReader:
+  """A binary file seen as at most ``end`` bytes: ``read(n)`` never asks the file for more than
+  what is left, so a length field in a hostile file cannot make a read allocate it."""
+
+  def __init__(self, f, end: int):
+    self._f, self._end = f, end
+
+  def read(self, n: int = -1) -> bytes:
+    left = max(0, self._end - self._f.tell())
+    return self._f.read(left if n is None or n < 0 else min(n, left))
+
+  def readline(self) -> bytes:
+    return self._f.readline(max(0, self._end - self._f.tell()))
+
+  def tell(self) -> int:
+    return self._f.tell()
+
+
+def _allocates(module: str, name: str) -> bool:
+  """True for the constructors ``torch.load(weights_only=True)`` lets a file call with a size:
+  ``bytearray(n)``, the legacy ``torch.*Tensor(n, ...)`` and ``torch.*Storage(n)``."""
+  if module == "builtins":
+    return name in ("bytearray", "bytes")
+  return module.split(".")[0] == "torch" and name.endswith(("Tensor", "Storage"))
+
+
+def _declared_count(args) -> int:
+  """The element count integer arguments ask for (their product; a size tuple counts as its own)."""
+  count = 1
+  for a in args:
+    if isinstance(a, (tuple, list)) and a and all(isinstance(x, int) for x in a):
+      count *= _declared_count(a)
+    elif isinstance(a, int) and not isinstance(a, bool):
+      count *= max(a, 0)
+  return count
+
+
+class _SizeScanner(pickle.Unpickler):
+  """Unpickles nothing: every class or function becomes an inert placeholder, each storage the
+  pickle declares (its persistent id) is recorded as ``(key, element type name, numel)``, and a
+  call of a constructor that allocates (``_allocates``) asking for more elements than ``limit``
+  is refused."""
+
+  def __init__(self, file, limit: int):
+    super().__init__(file)
+    self.storages: Dict[str, Tuple[str, int]] = {}
+    self._classes: Dict[Tuple[str, str], Any] = {}
+    self._limit = limit
+
+  def find_class(self, module, name):
+    key = _modern_name(module, name)
+    module, name = key
+    if key not in self._classes:
+      inert = placeholder_class(*key)
+      if _allocates(*key):
+        def sized(*args, _label=f"{module}.{name}", _inert=inert, **kwargs):
+          count = _declared_count(args)
+          if count > self._limit:
+            raise pickle.UnpicklingError(f"the pickle calls {_label} for {count} elements")
+          return _inert(*args, **kwargs)
+        sized.placeholder_name = name  # a storage type named in a persistent id
+        self._classes[key] = sized
+      else:
+        self._classes[key] = inert
+    return self._classes[key]
+
+  def persistent_load(self, pid):
+    if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage"):
+      storage_type, key, _, numel = pid[1:5]
+      kind = getattr(storage_type, "placeholder_name", "") or getattr(storage_type, "name", "")
+      if not isinstance(numel, int) or numel < 0:
+        raise pickle.UnpicklingError(f"a storage declares {numel!r} elements")
+      self.storages[str(key)] = (str(kind), numel)
+    return None
+
+
+def _storage_bytes(kind: str, numel: int) -> int:
+  dtype = _STORAGE_DTYPES.get(kind, kind)
+  return numel * _ELEMENT_BYTES.get(dtype, 16)  # an unknown type: the widest element
+
+
+def _scan_pickle(f, end: int, limit: int) -> Dict[str, Tuple[str, int]]:
+  """The storages one pickle (from ``f``'s position, within ``end``) declares; every length field
+  is checked against the bytes left first (``pickletools.genops``), so nothing large is allocated."""
+  start = f.tell()
+  for _ in pickletools.genops(_BoundedReader(f, end)):
+    pass
+  stop = f.tell()
+  f.seek(start)
+  scanner = _SizeScanner(io.BytesIO(f.read(stop - start)), limit)
+  scanner.load()
+  return scanner.storages
+
+
+def check_declared_sizes(path: str) -> None:
+  """Refuses a PyTorch file whose pickle asks for more bytes than the file holds, before torch
+  allocates them: each storage of a zip checkpoint must match its record, the storages of a
+  legacy file must fit in the file, no zip record may declare more bytes than the file, and no
+  ``bytearray(n)`` / ``torch.*Tensor(n)`` / ``torch.*Storage(n)`` call may ask for more elements
+  than the file has bytes.
+
+  Raises ``UserError`` naming the file; a file that is not a torch pickle passes (torch reports it).
+  """
+  size = os.path.getsize(path)
+  fix = "the file is corrupt or hostile; download it again from its release"
+  try:
+    if zipfile.is_zipfile(path):
+      with zipfile.ZipFile(path) as archive:
+        infos = {i.filename: i for i in archive.infolist()}
+        for info in infos.values():
+          if info.file_size > size:
+            raise UserError(f"{path}: the record {info.filename} declares {info.file_size} bytes, more "
+                            f"than the whole file ({size} bytes); {fix}")
+        prefix = _archive_prefix(list(infos))
+        with archive.open(f"{prefix}data.pkl") as f:
+          data = io.BytesIO(f.read())
+        for key, (kind, numel) in _scan_pickle(data, len(data.getvalue()), size).items():
+          info = infos.get(f"{prefix}data/{key}")
+          want = _storage_bytes(kind, numel)
+          if info is not None and want > info.file_size:
+            raise UserError(f"{path}: storage {key} declares {numel} elements ({want} bytes) but its record "
+                            f"holds {info.file_size} bytes; {fix}")
+      return
+    with open(path, "rb") as f:
+      declared = {}
+      for _ in range(_LEGACY_PICKLES):
+        declared.update(_scan_pickle(f, size, size))
+  except UserError:
+    raise
+  except (pickle.UnpicklingError, ValueError, EOFError, TypeError, IndexError, KeyError, AttributeError,
+          RecursionError, struct.error, zipfile.BadZipFile, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]}); "
+                    f"{fix}") from None
+  total = sum(_storage_bytes(kind, numel) for kind, numel in declared.values())
+  if total > size:
+    raise UserError(f"{path}: the pickle declares tensors of {total} bytes in a file of {size} bytes; {fix}")
+
+
 def _archive_prefix(names: List[str]) -> str:
   pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
   if len(pickles) != 1:
@@ -292,6 +465,7 @@ def load_torch_file(path: str, placeholders: bool = False) -> Any:
   except ImportError as e:
     raise ImportError("Converting a PyTorch checkpoint needs torch (an optional extra): "
                       "pip install torch") from e
+  check_declared_sizes(path)
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # UnpicklingError / RuntimeError for objects other than tensors

@@ -10,7 +10,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from dimo_jax.converters.common import problems, shape_of, to_numpy
+from dimo_jax.converters.common import check_weights, problems, shape_of, to_numpy
 from dimo_jax.converters.maskgit_common import (
   PRELN_FIELDS,
   PUBLISHED_HEADS,
@@ -82,7 +82,8 @@ _VALEOAI_LAYER = {
 
 def convert_valeoai_state_dict(state_dict: Mapping[str, Any],
                                model_cfg_overrides: Optional[Mapping[str, Any]] = None,
-                               *, source: str = "state_dict") -> Tuple[Params, Dict[str, Any]]:
+                               *, source: str = "state_dict",
+                               allow_nonfinite: bool = False) -> Tuple[Params, Dict[str, Any]]:
   """valeoai MaskGIT state dict -> (``MaskTransformer`` params, constructor kwargs).
 
   ``state_dict`` may be wrapped (``model_state_dict``, ...) and carry DDP ``module.`` prefixes.
@@ -93,7 +94,8 @@ def convert_valeoai_state_dict(state_dict: Mapping[str, Any],
   through; ``scan=False`` gives unrolled ``block_i`` params, otherwise layers are stacked on
   axis 0 under ``blocks``. Params are float32 NumPy arrays.
 
-  Raises ``ValueError`` listing every missing, unexpected or mis-shaped key.
+  Raises ``ValueError`` listing every missing, unexpected or mis-shaped key, every integer-typed
+  weight and (unless ``allow_nonfinite``) every weight holding NaN / inf.
   """
   sd = extract_state_dict(state_dict, "tok_emb.weight", source)
   overrides = dict(model_cfg_overrides or {})
@@ -122,6 +124,7 @@ def convert_valeoai_state_dict(state_dict: Mapping[str, Any],
                   "generator's pytorch_model.bin), not a VQGAN or optimizer file.")
   if msg:
     raise ValueError(msg)
+  check_weights(sd, source, allow_nonfinite=allow_nonfinite)
 
   codebook_size, num_classes = split_sizes(
       rows, overrides.pop("codebook_size", None), overrides.pop("num_classes", None),
@@ -159,19 +162,21 @@ def convert_valeoai_state_dict(state_dict: Mapping[str, Any],
 
 def convert_valeoai_file(input_path: str, output: str, *, heads: Optional[int] = None,
                          codebook_size: Optional[int] = None, num_classes: Optional[int] = None,
-                         overwrite: bool = False) -> str:
-  """valeoai ``.pth`` -> teacher checkpoint directory at ``output``."""
+                         overwrite: bool = False, allow_nonfinite: bool = False) -> str:
+  """valeoai ``.pth`` -> teacher checkpoint directory at ``output`` (``allow_nonfinite``: convert
+  weights holding NaN / inf, refused otherwise)."""
   overrides = {"heads": heads, "codebook_size": codebook_size, "num_classes": num_classes}
   params, kwargs = convert_valeoai_state_dict(load_torch_file(input_path),
                                               {k: v for k, v in overrides.items() if v is not None},
-                                              source=os.fspath(input_path))
+                                              source=os.fspath(input_path), allow_nonfinite=allow_nonfinite)
   return save_converted(output, params, kwargs, arch="preln", kind="valeoai", input_path=input_path,
                         overwrite=overwrite)
 
 
 def convert_dimo_generator(input_path: str, output: str, *, heads: Optional[int] = None,
                            codebook_size: Optional[int] = None, num_classes: Optional[int] = None,
-                           r_init: Any = 0.6, sigma: float = 0.1, overwrite: bool = False) -> str:
+                           r_init: Any = 0.6, sigma: float = 0.1, overwrite: bool = False,
+                           allow_nonfinite: bool = False) -> str:
   """The Di[M]O authors' ``pytorch_model.bin`` -> one-step generator checkpoint at ``output``.
 
   Same layout as the teacher; ``config.json`` also records ``role: generator`` and the
@@ -180,7 +185,7 @@ def convert_dimo_generator(input_path: str, output: str, *, heads: Optional[int]
   overrides = {"heads": heads, "codebook_size": codebook_size, "num_classes": num_classes}
   params, kwargs = convert_valeoai_state_dict(load_torch_file(input_path),
                                               {k: v for k, v in overrides.items() if v is not None},
-                                              source=os.fspath(input_path))
+                                              source=os.fspath(input_path), allow_nonfinite=allow_nonfinite)
   extra = {"role": "generator", "sample": {"model": "generator", "steps": 1, "r_init": r_init, "sigma": sigma}}
   return save_converted(output, params, kwargs, arch="preln", kind="dimo-generator",
                         input_path=input_path, extra=extra, overwrite=overwrite)

@@ -173,7 +173,7 @@ def encode_prompts(prompts: Sequence[str], config: clip_text.CLIPTextConfig, see
                    tokenizer=None) -> Dict[str, np.ndarray]:
   """``{"text": [N, T, width], "pooled": [N, projection_dim]}`` from the fixed encoder (weights
   drawn from ``seed``), computed under ``jax.jit``."""
-  tokenizer = tokenizer or word_tokenizer(config.max_positions)
+  tokenizer = (tokenizer or word_tokenizer(config.max_positions)).check_fits(config.vocab_size)
   ids = jnp.asarray(tokenizer.encode(list(prompts)))
   model = clip_text.CLIPTextModel(config)
   params = jax.jit(model.init)(jax.random.key(seed), ids[:1])["params"]

@@ -20,6 +20,9 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from dimo_jax.storage import preflight
+from dimo_jax.storage.checkpoints import UserError
+
 VALID_NAMES = ('digits', 'npy', 'tfds')
 
 # ITU-R BT.601 luma weights for RGB -> grey.
@@ -152,7 +155,8 @@ def load_digits(levels: int = 17, val_fraction: float = 0.1,
 
 
 def _load_int_npy(path: str, what: str) -> np.ndarray:
-  """np.load without pickle; the array must hold integers."""
+  """np.load without pickle, memory-mapped (nothing is read until used); the array must hold
+  integers."""
   path = os.fspath(path)
   if os.path.isdir(path):
     raise IsADirectoryError(
@@ -170,15 +174,12 @@ def _load_int_npy(path: str, what: str) -> np.ndarray:
         f'{what} file {path!r} is not a NumPy .npy file (it starts with {head!r}: '
         f'{kind}). Save the array with np.save(path, arr.astype(np.int32)).')
   try:
-    arr = np.load(path, allow_pickle=False)
-  except ValueError as e:
-    raise ValueError(
-        f'{what} file {path!r} could not be loaded without pickle ({e}). '
-        f'Save a plain integer array with np.save(path, arr.astype(np.int32)).'
-    ) from e
-  except OSError as e:
-    raise ValueError(f'{what} file {path!r} is not a readable .npy file ({e}). '
-                     f'Save it with np.save.') from e
+    arr = np.load(path, mmap_mode='r', allow_pickle=False)
+  except Exception as e:  # pylint: disable=broad-except  # NumPy's header parser raises many types
+    raise UserError(
+        f'{what} file {path!r} is not a valid .npy array ({type(e).__name__}: '
+        f'{str(e)[:160]}); a truncated or corrupt file, or one that needs pickle. Save a plain '
+        f'integer array with np.save(path, arr.astype(np.int32)).') from None
   if not isinstance(arr, np.ndarray):  # e.g. an .npz archive.
     if hasattr(arr, 'close'):
       arr.close()
@@ -195,13 +196,71 @@ def _first_where(mask: np.ndarray) -> Tuple[int, ...]:
   return tuple(int(i) for i in np.argwhere(mask)[0])
 
 
+_CHUNK_ELEMENTS = 2**24
+
+
+def _row_chunks(array: np.ndarray):
+  """``(first row, rows)`` blocks of about ``_CHUNK_ELEMENTS`` values (a memory-mapped array is
+  read block by block)."""
+  rows = max(1, _CHUNK_ELEMENTS // max(1, int(np.prod(array.shape[1:], dtype=np.int64))))
+  for start in range(0, array.shape[0], rows):
+    yield start, np.asarray(array[start:start + rows])
+
+
+def _first_match(array: np.ndarray, test) -> Tuple[int, ...]:
+  """The index of the first value of ``array`` where ``test(block)`` holds."""
+  for start, block in _row_chunks(array):
+    mask = test(block)
+    if mask.any():
+      where = _first_where(mask)
+      return (start + where[0],) + where[1:]
+  raise AssertionError('no value matches')
+
+
+def _value_stats(array: np.ndarray) -> Tuple[int, int, np.ndarray, np.ndarray]:
+  """(min, max, distinct values, their counts) of an integer array, read block by block."""
+  values, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
+  for _, block in _row_chunks(array):
+    if block.dtype == np.uint64:  # beyond any vocabulary anyway: kept >= 2**62 rather than wrapped negative
+      block = np.minimum(block, np.uint64(2**62))
+    v, c = np.unique(block.astype(np.int64, copy=False), return_counts=True)
+    values, where = np.unique(np.concatenate([values, v]), return_inverse=True)
+    counts = np.bincount(where, weights=np.concatenate([counts, c]), minlength=len(values)).astype(np.int64)
+  return int(values[0]), int(values[-1]), values, counts
+
+
+# A largest id beyond this many times the distinct values (plus a margin) is taken for an outlier
+# when the vocabulary is inferred: one stray 1,000,000 among ids below 8 would make a 1,000,001-row
+# embedding table.
+OUTLIER_FACTOR = 4
+OUTLIER_MARGIN = 256
+
+
+def infer_vocab_size(values: np.ndarray, counts: np.ndarray, path: str) -> int:
+  """``max + 1`` of the distinct token ``values`` (sorted, with their ``counts``), refusing ids far
+  beyond the number of distinct values (see ``OUTLIER_FACTOR``) with a ``UserError`` naming them."""
+  limit = OUTLIER_FACTOR * len(values) + OUTLIER_MARGIN
+  if int(values[-1]) < limit:
+    return int(values[-1]) + 1
+  far = values >= limit
+  shown = ', '.join(f'{int(v)} ({int(c)}x)' for v, c in zip(values[far][:5], counts[far][:5]))
+  more = f' and {int(far.sum()) - 5} more' if far.sum() > 5 else ''
+  below = int(values[~far][-1]) + 1 if (~far).any() else 0
+  raise UserError(
+      f'Tokens file {path!r}: {len(values)} distinct ids, but {shown}{more} lie far beyond them: '
+      f'an inferred vocabulary would have {int(values[-1]) + 1} rows (the rest fit in {below}). '
+      f'Fix or drop those sequences, or state the vocabulary with --config.data.vocab_size=<rows>.')
+
+
 def load_npy(path: str, labels_path: Optional[str] = None,
              vocab_size: Optional[int] = None, val_fraction: float = 0.1,
              seed: int = 0, image_shape=None,
              num_classes: Optional[int] = None) -> TokenDataset:
   """Loads tokens [N, L] (and labels [N]) from `.npy` files.
 
-  vocab_size: None or 0 infers tokens.max() + 1. num_classes: None or 0
+  The files are memory-mapped and scanned block by block; the int32 copy and the split must fit
+  in memory (``preflight.check_free_memory``). vocab_size: None or 0 infers tokens.max() + 1,
+  refusing outlier ids far beyond the distinct values (``infer_vocab_size``). num_classes: None or 0
   infers labels.max() + 1 when labels are given; without labels it must be
   None or 0 (unconditional).
   """
@@ -214,25 +273,29 @@ def load_npy(path: str, labels_path: Optional[str] = None,
   if tokens.shape[0] < 2 or tokens.shape[1] < 1:
     raise ValueError(f'Tokens file {path!r} has shape {tokens.shape}; need at '
                      f'least 2 sequences of length >= 1.')
-  if tokens.min() < 0:
-    where = _first_where(tokens < 0)
+  n, length = (int(d) for d in tokens.shape)
+  preflight.check_free_memory(
+      2 * n * length * 4, f'Tokens file {path!r} ({n} x {length} tokens, read as int32 and split)',
+      'use a smaller file (a slice of the sequences) or a machine with more memory')
+  min_token, max_token, values, counts = _value_stats(tokens)
+  if min_token < 0:
+    where = _first_match(tokens, lambda b: b < 0)
     raise ValueError(f'Tokens file {path!r} has negative token '
                      f'{int(tokens[where])} at index {where}; tokens must be '
                      f'in [0, vocab_size).')
-  max_token = int(tokens.max())
   if not vocab_size:
-    vocab_size = max_token + 1
+    vocab_size = infer_vocab_size(values, counts, path)
   vocab_size = int(vocab_size)
   if vocab_size < 1 or vocab_size >= 2**31 - 1:
     raise ValueError(f'vocab_size must be in [1, 2**31 - 1), got {vocab_size} '
                      f'(for {path!r}).')
   if max_token >= vocab_size:
-    where = _first_where(tokens >= vocab_size)
+    where = _first_match(tokens, lambda b: b >= vocab_size)
     raise ValueError(
         f'Tokens file {path!r} has token {int(tokens[where])} at index {where}'
         f', outside [0, vocab_size={vocab_size}). Raise vocab_size to at least '
         f'{max_token + 1} (0 infers it) or fix the data.')
-  tokens = tokens.astype(np.int32)
+  tokens = np.asarray(tokens, dtype=np.int32)
 
   labels = None
   if labels_path:

@@ -17,7 +17,8 @@ the ``tokenizers`` library:
   token is the one ``special_tokens_map.json`` names, else ``<|endoftext|>`` (laion's choice).
   No attention mask is returned: Meissonic feeds every position to both networks.
 
-``read_prompts(path)`` reads one prompt per line.
+``read_prompts(path)`` reads one prompt per line. Every file is read as UTF-8 (a byte-order mark
+dropped) by ``storage.text_files``; bytes that are not UTF-8 are reported with the file's name.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+
+from dimo_jax.storage import text_files
+from dimo_jax.storage.checkpoints import UserError
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -49,11 +53,23 @@ def _special_content(value: Any) -> Optional[str]:
 
 
 def _read_json(path: str) -> Any:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e}); {_HINT}.") from e
+  return text_files.read_json(path, _HINT)
+
+
+def _check_vocab(vocab: Any, path: str) -> Dict[str, int]:
+  """``vocab.json``'s object when every id is a distinct integer >= 0; else ``UserError`` naming
+  the token and its id."""
+  if not isinstance(vocab, dict) or not vocab:
+    raise UserError(f"{path}: expected a JSON object mapping tokens to ids; {_HINT}.")
+  seen: Dict[int, str] = {}
+  for token, i in vocab.items():
+    if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < 2**31:
+      raise UserError(f"{path}: token {token!r} has id {json.dumps(i)[:40]}, not an integer in [0, 2**31); "
+                      f"the file is corrupt or not a CLIP vocabulary; {_HINT}.")
+    if i in seen:
+      raise UserError(f"{path}: tokens {seen[i]!r} and {token!r} share the id {i}; {_HINT}.")
+    seen[i] = token
+  return vocab
 
 
 def _read_merges(path: str, vocab: Dict[str, int]) -> List[Tuple[str, str]]:
@@ -63,25 +79,21 @@ def _read_merges(path: str, vocab: Dict[str, int]) -> List[Tuple[str, str]]:
   whose tokens exist is the same for the released files.
   """
   merges = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      line = line.rstrip("\n")
-      if not line or line.startswith("#version"):
-        continue
-      parts = line.split()
-      if len(parts) != 2:
-        raise ValueError(f"{path}, line {n}: expected two tokens separated by a space, got "
-                         f"{line!r}.")
-      a, b = parts
-      if a in vocab and b in vocab and a + b in vocab:
-        merges.append((a, b))
+  for n, line in enumerate(text_files.read_lines(path, _HINT), 1):
+    if not line or line.startswith("#version"):
+      continue
+    parts = line.split()
+    if len(parts) != 2:
+      raise UserError(f"{path}, line {n}: expected two tokens separated by a space, got "
+                      f"{line[:80]!r}; {_HINT}.")
+    a, b = parts
+    if a in vocab and b in vocab and a + b in vocab:
+      merges.append((a, b))
   return merges
 
 
 def _clip_bpe(vocab_path: str, merges_path: str) -> tokenizers.Tokenizer:
-  vocab = _read_json(vocab_path)
-  if not isinstance(vocab, dict) or not vocab:
-    raise ValueError(f"{vocab_path}: expected a JSON object mapping tokens to ids; {_HINT}.")
+  vocab = _check_vocab(_read_json(vocab_path), vocab_path)
   for token in (BOS_TOKEN, EOS_TOKEN):
     if token not in vocab:
       raise ValueError(f"{vocab_path}: the vocabulary has no {token!r}; this is not a CLIP "
@@ -123,6 +135,22 @@ class CLIPTokenizer:
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
+  @property
+  def max_id(self) -> int:
+    """The largest id the tokenizer can emit."""
+    return max(self._tok.get_vocab(with_added_tokens=True).values())
+
+  def check_fits(self, embedding_rows: int, what: str = "the text encoder") -> "CLIPTokenizer":
+    """``self`` when every id it can emit is below ``embedding_rows`` (the rows of the text
+    encoder's token embedding); else ``UserError`` naming the tokenizer, the id and the table."""
+    vocab = self._tok.get_vocab(with_added_tokens=True)
+    token, largest = max(vocab.items(), key=lambda kv: kv[1])
+    if largest >= int(embedding_rows):
+      raise UserError(f"{self.source}: token {token!r} has id {largest}, beyond the {embedding_rows} rows "
+                      f"of {what}'s token embedding; the tokenizer and the text encoder do not belong "
+                      f"together: {_HINT}.")
+    return self
+
   def tokenize(self, prompt: str) -> List[str]:
     """The BPE tokens of one prompt, without start, end or padding (for inspection)."""
     return self._tok.encode(prompt, add_special_tokens=False).tokens
@@ -161,8 +189,13 @@ def _pad_token(folder: str) -> str:
   return EOS_TOKEN
 
 
-def load_tokenizer(folder: str, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
-  """The CLIP tokenizer of ``folder`` (Meissonic's ``tokenizer/``, or the folder holding it)."""
+def load_tokenizer(folder: str, max_length: int = MAX_LENGTH,
+                   embedding_rows: Optional[int] = None) -> CLIPTokenizer:
+  """The CLIP tokenizer of ``folder`` (Meissonic's ``tokenizer/``, or the folder holding it).
+
+  With ``embedding_rows`` (the text encoder's ``vocab_size``) an id the encoder cannot embed is
+  refused (``CLIPTokenizer.check_fits``).
+  """
   folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"tokenizer folder not found: {folder}; {_HINT}.")
@@ -176,9 +209,14 @@ def load_tokenizer(folder: str, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
     source = f"{vocab} + merges.txt"
   elif os.path.isfile(whole):
     try:
-      tok = tokenizers.Tokenizer.from_file(whole)
+      tok = tokenizers.Tokenizer.from_str(text_files.read_text(whole, _HINT))
+    except UserError:
+      raise
     except Exception as e:  # the library raises its own exception type
-      raise ValueError(f"{whole}: cannot be read as a tokenizers file ({e}); {_HINT}.") from e
+      raise UserError(f"{whole}: cannot be read as a tokenizers file ({str(e)[:160]}); {_HINT}.") from None
+    ids = list(tok.get_vocab(with_added_tokens=True).values())
+    if ids and min(ids) < 0:
+      raise UserError(f"{whole}: holds the negative id {min(ids)}; {_HINT}.")
     source = whole
   else:
     present = [f for f in ("vocab.json", "merges.txt") if os.path.isfile(os.path.join(folder, f))]
@@ -186,7 +224,8 @@ def load_tokenizer(folder: str, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
     raise FileNotFoundError(
         f"{folder}: missing {' and '.join(lacking)} (and no tokenizer.json)"
         f"{' beside ' + ', '.join(present) if present else ''}; {_HINT}.")
-  return CLIPTokenizer(tok, pad_token=_pad_token(folder), max_length=max_length, source=source)
+  tokenizer = CLIPTokenizer(tok, pad_token=_pad_token(folder), max_length=max_length, source=source)
+  return tokenizer if embedding_rows is None else tokenizer.check_fits(embedding_rows)
 
 
 def read_prompts(path: str, max_chars: int = MAX_PROMPT_CHARS) -> List[str]:
@@ -199,16 +238,15 @@ def read_prompts(path: str, max_chars: int = MAX_PROMPT_CHARS) -> List[str]:
     raise FileNotFoundError(f"prompt file not found: {path}; pass a UTF-8 text file with one "
                             "prompt per line.")
   prompts = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      text = line.strip()
-      if not text:
-        continue
-      if len(text) > max_chars:
-        raise ValueError(f"{path}, line {n}: the prompt has {len(text)} characters, over the "
-                         f"limit of {max_chars}; shorten it (CLIP reads at most 75 tokens) or "
-                         "raise the limit.")
-      prompts.append(text)
+  for n, line in enumerate(text_files.read_lines(path, "write one prompt per line"), 1):
+    text = line.strip()
+    if not text:
+      continue
+    if len(text) > max_chars:
+      raise UserError(f"{path}, line {n}: the prompt has {len(text)} characters, over the "
+                      f"limit of {max_chars}; shorten it (CLIP reads at most 75 tokens) or "
+                      "raise the limit.")
+    prompts.append(text)
   if not prompts:
     raise ValueError(f"{path}: the prompt file is empty (no non-blank line); write one prompt "
                      "per line.")

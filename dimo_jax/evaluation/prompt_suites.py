@@ -29,6 +29,8 @@ import json
 import os
 from typing import Dict, List, NamedTuple, Sequence
 
+from dimo_jax.storage import text_files
+
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 HPS_PROMPTS_PER_STYLE = 800  # the released benchmark; a style's score averages chunks of 80
 HPS_IMAGE_EXT = ".jpg"
@@ -67,12 +69,7 @@ def read_hps_prompts(folder: str, styles: Sequence[str] = HPS_STYLES) -> Dict[st
     path = os.path.join(folder, f"{style}.json")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path} is missing (HPS v2 style {style!r}); {HPS_HINT}")
-    with open(path, encoding="utf-8") as f:
-      try:
-        prompts = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); the HPS v2 prompt "
-                         f"files are JSON lists of strings; {HPS_HINT}") from None
+    prompts = text_files.read_json(path, f"the HPS v2 prompt files are JSON lists of strings; {HPS_HINT}")
     if not isinstance(prompts, list):
       raise ValueError(f"{path} holds a JSON {type(prompts).__name__}, not a list of prompt "
                        f"strings; {HPS_HINT}")
@@ -117,24 +114,23 @@ def read_geneval_metadata(path: str) -> List[GenEvalPrompt]:
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(f"GenEval metadata file {path!r} not found; {GENEVAL_HINT}")
   out = []
-  with open(path, encoding="utf-8") as f:
-    for number, raw in enumerate(f, 1):
-      line = raw.strip()
-      if not line:
-        continue
-      try:
-        meta = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg}); each line of "
-                         f"evaluation_metadata.jsonl is one JSON object; {GENEVAL_HINT}") from None
-      if not isinstance(meta, dict):
-        raise ValueError(f"{path}, line {number}: a JSON {type(meta).__name__}, not an object; "
-                         f"{GENEVAL_HINT}")
-      for key in ("prompt", "tag"):
-        if not isinstance(meta.get(key), str) or not meta[key].strip():
-          raise ValueError(f"{path}, line {number}: no {key!r} string (GenEval's scorer reads "
-                           f"'prompt' and 'tag' of every line); {GENEVAL_HINT}")
-      out.append(GenEvalPrompt(line, meta))
+  for number, raw in enumerate(text_files.read_lines(path, GENEVAL_HINT), 1):
+    line = raw.strip()
+    if not line:
+      continue
+    try:
+      meta = json.loads(line)
+    except (ValueError, RecursionError) as e:
+      raise ValueError(f"{path}, line {number}: not valid JSON ({getattr(e, 'msg', e)}); each line of "
+                       f"evaluation_metadata.jsonl is one JSON object; {GENEVAL_HINT}") from None
+    if not isinstance(meta, dict):
+      raise ValueError(f"{path}, line {number}: a JSON {type(meta).__name__}, not an object; "
+                       f"{GENEVAL_HINT}")
+    for key in ("prompt", "tag"):
+      if not isinstance(meta.get(key), str) or not meta[key].strip():
+        raise ValueError(f"{path}, line {number}: no {key!r} string (GenEval's scorer reads "
+                         f"'prompt' and 'tag' of every line); {GENEVAL_HINT}")
+    out.append(GenEvalPrompt(line, meta))
   if not out:
     raise ValueError(f"{path} is empty (no JSON line); {GENEVAL_HINT}")
   return out

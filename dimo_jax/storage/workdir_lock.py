@@ -5,6 +5,7 @@ taken over with a warning; a live one stops a second run at once with one line."
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -15,7 +16,7 @@ from typing import Optional
 from absl import logging
 from etils import epath
 
-from dimo_jax.storage.checkpoints import WorkdirInUse, abspath, atomic_write_bytes, is_remote
+from dimo_jax.storage.checkpoints import UserError, WorkdirInUse, abspath, atomic_write_bytes, is_remote
 
 LOCK_FILE = "run.lock"
 
@@ -28,6 +29,13 @@ def _pid_alive(pid: int) -> bool:
   except (PermissionError, OverflowError, ValueError):
     return True  # exists, owned by someone else (or an odd value: assume alive)
   return True
+
+
+def _valid_record(record) -> bool:
+  """True for an object whose ``pid`` (an int) and ``heartbeat`` (a number) are absent or well typed."""
+  number = lambda v, kinds: v is None or (isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v))
+  return isinstance(record, dict) and number(record.get("pid"), int) and number(record.get("heartbeat"),
+                                                                                 (int, float))
 
 
 _HELD = {}  # lock path -> [WorkdirLock, depth] held by this process
@@ -64,11 +72,12 @@ class WorkdirLock:
     try:
       if not path.exists():
         return None
-      return json.loads(path.read_text() or "{}")
+      record = json.loads(path.read_text() or "{}")
     except FileNotFoundError:
       return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
       return {}
+    return record if _valid_record(record) else {}  # another file: judged by its age as an unreadable one
 
   def _create(self) -> bool:
     data = json.dumps(self._record()).encode()
@@ -111,6 +120,9 @@ class WorkdirLock:
     if held is not None:
       held[1] += 1
       return held[0]
+    if not is_remote(self.path) and os.path.isdir(self.path):
+      raise UserError(f"{self.path} is a folder, not a lock file (no run makes it): move it out of the workdir "
+                      f"or delete it (rm -r {self.path}), then rerun")
     for _ in range(3):
       if self._create():
         break
