@@ -51,7 +51,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 
-from dimo_jax.converters import clip_text, google_vqgan, meissonic, meissonic_vq, taming
+from dimo_jax.converters import clip_text, google_vqgan, hf_cache, meissonic, meissonic_vq, taming
 from dimo_jax.converters.google_maskgit import convert_google_maskgit_file
 from dimo_jax.converters.valeoai import convert_dimo_generator, convert_valeoai_file
 from dimo_jax.storage.loaders import _vqgan_config, save_vqgan
@@ -114,7 +114,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("kind", choices=KINDS)
   parser.add_argument("--input", required=True,
                       help="the published checkpoint file (Meissonic kinds: the released subfolder, "
-                           "the Meissonic folder holding it, or its .safetensors file)")
+                           "the Meissonic folder holding it, or its .safetensors file), or a Hugging Face "
+                           "model id <org>/<name>[@<revision>][:<path in the repository>] read from the "
+                           "local Hugging Face cache")
+  parser.add_argument("--subfolder", default="", help="model ids: the folder or file inside the repository")
+  parser.add_argument("--revision", default="", help="model ids: the branch, tag or commit (default main)")
+  parser.add_argument("--allow_download", action="store_true",
+                      help="model ids: download what the Hugging Face cache lacks (default: cache only)")
   parser.add_argument("--output", required=True, help="the directory to write")
   parser.add_argument("--heads", type=int, default=None,
                       help="attention heads (valeoai / dimo-generator; default 16 for width 768)")
@@ -128,6 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="meissonic only: store the transformer's parameters in this dtype "
                            "(e.g. bfloat16, half the bytes; default float32)")
   args = parser.parse_args(argv)
+  args.input = hf_cache.resolve_input(args.input, args.subfolder, args.revision, args.allow_download)
   if args.kind in MEISSONIC_KINDS:
     out = convert_meissonic_kind(args.kind, args.input, args.output, overwrite=args.overwrite,
                                  param_dtype=args.param_dtype)
