@@ -51,6 +51,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 
+from dimo_jax import console
 from dimo_jax.converters import clip_text, google_vqgan, hf_cache, meissonic, meissonic_vq, taming
 from dimo_jax.converters.google_maskgit import convert_google_maskgit_file
 from dimo_jax.converters.valeoai import convert_dimo_generator, convert_valeoai_file
@@ -133,7 +134,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--param_dtype", default="",
                       help="meissonic only: store the transformer's parameters in this dtype "
                            "(e.g. bfloat16, half the bytes; default float32)")
+  parser.add_argument("--verbose", action="store_true", help="show the libraries' warnings and log lines")
   args = parser.parse_args(argv)
+  console.setup(None, args.verbose)
   args.input = hf_cache.resolve_input(args.input, args.subfolder, args.revision, args.allow_download)
   if args.kind in MEISSONIC_KINDS:
     out = convert_meissonic_kind(args.kind, args.input, args.output, overwrite=args.overwrite,

@@ -150,6 +150,7 @@ def plot_results(results: dict, out: str, metrics: Sequence[str] = (), source: s
   # pylint: disable=import-outside-toplevel
   import matplotlib
   matplotlib.use("Agg")
+  from matplotlib import ticker
   from matplotlib.figure import Figure
   fig = Figure(figsize=(10, 3.2 * len(names)), layout="constrained")
   axes = fig.subplots(len(names), 2, squeeze=False)
@@ -169,6 +170,7 @@ def plot_results(results: dict, out: str, metrics: Sequence[str] = (), source: s
           ax.axhline(p.metrics[metric], linestyle=":", color="grey", linewidth=1, label=p.curve)
       if x == "steps":
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("sampling steps")
       else:
         ax.set_xscale("log")
