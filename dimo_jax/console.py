@@ -220,7 +220,8 @@ def setup(workdir: Optional[str] = None, verbose: bool = False, handler: Optiona
     con.undo.append(lambda: (root.removeHandler(file_handler), file_handler.close()))
   if verbose:
     return con
-  quiet_environment()
+  added = quiet_environment()
+  con.undo.append(lambda: [os.environ.pop(k, None) for k in added])
   if handler is None:
     absl_logging = sys.modules.get("absl.logging")
     handler = absl_logging.get_absl_handler() if absl_logging is not None else None

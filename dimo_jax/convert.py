@@ -136,7 +136,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "(e.g. bfloat16, half the bytes; default float32)")
   parser.add_argument("--verbose", action="store_true", help="show the libraries' warnings and log lines")
   args = parser.parse_args(argv)
-  console.setup(None, args.verbose)
+  quiet = console.setup(None, args.verbose)
+  try:
+    out = _convert(args)
+  finally:
+    quiet.close()
+  print(f"wrote {out}")
+  return 0
+
+
+def _convert(args) -> str:
+  """Runs the converter ``args.kind`` names; returns the folder written."""
   args.input = hf_cache.resolve_input(args.input, args.subfolder, args.revision, args.allow_download)
   if args.kind in MEISSONIC_KINDS:
     out = convert_meissonic_kind(args.kind, args.input, args.output, overwrite=args.overwrite,
@@ -160,8 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not isinstance(fields, dict):
       raise ValueError(f"--vqgan_config must be a JSON object of config fields, got {args.vqgan_config!r}")
     out = convert_vqgan_file(args.kind.split("-")[0], args.input, args.output, fields)
-  print(f"wrote {out}")
-  return 0
+  return out
 
 
 if __name__ == "__main__":
