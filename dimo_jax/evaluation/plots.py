@@ -11,9 +11,10 @@ Two row formats are read:
   prompt set (``seen``, ``held_out``), each with ``prompt_acc``, ``fd_pixel``, ... .
 
 The figure has one line of two panels per quality metric: the metric against the number of steps
-(log2 axis) and against milliseconds per sample (log axis; rows without a time are left out
-there), one curve per teacher sampler (and prompt set), the generator's point(s) as stars and the
-real-data rows as dotted horizontal lines.
+(log2 axis) and against milliseconds per sample (a log axis where the times span a factor of 10,
+else linear; rows without a time are left out there; a prompt-following row's time is its wall
+time over its samples, compilation and scoring included), one curve per teacher sampler (and
+prompt set), the generator's point(s) as stars and the real-data rows as dotted horizontal lines.
 
 Command line (any finished evaluation)::
 
@@ -139,6 +140,12 @@ def teacher_curves(pts: Sequence[Point], metric: str, x: str) -> Dict[str, List[
   return {k: sorted(v) for k, v in curves.items()}
 
 
+def _spans_decade(pts: Sequence[Point], metric: str) -> bool:
+  """Whether the times of the rows with ``metric`` span a factor of 10 or more (a log axis then)."""
+  ms = [p.ms for p in pts if p.ms and p.kind != "real" and metric in p.metrics]
+  return bool(ms) and max(ms) >= 10 * min(ms)
+
+
 def plot_results(results: dict, out: str, metrics: Sequence[str] = (), source: str = "results.json",
                  title: str = ""):
   """Draws ``results`` (module docstring) into the PNG ``out`` (written atomically) and returns the
@@ -155,6 +162,9 @@ def plot_results(results: dict, out: str, metrics: Sequence[str] = (), source: s
   fig = Figure(figsize=(10, 3.2 * len(names)), layout="constrained")
   axes = fig.subplots(len(names), 2, squeeze=False)
   colours = {}
+  # Prompt-following rows time the whole row (sampling, compilation and scoring).
+  ms_label = "ms per sample" + (" (row wall time / samples)" if any(
+      isinstance(r, dict) and "seconds" in r for r in results["rows"]) else "")
   for row, metric in zip(axes, names):
     for ax, x in zip(row, ("steps", "ms")):
       for curve, xy in teacher_curves(pts, metric, x).items():
@@ -168,13 +178,11 @@ def plot_results(results: dict, out: str, metrics: Sequence[str] = (), source: s
                   label=p.curve)
         elif p.kind == "real" and metric in p.metrics:
           ax.axhline(p.metrics[metric], linestyle=":", color="grey", linewidth=1, label=p.curve)
-      if x == "steps":
-        ax.set_xscale("log", base=2)
+      if x == "steps" or _spans_decade(pts, metric):
+        ax.set_xscale("log", base=2 if x == "steps" else 10)
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_xlabel("sampling steps")
-      else:
-        ax.set_xscale("log")
-        ax.set_xlabel("ms per sample")
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+      ax.set_xlabel("sampling steps" if x == "steps" else ms_label)
       ax.set_ylabel(METRIC_LABELS.get(metric, metric))
       ax.grid(True, alpha=0.3)
     row[0].legend(fontsize=7)
@@ -208,7 +216,7 @@ def plot_file(path: str, out: str = "", metrics: Sequence[str] = ()) -> str:
   out = out or os.path.join(os.path.dirname(os.path.abspath(path)), DEFAULT_NAME)
   if not out.lower().endswith(".png"):
     raise ValueError(f"--out={out}: the plot is a PNG; give a file name ending in .png")
-  plot_results(results, out, metrics, source=path, title=os.path.basename(os.path.dirname(os.path.abspath(path))))
+  plot_results(results, out, metrics, source=path, title=os.path.abspath(path))
   return out
 
 
