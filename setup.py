@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dimo_jax", "dimo_jax.*", "configs"]),
     include_package_data=True,
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=requirements,
     extras_require={
         "torch": ["torch>=2.1"],

@@ -39,6 +39,10 @@ Command line::
   python -m dimo_jax.convert meissonic --input=Meissonic/transformer --output=pretrained/meissonic/transformer
   python -m dimo_jax.convert meissonic-vq --input=Meissonic/vqvae --output=pretrained/meissonic/vqvae
   python -m dimo_jax.convert clip-text --input=Meissonic/text_encoder --output=pretrained/meissonic/text_encoder
+
+``--input`` may also be a Hugging Face model id read from the local Hugging Face cache
+(``--input=MeissonFlow/Meissonic:transformer``, or ``--subfolder`` / ``--revision``;
+``--allow_download`` to fetch what is missing): ``dimo_jax.converters.hf_cache``.
 """
 
 from __future__ import annotations
