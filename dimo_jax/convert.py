@@ -39,6 +39,10 @@ Command line::
   python -m dimo_jax.convert meissonic --input=Meissonic/transformer --output=pretrained/meissonic/transformer
   python -m dimo_jax.convert meissonic-vq --input=Meissonic/vqvae --output=pretrained/meissonic/vqvae
   python -m dimo_jax.convert clip-text --input=Meissonic/text_encoder --output=pretrained/meissonic/text_encoder
+
+``--input`` may also be a Hugging Face model id read from the local Hugging Face cache
+(``--input=MeissonFlow/Meissonic:transformer``, or ``--subfolder`` / ``--revision``;
+``--allow_download`` to fetch what is missing): ``dimo_jax.converters.hf_cache``.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 
-from dimo_jax.converters import clip_text, google_vqgan, meissonic, meissonic_vq, taming
+from dimo_jax import console
+from dimo_jax.converters import clip_text, google_vqgan, hf_cache, meissonic, meissonic_vq, taming
 from dimo_jax.converters.google_maskgit import convert_google_maskgit_file
 from dimo_jax.converters.valeoai import convert_dimo_generator, convert_valeoai_file
 from dimo_jax.storage.loaders import _vqgan_config, save_vqgan
@@ -115,7 +120,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("kind", choices=KINDS)
   parser.add_argument("--input", required=True,
                       help="the published checkpoint file (Meissonic kinds: the released subfolder, "
-                           "the Meissonic folder holding it, or its .safetensors file)")
+                           "the Meissonic folder holding it, or its .safetensors file), or a Hugging Face "
+                           "model id <org>/<name>[@<revision>][:<path in the repository>] read from the "
+                           "local Hugging Face cache")
+  parser.add_argument("--subfolder", default="", help="model ids: the folder or file inside the repository")
+  parser.add_argument("--revision", default="", help="model ids: the branch, tag or commit (default main)")
+  parser.add_argument("--allow_download", action="store_true",
+                      help="model ids: download what the Hugging Face cache lacks (default: cache only)")
   parser.add_argument("--output", required=True, help="the directory to write")
   parser.add_argument("--heads", type=int, default=None,
                       help="attention heads (valeoai / dimo-generator; default 16 for width 768)")
@@ -130,7 +141,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "(e.g. bfloat16, half the bytes; default float32)")
   parser.add_argument("--allow_nonfinite", action="store_true",
                       help="convert weights holding NaN / inf (refused by default, naming them)")
+  parser.add_argument("--verbose", action="store_true", help="show the libraries' warnings and log lines")
   args = parser.parse_args(argv)
+  quiet = console.setup(None, args.verbose)
+  try:
+    out = _convert(args)
+  finally:
+    quiet.close()
+  print(f"wrote {out}")
+  return 0
+
+
+def _convert(args) -> str:
+  """Runs the converter ``args.kind`` names; returns the folder written."""
+  args.input = hf_cache.resolve_input(args.input, args.subfolder, args.revision, args.allow_download)
   finite = {"allow_nonfinite": args.allow_nonfinite}
   if args.kind in MEISSONIC_KINDS:
     out = convert_meissonic_kind(args.kind, args.input, args.output, overwrite=args.overwrite,
@@ -154,8 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not isinstance(fields, dict):
       raise ValueError(f"--vqgan_config must be a JSON object of config fields, got {args.vqgan_config!r}")
     out = convert_vqgan_file(args.kind.split("-")[0], args.input, args.output, fields, **finite)
-  print(f"wrote {out}")
-  return 0
+  return out
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ diffusion model, ``distill`` runs Di[M]O, ``sample`` draws samples and ``evaluat
 Two settings exist whether or not the config file defines them: ``--config.resume_accept=<keys>``
 (config changes a resumed run accepts, e.g. ``distill.steps``) and
 ``--config.distill.max_nonfinite_steps=<n>``. ``--verbose`` (or ``DIMO_VERBOSE=1``) shows the
-traceback of every error.
+traceback of every error and every library's log lines, which otherwise go to ``<workdir>/log.txt``
+(``dimo_jax.console``).
 
 Exit status: 0 the run finished (or stopped where ``stop_after`` asked); 2 an error in what was
 given (config, data, files, workdir, a workdir held by another run, a changed config on resume,
@@ -26,6 +27,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from dimo_jax import console
 
 MODES = {
     "teacher": "dimo_jax.modes.teacher",
@@ -246,18 +249,23 @@ def _parse_flags(argv):
       raise
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
-  _PARSED.update(config=config, workdir=workdir, given=given, verbose=verbose)
+  _PARSED.update(config=config, workdir=workdir, given=given, verbose=verbose, config_file=_config_file(argv),
+                 overrides=[a for a in argv if _override(a) is not None])
   return rest
 
 
 def main(argv):
   verbose = _PARSED.get("verbose", is_verbose())
   std_logging.getLogger("absl").addFilter(_QuietLibraries(verbose))
+  config, workdir = _PARSED.get("config", _CONFIG.value), _PARSED.get("workdir", _WORKDIR.value)
+  out = console.setup(workdir, verbose)
+  mode = config.get("mode", "") if hasattr(config, "get") else ""
+  logging.info("%s", console.settings_line(mode, _PARSED.get("config_file", ""), workdir,
+                                           _PARSED.get("overrides", ()), out.log_file))
   try:
     if len(argv) > 1:
       raise _user_error(f"unexpected arguments {argv[1:]}; settings take the form --config.<key>=<value>")
-    result = run(_PARSED.get("config", _CONFIG.value), _PARSED.get("workdir", _WORKDIR.value),
-                 _PARSED.get("given", ()))
+    result = run(config, workdir, _PARSED.get("given", ()))
   except Exception as e:  # pylint: disable=broad-except
     if verbose or not isinstance(e, user_errors()):
       raise
@@ -273,4 +281,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  console.quiet_environment(is_verbose(sys.argv))  # before TensorFlow and XLA load
   app.run(main, flags_parser=_parse_flags)

@@ -8,7 +8,7 @@ _PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Bottom to top; a module may import modules of its own layer or below, never above.
 LAYERS = (
-    ("core",),
+    ("core", "console"),
     ("networks",),
     ("method",),
     ("storage", "data"),
@@ -125,3 +125,15 @@ def test_core_imports_no_tensorflow_or_torch():
     if m.startswith("dimo_jax.core"):
       text = open(path).read()
       assert "tensorflow" not in text and "import torch" not in text and "clu" not in text.split(), m
+
+
+def test_console_loads_before_the_libraries_it_quiets():
+  """``dimo_jax.console`` sets the environment TensorFlow and XLA read when they load: it imports no
+  project module, nor JAX or TensorFlow."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  assert _graph()["dimo_jax.console"] == set()
+  code = "import sys, dimo_jax.console; print(sorted(m for m in ('jax', 'tensorflow', 'absl') if m in sys.modules))"
+  out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(_PKG), capture_output=True, text=True,
+                       timeout=60)
+  assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

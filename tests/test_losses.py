@@ -1,3 +1,6 @@
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +134,34 @@ def test_jit():
   np.testing.assert_allclose(float(f(logits, targets, mask)),
                              float(losses.mdm_loss(logits, targets, mask, loss_on="all", label_smoothing=0.1)[0]),
                              rtol=1e-6)
+
+
+class LossVariantsTest(chex.TestCase):
+  """Both losses and their metrics trees are the same with and without jit, finite, scalar."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_mdm_loss_jit_and_eager(self):
+    logits, targets, mask = _data(3)
+    for loss_on, eps in (("masked", 0.0), ("all", 0.1)):
+      fn = functools.partial(losses.mdm_loss, loss_on=loss_on, label_smoothing=eps)
+      loss, metrics = self.variant(fn)(logits, targets, mask)
+      chex.assert_shape(loss, ())
+      chex.assert_tree_all_finite((loss, metrics))
+      chex.assert_trees_all_close((loss, metrics), fn(logits, targets, mask), rtol=1e-6)
+    # Masked loss: the known answer of the NumPy cross-entropy at the masked positions.
+    loss, _ = self.variant(losses.mdm_loss)(logits, targets, mask)
+    want = np.mean([_np_ce(logits[b, i], targets[b, i], 0.0) for b in range(B) for i in range(L) if mask[b, i]])
+    chex.assert_trees_all_close(loss, jnp.float32(want), rtol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_aux_loss_jit_and_eager(self):
+    logits, targets, mask = _data(4)
+    soft = jax.nn.softmax(jnp.asarray(np.random.default_rng(0).normal(size=(B, L, K)), jnp.float32))
+    for kwargs in ({}, {"label_smoothing": 0.2}):
+      fn = functools.partial(losses.aux_loss, **kwargs)
+      out = self.variant(fn)(logits, targets, mask)
+      chex.assert_shape(out[0], ())
+      chex.assert_tree_all_finite(out)
+      chex.assert_trees_all_close(out, fn(logits, targets, mask), rtol=1e-6)
+    out = self.variant(lambda a, b, c, q: losses.aux_loss(a, b, c, soft_target_probs=q))(logits, targets, mask, soft)
+    chex.assert_trees_all_close(out, losses.aux_loss(logits, targets, mask, soft_target_probs=soft), rtol=1e-6)

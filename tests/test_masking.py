@@ -1,3 +1,6 @@
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +117,32 @@ def test_parse_r_init():
   for bad in ["fix_", "random_0.8_0.4", "half", 1.5, None]:
     with pytest.raises(ValueError, match="r_init"):
       masking.parse_r_init(bad)
+
+
+class MaskingVariantsTest(chex.TestCase):
+  """The forward process and x_init draw the same arrays with and without jit (the same key), with
+  the promised counts."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_forward_mask_jit_and_eager(self):
+    x = jnp.arange(4 * 32, dtype=jnp.int32).reshape(4, 32) % 50
+    ratio = jnp.array([0.1, 0.3, 0.6, 1.0])
+    fn = functools.partial(masking.forward_mask, mask_id=50, schedule="cosine")
+    xt, mask, r = self.variant(lambda k, t, rr: fn(k, t, ratio=rr))(jax.random.key(5), x, ratio)
+    chex.assert_shape((xt, mask), (4, 32))
+    chex.assert_type(xt, jnp.int32)
+    chex.assert_trees_all_close((xt, mask, r), fn(jax.random.key(5), x, ratio=ratio))
+    np.testing.assert_array_equal(np.asarray(mask.sum(1)), np.maximum(1, np.round(32 * np.asarray(ratio))))
+    chex.assert_trees_all_equal(jnp.where(mask, x, xt), x)  # visible tokens untouched
+    # Drawn ratios (no ratio given): one per row, in [0, 1].
+    _, _, drawn = self.variant(lambda k, t: fn(k, t))(jax.random.key(6), x)
+    chex.assert_shape(drawn, (4,))
+    assert float(drawn.min()) >= 0.0 and float(drawn.max()) <= 1.0
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_x_init_jit_and_eager(self):
+    fn = functools.partial(masking.make_x_init, batch=5, seq_len=40, vocab_size=9)
+    x = self.variant(lambda k, r: fn(k, r_init=r))(jax.random.key(7), jnp.float32(0.6))
+    chex.assert_shape(x, (5, 40))
+    chex.assert_trees_all_equal(x, fn(jax.random.key(7), r_init=0.6))
+    np.testing.assert_array_equal(np.asarray((x == 9).sum(1)), 24)

@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -165,3 +166,26 @@ def test_frozen_mask():
   fm = maskgit.frozen_mask(p)
   assert all(jax.tree_util.tree_leaves(fm["tok_emb"])) and fm["pos_emb"] and fm["out_bias"]
   assert not any(jax.tree_util.tree_leaves(fm["blocks"]))
+
+
+class ModelVariantsTest(chex.TestCase):
+  """The scanned network's logits and parameter gradients: shapes, finiteness, jit against eager,
+  and the unrolled network's gradient tree."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_apply_and_gradients(self):
+    m = maskgit.ARCHS["preln"](codebook_size=K, seq_len=L, num_classes=C, width=16, depth=2, heads=2, mlp_dim=32,
+                               remat="dots")
+    p = maskgit.init_params(m, jax.random.key(3))
+    x, y = inputs(4, batch=2)
+    out = self.variant(lambda pp, t, c: m.apply({"params": pp}, t, c))(p, x, y)
+    chex.assert_shape(out, (2, L, K + 1))
+    chex.assert_tree_all_finite(out)
+    chex.assert_trees_all_close(out, m.apply({"params": p}, x, y), atol=1e-5)
+    loss = lambda mod, pp: jnp.mean(jax.nn.logsumexp(mod.apply({"params": pp}, x, y), axis=-1))
+    grads = self.variant(jax.grad(lambda pp: loss(m, pp)))(p)
+    chex.assert_trees_all_equal_shapes(grads, p)
+    chex.assert_tree_all_finite(grads)
+    chex.assert_tree_shape_prefix(grads["blocks"], (2,))  # stacked over the 2 layers by nn.scan
+    unrolled = jax.grad(lambda pp: loss(m.clone(scan=False, remat="none"), pp))(maskgit.unstack_layers(p, 2))
+    chex.assert_trees_all_close(maskgit.unstack_layers(grads, 2), unrolled, atol=1e-4, rtol=1e-4)
