@@ -37,7 +37,7 @@ def float64_mode():
 
 
 def _check_x64():
-  if jnp.zeros((), jnp.float64).dtype != jnp.float64:
+  if jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
     raise ValueError("float64 categorical sampling needs JAX's x64 mode: call it inside "
                      "`with dimo_jax.core.categorical.float64_mode():` (or set JAX_ENABLE_X64=1)")
 
