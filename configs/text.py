@@ -58,7 +58,7 @@ def get_config():
   c.model = ml_collections.ConfigDict()
   c.model.arch = "text_mdm"
   c.model.width = 128
-  c.model.depth = 4
+  c.model.depth = 3
   c.model.heads = 4
   c.model.mlp_dim = 512
   c.model.dropout = 0.0
@@ -73,7 +73,7 @@ def get_config():
 
   # ---------------------------------------------------------------- teacher training (method/mdm.py)
   c.train.steps = 1500
-  c.train.batch_size = 64
+  c.train.batch_size = 32
   c.train.lr = 2e-3
   c.train.warmup_steps = 100
   c.train.lr_schedule = "cosine"
@@ -89,8 +89,8 @@ def get_config():
   # ---------------------------------------------------------------- Di[M]O (method/dimo.py)
   c.teacher.checkpoint = ""
   c.teacher.guidance = 1.0  # unconditional: no guidance
-  c.distill.steps = 400
-  c.distill.batch_size = 64
+  c.distill.steps = 300
+  c.distill.batch_size = 32
   c.distill.r_init = "fix_0.6"
   c.distill.sigma = 0.1
   c.distill.mask_schedule = "linear"
@@ -99,7 +99,7 @@ def get_config():
   c.distill.gen_lr = 1e-3
   c.distill.gen_lr_schedule = "cosine"
   c.distill.aux_lr = 3e-3
-  c.distill.aux_updates = 4
+  c.distill.aux_updates = 2
   c.distill.warmup_steps = 50
   c.distill.freeze = ()
   c.distill.aux_label_smoothing = 0.0
@@ -107,8 +107,8 @@ def get_config():
   c.distill.sample_every = 0
 
   # ---------------------------------------------------------------- evaluation (evaluation/text_metrics.py)
-  c.evaluate.num_samples = 256
-  c.evaluate.batch_size = 256
+  c.evaluate.num_samples = 128
+  c.evaluate.batch_size = 128
   c.evaluate.teacher_steps = (1, 2, 4, 8, 16, 32, 64)  # and the sequence length
   c.evaluate.teacher_samplers = ("ancestral", "confidence")
   c.evaluate.sampler_schedule = "cosine"
@@ -119,11 +119,11 @@ def get_config():
   c.evaluate.seed = 0
   c.evaluate.reference_lm = ml_collections.ConfigDict()
   c.evaluate.reference_lm.width = 128
-  c.evaluate.reference_lm.depth = 3
+  c.evaluate.reference_lm.depth = 2
   c.evaluate.reference_lm.heads = 4
   c.evaluate.reference_lm.mlp_dim = 512
-  c.evaluate.reference_lm.steps = 1500
-  c.evaluate.reference_lm.batch_size = 64
+  c.evaluate.reference_lm.steps = 1000
+  c.evaluate.reference_lm.batch_size = 32
   c.evaluate.reference_lm.lr = 2e-3
   c.evaluate.reference_lm.seed = 1
   c.sample.num = 16

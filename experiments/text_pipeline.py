@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dimo_jax.families import text as family  # noqa: E402  pylint: disable=wrong-import-position
+from dimo_jax.evaluation import text_eval  # noqa: E402  pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "text.py"))
@@ -41,30 +41,30 @@ def main(argv):
   load = [os.getloadavg()[0]]
 
   t0 = time.time()
-  corpus = family.load_corpus(config)
+  corpus = text_eval.load_corpus(config)
   ds = corpus.dataset
   log(f"corpus {corpus.source}: {ds.num_train} training and {ds.num_val} held-out sequences of {ds.seq_len} "
       f"tokens, vocabulary {ds.vocab_size}")
-  model = family.build_teacher(config, corpus)
-  teacher_params, teacher_info = family.train_teacher(config, corpus, model, workdir=workdir, log=log)
+  model = text_eval.build_teacher(config, corpus)
+  teacher_params, teacher_info = text_eval.train_teacher(config, corpus, model, workdir=workdir, log=log)
   times["teacher"] = time.time() - t0
   log(f"teacher: held-out masked loss {teacher_info['val_loss']:.4f} nats per token")
   load.append(os.getloadavg()[0])
 
   t0 = time.time()
-  gen_params, distill_info = family.distill(config, model, teacher_params, seed=seed, log=log)
+  gen_params, distill_info = text_eval.distill(config, model, teacher_params, seed=seed, log=log)
   times["distill"] = time.time() - t0
   load.append(os.getloadavg()[0])
 
   t0 = time.time()
-  lm = family.build_reference_lm(config, corpus)
-  lm_params, lm_info = family.train_reference(config, corpus, lm, workdir=workdir, log=log)
+  lm = text_eval.build_reference_lm(config, corpus)
+  lm_params, lm_info = text_eval.train_reference(config, corpus, lm, workdir=workdir, log=log)
   times["reference_lm"] = time.time() - t0
   load.append(os.getloadavg()[0])
 
   t0 = time.time()
-  sets = family.sample_sets(config, corpus, model, teacher_params, gen_params, seed=seed, log=log)
-  rows = family.evaluate(config, corpus, sets, lm, lm_params)
+  sets = text_eval.sample_sets(config, corpus, model, teacher_params, gen_params, seed=seed, log=log)
+  rows = text_eval.evaluate(config, corpus, sets, lm, lm_params)
   times["evaluate"] = time.time() - t0
   load.append(os.getloadavg()[0])
   times["total"] = time.time() - t_all
@@ -72,7 +72,7 @@ def main(argv):
   info = {"seed": seed, "config_seed": int(config.seed), "corpus": corpus.source, "teacher": teacher_info,
           "distill": distill_info, "reference_lm": lm_info, "seconds": times, "load_average_1min": load,
           "distill_settings": config.distill.to_dict(), "cpu_count": os.cpu_count()}
-  paths = family.write_report(os.path.join(workdir, f"eval_seed{seed}"), corpus, rows, sets, info)
+  paths = text_eval.write_report(os.path.join(workdir, f"eval_seed{seed}"), corpus, rows, sets, info)
   print(open(paths["table"]).read())
   print(json.dumps({"seconds": {k: round(v, 1) for k, v in times.items()}, "load": load}))
   log(f"wrote {', '.join(paths.values())}")
