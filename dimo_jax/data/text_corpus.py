@@ -25,8 +25,7 @@ Sources (``config.data.name``):
 Documents are tokenised, each followed by the separator, concatenated and cut into fixed-length
 sequences (``pack``). The held-out split is deterministic: a document is held out when a hash of
 its text (and ``config.data.seed``) falls below ``val_fraction``, so every metric reads the same
-documents whatever their order (``npy`` and ``tfds``: the last ``val_fraction`` of the sequences, or
-the set's own validation split).
+documents whatever their order (``tfds`` alike; ``npy``: the last ``val_fraction`` of the sequences).
 """
 
 from __future__ import annotations
