@@ -57,10 +57,10 @@ def get_config():
   # ---------------------------------------------------------------- the teacher (networks/text_mdm.py)
   c.model = ml_collections.ConfigDict()
   c.model.arch = "text_mdm"
-  c.model.width = 128
-  c.model.depth = 3
+  c.model.width = 96
+  c.model.depth = 2
   c.model.heads = 4
-  c.model.mlp_dim = 512
+  c.model.mlp_dim = 384
   c.model.dropout = 0.0
   c.model.ln_eps = 1e-5
   c.model.gelu_approximate = True
@@ -72,7 +72,7 @@ def get_config():
   c.model.attention_impl = ""
 
   # ---------------------------------------------------------------- teacher training (method/mdm.py)
-  c.train.steps = 1500
+  c.train.steps = 1000
   c.train.batch_size = 32
   c.train.lr = 2e-3
   c.train.warmup_steps = 100
@@ -89,7 +89,7 @@ def get_config():
   # ---------------------------------------------------------------- Di[M]O (method/dimo.py)
   c.teacher.checkpoint = ""
   c.teacher.guidance = 1.0  # unconditional: no guidance
-  c.distill.steps = 300
+  c.distill.steps = 200
   c.distill.batch_size = 32
   c.distill.r_init = "fix_0.6"
   c.distill.sigma = 0.1
@@ -100,7 +100,7 @@ def get_config():
   c.distill.gen_lr_schedule = "cosine"
   c.distill.aux_lr = 3e-3
   c.distill.aux_updates = 2
-  c.distill.warmup_steps = 50
+  c.distill.warmup_steps = 20
   c.distill.freeze = ()
   c.distill.aux_label_smoothing = 0.0
   c.distill.ema_decay = 0.99
@@ -118,11 +118,11 @@ def get_config():
   c.evaluate.sigma = 0.1
   c.evaluate.seed = 0
   c.evaluate.reference_lm = ml_collections.ConfigDict()
-  c.evaluate.reference_lm.width = 128
+  c.evaluate.reference_lm.width = 96
   c.evaluate.reference_lm.depth = 2
   c.evaluate.reference_lm.heads = 4
-  c.evaluate.reference_lm.mlp_dim = 512
-  c.evaluate.reference_lm.steps = 1000
+  c.evaluate.reference_lm.mlp_dim = 384
+  c.evaluate.reference_lm.steps = 800
   c.evaluate.reference_lm.batch_size = 32
   c.evaluate.reference_lm.lr = 2e-3
   c.evaluate.reference_lm.seed = 1
