@@ -63,7 +63,8 @@ def main(argv):
   load.append(os.getloadavg()[0])
 
   t0 = time.time()
-  sets = text_eval.sample_sets(config, corpus, model, teacher_params, gen_params, seed=seed, log=log)
+  sets = text_eval.sample_sets(config, corpus, model, teacher_params, gen_params, seed=seed, workdir=workdir,
+                               log=log)
   rows = text_eval.evaluate(config, corpus, sets, lm, lm_params)
   times["evaluate"] = time.time() - t0
   load.append(os.getloadavg()[0])

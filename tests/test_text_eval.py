@@ -53,3 +53,25 @@ def test_summary_and_report_files(tmp_path):
   assert json.load(open(paths["json"]))["summary"]["teacher_best"] == "t8"
   assert "1.25x the teacher's best" in open(paths["table"]).read()
   assert "Hi<|sep|>!" in open(paths["samples"], encoding="utf-8").read()
+
+
+def test_sample_sets_cache_the_teacher_rows_and_draw_the_generator(tmp_path):
+  from configs import text  # pylint: disable=import-outside-toplevel
+  c = text.get_config()
+  c.model.update(width=16, depth=1, heads=2, mlp_dim=32)
+  c.evaluate.update(num_samples=4, teacher_steps=(1, 2), teacher_samplers=("ancestral",))
+  rows = np.arange(40 * 8).reshape(40, 8) % 257
+  ds = text_corpus.TokenDataset(rows, None, rows, None, 257, 0, None, "t")
+  corpus = text_corpus.TextCorpus(ds, text_corpus.ByteTokenizer(), 256, "t")
+  model = text_eval.build_teacher(c, corpus)
+  params = model.init_params(jax.random.key(0))
+  logs = []
+  first = text_eval.sample_sets(c, corpus, model, params, params, seed=3, workdir=str(tmp_path), log=logs.append)
+  again = text_eval.sample_sets(c, corpus, model, params, None, seed=3, workdir=str(tmp_path), log=logs.append)
+  assert list(first) == ["real held-out text", "teacher ancestral 1", "teacher ancestral 2", "teacher ancestral 8",
+                         "Di[M]O generator 1"]
+  assert any("teacher samples: read" in m for m in logs) and "Di[M]O generator 1" not in again
+  for name in ("teacher ancestral 2", "teacher ancestral 8"):
+    np.testing.assert_array_equal(first[name]["tokens"], again[name]["tokens"])
+    assert again[name]["steps"] == first[name]["steps"] and first[name]["tokens"].shape == (4, 8)
+  assert first["Di[M]O generator 1"]["tokens"].max() < 257

@@ -18,6 +18,7 @@ so a rerun with other distillation settings reuses its teacher and reference LM.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -165,17 +166,13 @@ def teacher_step_counts(config, seq_len: int) -> List[int]:
   return sorted({int(s) for s in config.evaluate.teacher_steps if int(s) <= seq_len} | {int(seq_len)})
 
 
-def sample_sets(config, corpus, model, teacher_params, gen_params, *, seed: int, log=print) -> Dict[str, dict]:
-  """Every sample set of the table, keyed by row name: ``{"tokens", "model", "sampler", "steps", "seconds"}``.
-  Teacher rows for each sampler and step count, the generator's one step, the real held-out text."""
+def teacher_sets(config, corpus, model, teacher_params, *, seed: int, log=print) -> Dict[str, dict]:
+  """The teacher's sample sets, each sampler at each step count (``teacher_step_counts``), float64 draws."""
   e = config.evaluate
-  n = int(e.num_samples)
-  labels = conditions(n)
+  labels = conditions(int(e.num_samples))
   apply_fn = conditioning.make_apply_fn(model)
   key = jax.random.key(int(seed))
-  val = np.asarray(corpus.dataset.val_tokens)
-  real = val[np.random.default_rng(int(seed)).permutation(val.shape[0])[:n]]
-  sets = {"real held-out text": {"tokens": real, "model": "data", "sampler": "-", "steps": 0, "seconds": 0.0}}
+  sets = {}
   with categorical.float64_mode():
     for sampler in e.teacher_samplers:
       for steps in teacher_step_counts(config, corpus.seq_len):
@@ -188,12 +185,54 @@ def sample_sets(config, corpus, model, teacher_params, gen_params, *, seed: int,
         sets[f"teacher {sampler} {steps}"] = {"tokens": x, "model": "teacher", "sampler": sampler, "steps": steps,
                                               "seconds": time.time() - t0}
       log(f"teacher samples ({sampler}) drawn")
-    if gen_params is not None:
-      t0 = time.time()
-      x = categorical.one_step_sample(model, gen_params, jax.random.fold_in(key, 10**6), labels,
-                                      r_init=float(e.r_init), sigma=float(e.sigma), method=e.categorical)
-      sets["Di[M]O generator 1"] = {"tokens": np.asarray(jax.device_get(x)), "model": "generator",
-                                    "sampler": "one step", "steps": 1, "seconds": time.time() - t0}
+  return sets
+
+
+def _save_sets(path: str, sets: Dict[str, dict]) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, names=np.asarray(list(sets)), **{f"tokens_{i}": s["tokens"] for i, s in enumerate(sets.values())},
+           meta=np.asarray(json.dumps([{k: v for k, v in s.items() if k != "tokens"} for s in sets.values()])))
+  atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_sets(path: str) -> Dict[str, dict]:
+  with np.load(path, allow_pickle=False) as z:
+    meta = json.loads(str(z["meta"]))
+    return {str(name): dict(m, tokens=z[f"tokens_{i}"]) for i, (name, m) in enumerate(zip(z["names"], meta))}
+
+
+def sample_sets(config, corpus, model, teacher_params, gen_params, *, seed: int, workdir: Optional[str] = None,
+                log=print) -> Dict[str, dict]:
+  """Every sample set of the table, keyed by row name: ``{"tokens", "model", "sampler", "steps", "seconds"}``:
+  the real held-out text, the teacher's rows (``teacher_sets``; cached under ``workdir`` as
+  ``teacher_samples-<fingerprint>.npz``, keyed by the teacher's and the sampling settings and ``seed``)
+  and the generator's one step (its ``config.evaluate.r_init`` / ``sigma``)."""
+  e = config.evaluate
+  n = int(e.num_samples)
+  val = np.asarray(corpus.dataset.val_tokens)
+  real = val[np.random.default_rng(int(seed)).permutation(val.shape[0])[:n]]
+  sets = {"real held-out text": {"tokens": real, "model": "data", "sampler": "-", "steps": 0, "seconds": 0.0}}
+  sampling = {k: e.get(k) for k in ("num_samples", "teacher_steps", "teacher_samplers", "sampler_schedule",
+                                    "r_temp", "categorical")}
+  path = workdir and os.path.join(workdir, "teacher_samples-" + fingerprint(
+      config.data, config.model, config.train, config.seed, sampling, seed) + ".npz")
+  if path and os.path.exists(path):
+    sets.update(_load_sets(path))
+    log(f"teacher samples: read {path}")
+  else:
+    teacher = teacher_sets(config, corpus, model, teacher_params, seed=seed, log=log)
+    if path:
+      _save_sets(path, teacher)
+    sets.update(teacher)
+  if gen_params is not None:
+    t0 = time.time()
+    with categorical.float64_mode():
+      x = categorical.one_step_sample(model, gen_params, jax.random.fold_in(jax.random.key(int(seed)), 10**6),
+                                      conditions(n), r_init=float(e.r_init), sigma=float(e.sigma),
+                                      method=e.categorical)
+      x = np.asarray(jax.device_get(x))
+    sets["Di[M]O generator 1"] = {"tokens": x, "model": "generator", "sampler": "one step", "steps": 1,
+                                  "seconds": time.time() - t0}
   return sets
 
 
