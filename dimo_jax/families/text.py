@@ -1,0 +1,114 @@
+"""The text masked-diffusion family (``config.family = "text"``): an MD4 / MDLM-style teacher on 1-D
+token sequences (``networks.text_mdm``), trained by ``method.mdm`` and distilled by ``method.dimo``
+unchanged; unconditional (every network sees the label 0, the step draws it itself).
+
+What the modes need, against ``families.base.Family``: the teacher's run (``teacher_run``: the
+corpus of ``data.text_corpus``, ``method.mdm.compile_teacher``, the held-out masked loss), the
+teacher and generator loaders (a workdir's latest checkpoint and its ``config.json``, whose
+``text_network`` entry holds the vocabulary and sequence length), the condition source (none:
+``ConditionSource()``), the default evaluators (``evaluation.text_metrics`` through
+``evaluation.text_eval``) and ``decode_text`` (tokens to strings; ``decode`` is None: text is not
+pictures).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ml_collections
+
+from dimo_jax.data import text_corpus
+from dimo_jax.data.batching import batch_iterator
+from dimo_jax.evaluation import text_eval
+from dimo_jax.families import base
+from dimo_jax.method import mdm
+from dimo_jax.networks import conditioning, maskgit, text_mdm
+from dimo_jax.storage import checkpoints
+from dimo_jax.storage.checkpoints import UserError
+
+
+def _network(stored: dict, path: str) -> dict:
+  net = (stored or {}).get("text_network")
+  if not net:
+    raise UserError(f"{path}: its config.json has no 'text_network' entry (vocabulary, sequence length); "
+                    "give a workdir written by --config.family=text --config.mode=teacher")
+  return net
+
+
+def model_from_stored(stored: dict, path: str, overrides=None) -> text_mdm.TextMaskTransformer:
+  """The text teacher a folder's ``config.json`` describes (compute fields from ``overrides``)."""
+  net = _network(stored, path)
+  model_cfg = ml_collections.ConfigDict(dict(stored.get("model", {}), **(overrides or {})))
+  return text_mdm.build_model(model_cfg, vocab_size=int(net["vocab_size"]), seq_len=int(net["seq_len"]))
+
+
+class TextFamily(base.Family):
+  name = "text"
+  compute_fields = maskgit.COMPUTE_FIELDS
+  evaluators = ("gen_ppl", "unigram_entropy", "distinct_ngrams", "repeated_ngrams")
+
+  # -------------------------------------------------------------- mode=teacher
+  def teacher_run(self, config, workdir: str, mesh) -> base.TeacherRun:
+    corpus = text_corpus.load_text_corpus(config.data)
+    model = text_eval.build_teacher(config, corpus)
+    settings = mdm.TeacherSettings.from_config(config.train)
+    fns = mdm.compile_teacher(model, mesh, settings, model.mask_id, 0)
+    batch = int(config.train.batch_size)
+    labels = jnp.asarray(text_eval.conditions(batch))
+    seed = int(config.seed)
+
+    def batches(start: int):
+      for tokens, _ in batch_iterator(np.asarray(corpus.dataset.train_tokens), None, batch, seed,
+                                      start_step=int(start)):
+        yield (jax.device_put(tokens, fns.batch_sharding), jax.device_put(labels, fns.batch_sharding))
+
+    def validate(state):
+      return mdm.evaluate_val_loss(conditioning.make_apply_fn(model), state.ema_params,
+                                   corpus.dataset.val_tokens, None, mask_id=model.mask_id, null_label=0,
+                                   key=jax.random.key(0), schedule=settings.mask_schedule, loss_on="masked")
+
+    run_config = dict(base.config_dict(config), family=self.name,
+                      text_network={"vocab_size": corpus.vocab_size, "seq_len": corpus.seq_len,
+                                    "sep_id": corpus.sep_id, "source": corpus.source})
+    return base.TeacherRun(model=model, fns=fns, run_config=run_config, batches=batches,
+                           num_params=maskgit.count_params(jax.eval_shape(model.init_params, jax.random.key(0))),
+                           describe=f"text teacher on {corpus.source}", validate=validate)
+
+  # -------------------------------------------------------------- networks
+  def _load(self, config, path: str, use_ema: bool = True) -> base.Loaded:
+    if not path or not os.path.isdir(path):
+      raise UserError(f"no text checkpoint at {path!r}; train one with `python -m dimo_jax.main "
+                      f"--config=configs/text.py --workdir=<dir> --config.mode=teacher`")
+    params, ema, stored = checkpoints.load_params(path)
+    model = model_from_stored(stored, path, self.compute_overrides(config))
+    return base.Loaded(model=model, params=ema if (use_ema and ema is not None) else params, stored=stored)
+
+  def load_teacher(self, config, workdir: str) -> base.Loaded:
+    return self._load(config, config.teacher.checkpoint or workdir, bool(config.teacher.get("use_ema", True)))
+
+  def load_generator(self, config, path: str) -> base.Loaded:
+    folder = os.path.join(path, "generator")
+    return self._load(config, folder if os.path.isdir(folder) else path)
+
+  def condition_source(self, config, teacher: base.Loaded) -> base.ConditionSource:
+    return base.ConditionSource()  # unconditional: the Di[M]O step gives every example the label 0
+
+  def network_config(self, teacher: base.Loaded, model) -> dict:
+    return {"text_network": _network(teacher.stored, "the teacher")}
+
+  # -------------------------------------------------------------- what a person reads
+  def decode_text(self, tokens, stored: dict) -> List[str]:
+    """One string per row of ``tokens [N, L]`` with the corpus' tokenizer (rebuilt from ``stored``)."""
+    data_cfg = ml_collections.ConfigDict(stored.get("data", {}))
+    if data_cfg.get("tokenizer", "bytes") == "bytes":
+      tok = text_corpus.ByteTokenizer()
+      return [tok.decode(row) for row in np.asarray(tokens)]
+    corpus = text_corpus.load_text_corpus(data_cfg)
+    return text_eval.decode(corpus, tokens)
+
+
+FAMILY = TextFamily()
