@@ -146,3 +146,25 @@ def test_one_generator_step_is_todays_step_and_two_differ():
   for a, b in zip(today, one):
     np.testing.assert_array_equal(a, b)
   assert any(not np.array_equal(a, b) for a, b in zip(today, two))
+
+
+def test_condition_pytrees_and_a_mask_id_above_the_codebook():
+  """Text conditions (a pytree per example) and Meissonic's mask id above the codebook's end: the
+  simulated inputs and k-step samples use the mask id, never the codebook size."""
+  from test_dimo_text import B, random_cond, tiny_text_setup  # pylint: disable=import-outside-toplevel
+  _, model, dist, state = tiny_text_setup(generator_steps=2)
+  assert dist.mask_id != dist.codebook
+  cond = random_cond(jax.random.key(1), (B,))
+  labels, x_init = dist.draw_inputs(jax.random.key(2), B, cond)
+  inputs, select = jax.jit(dist.simulate_inputs)(state.gen.params, x_init, labels, jax.random.key(3), 0.1)
+  inputs, select, x_init = np.asarray(inputs), np.asarray(select), np.asarray(x_init)
+  assert select.max() == 1
+  for b in range(B):
+    n0 = int((x_init[b] == dist.mask_id).sum())
+    expected = n0 if select[b] == 0 else round(n0 / 2)  # linear, 2 steps: t_1 = r0 / 2
+    assert int((inputs[b] == dist.mask_id).sum()) == expected
+  assert np.all((inputs < dist.codebook) | (inputs == dist.mask_id))
+  run = jax.jit(lambda p, k: gs.generate(gs.model_apply_fn(model, 0.1), p, k, cond, steps=2, seq_len=dist.seq_len,
+                                         codebook_size=dist.codebook, mask_id=dist.mask_id))
+  tokens = np.asarray(run(state.gen.params, jax.random.key(4)))
+  assert tokens.shape == (B, dist.seq_len) and tokens.min() >= 0 and tokens.max() < dist.codebook
