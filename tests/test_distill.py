@@ -215,6 +215,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     # steps; a larger eps keeps the comparison about the real gradients.
     cfg.distill.eps = 1e-3
     cfg.teacher.guidance = 2.0
+    # OPTIONS
     model = maskgit.MaskTransformer(codebook_size=8, seq_len=6, num_classes=3, width=16, depth=2, heads=2, mlp_dim=32)
     params = maskgit.init_params(model, jax.random.key(0))
     results = []
@@ -235,6 +236,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_step_matches_single_device():
-  out = run_on_simulated_devices(SHARDED_SCRIPT, timeout=300)
+@pytest.mark.parametrize("options", ["", "cfg.distill.generator_steps = 2"], ids=["one_step", "two_steps"])
+def test_sharded_step_matches_single_device(options):
+  out = run_on_simulated_devices(SHARDED_SCRIPT.replace("# OPTIONS", options), timeout=600)
   assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]

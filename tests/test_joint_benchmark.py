@@ -7,6 +7,14 @@ import numpy as np
 import pytest
 
 from conftest import load_script
+
+
+def load_path(path):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("dimo_variant_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 from dimo_jax.data import joints
 
 
@@ -65,14 +73,53 @@ def test_benchmark_tiny(tmp_path):
       "--train_size=300", "--num_samples=500",
       f"--teacher_args=--config.train.steps=40 --config.train.eval_every=20 --config.train.warmup_steps=5 "
       f"--config.train.structure_samples=100 {tiny_model}",
-      "--distill_args=--config.distill.steps=4 --config.distill.warmup_steps=1 --config.distill.batch_size=16"])
+      "--distill_args=--config.distill.steps=4 --config.distill.warmup_steps=1 --config.distill.batch_size=16",
+      '--variants=[{"name":"k2","generator_steps":2,"generator_schedule":"cosine","gen_lr":2e-3}]'])
   assert len(results) == 1
   r = results[0]
+  assert r["variant"] == "k2" and r["generator_steps"] == 2 and sorted(r["by_steps"]) == ["1", "2", "4"]
+  assert r["by_steps"]["1"]["tv"] == r["generator"]
+  for at in r["by_steps"].values():
+    assert 0 <= at["tv"] <= 1 and at["ratio"] == pytest.approx(at["tv"] / r["teacher_best"])
+  stored = json.load(open(os.path.join(str(tmp_path), r["joint"], "distill_k2", "generator", "config.json")))
+  assert stored["distill"]["generator_steps"] == 2 and stored["distill"]["generator_schedule"] == "cosine"
+  assert stored["distill"]["gen_lr"] == 2e-3  # a key configs/tokens.py carries passes as a flag
   assert r["joint"] == "sum_rule_v3_l3_s1" and r["nan_count"] == 0 and r["finite"]
   for k in ("floor", "teacher_best", "teacher_one_confidence", "generator"):
     assert 0 <= r[k] <= 1
   assert r["ratio"] == pytest.approx(r["generator"] / r["teacher_best"])
   table = open(os.path.join(str(tmp_path), "table.md")).read()
-  assert "sum_rule_v3_l3_s1" in table and "within 1.5x" in table
+  assert "sum_rule_v3_l3_s1" in table and "within 1.5x" in table and "k2, 2 steps: 1 joints" in table
   with open(os.path.join(str(tmp_path), "results.jsonl")) as f:
     assert json.loads(f.readline())["joint"] == r["joint"]
+
+
+def test_variant_keys_the_config_lacks_go_through_a_config_file(tmp_path):
+  bench = load_script("joint_benchmark.py")
+  flags, new = bench._split_variant({"name": "v", "gen_lr": 3e-4, "generator_steps": 4, "generator_schedule": [0.4, 0.2, 0.1]})
+  assert flags == ["--config.distill.gen_lr=0.0003"]
+  assert new == {"generator_steps": 4, "generator_schedule": [0.4, 0.2, 0.1]}
+  path = bench._variant_config(str(tmp_path / "config_v.py"), new)
+  module = load_path(path)
+  cfg = module.get_config()
+  assert cfg.distill.generator_steps == 4 and tuple(cfg.distill.generator_schedule) == (0.4, 0.2, 0.1)
+  assert cfg.distill.steps == 1000 and cfg.data.name == "npy"  # everything else: configs/tokens.py
+  with pytest.raises(ValueError, match="variant key 'a.b'"):
+    bench._variant_config(str(tmp_path / "bad.py"), {"a.b": 1})
+  with pytest.raises(ValueError, match="variant key 'steps'"):
+    bench._variant_config(str(tmp_path / "bad.py"), {"steps": {"nested": 1}})
+
+
+def test_table_lists_each_step_count_and_older_rows():
+  bench = load_script("joint_benchmark.py")
+  base = dict(joint="j", vocab_size=3, seq_len=2, support=9, floor=0.01, data_floor=0.02, teacher_one_confidence=0.5,
+              teacher_one_ancestral=0.5, teacher_best=0.1, teacher_best_row="ancestral 2", generator_top_share=0.2,
+              truth_top_share=0.2, nan_count=0)
+  new = dict(base, variant="k2", generator=0.2, ratio=2.0,
+             by_steps={"1": {"tv": 0.2, "ratio": 2.0}, "2": {"tv": 0.105, "ratio": 1.05}, "4": {"tv": 0.3, "ratio": 3.0}})
+  old = dict(base, variant="defaults", generator=0.12, ratio=1.2)
+  text = bench.table([new, old])
+  assert "| 0.2000 | 2.00x | 0.1050 (1.05x) | 0.3000 (3.00x) |" in text
+  assert "| 0.1200 | 1.20x | - | - |" in text
+  assert "- k2, 2 steps: 1 joints, median ratio 1.05x, worst 1.05x, mean 1.05x, 1/1 within 1.1x" in text
+  assert "- defaults, 1 step: 1 joints, median ratio 1.20x" in text and "defaults, 2 steps" not in text

@@ -18,6 +18,13 @@ Conditions: class labels drawn uniformly inside the step (the default), or, with
 the generator update's batch, one fresh batch per auxiliary update and the negative prompt's
 condition, against which the teacher (weight ``guidance``) and the auxiliary (``aux_guidance``)
 are guided in one batched call ``[prompt; negative]``.
+
+k generator steps (``generator_steps``, 1 by default; ``core.generator_steps``): step j reads the
+previous step's output re-masked to level t_j of ``generator_schedule``. Training simulates
+backward (as DMD2 does): each example draws a step j uniformly, its input comes from running the
+current generator's steps 0..j-1 (no gradient), and the loss above applies to step j's output;
+the auxiliary's batches draw from the same mixture of steps (docs/proofs.md, "A few-step
+generator").
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from flax import struct
 from flax.training import train_state
 
 from dimo_jax.core import divergences, masking, sharding
+from dimo_jax.core import generator_steps as gen_steps
 from dimo_jax.core.losses import aux_loss
 from dimo_jax.core.memory import check_fits, device_bytes_limit
 from dimo_jax.core.optim import ema_update, frozen_mask, make_optimizer
@@ -84,6 +92,8 @@ class DistillSettings:
   gen_dropout: bool = False
   aux_dropout: bool = False
   ema_decay: float = 0.9999
+  generator_steps: int = 1
+  generator_schedule: Any = "linear"
 
   def __post_init__(self):
     checks = {
@@ -99,6 +109,9 @@ class DistillSettings:
     if self.aux_updates < 1:
       raise ValueError(f"config.distill.aux_updates must be >= 1, got {self.aux_updates}")
     masking.parse_r_init(self.r_init)
+    if not isinstance(self.generator_schedule, str):
+      object.__setattr__(self, "generator_schedule", tuple(self.generator_schedule))
+    gen_steps.check_schedule(self.generator_schedule, self.generator_steps, "config.distill.")
 
   @classmethod
   def from_config(cls, config) -> "DistillSettings":
@@ -263,29 +276,65 @@ class Distiller:
     return g * scale[:, None, None], nan_count
 
   # ------------------------------------------------------------------ updates
-  def generator_update(self, state: DistillState, key, cond=None, neg=None):
+  def simulate_inputs(self, params, x_init, labels, key, sigma):
+    """Backward simulation of the k-step generator: per example a step j drawn uniformly from
+    [0, k) and its input, made by running steps 0..j-1 of the generator ``params`` from
+    ``x_init`` (no gradient: the steps draw tokens). Returns ``(inputs, j)``; step 0's input is
+    ``x_init`` itself. The re-masking levels follow ``generator_schedule`` from each example's own
+    mask ratio in ``x_init``."""
+    s = self.s
+    k_sel, k_noise, k_draw, k_chain = jax.random.split(key, 4)
+    select = jax.random.randint(k_sel, (x_init.shape[0],), 0, s.generator_steps, jnp.int32)
+    params = jax.lax.stop_gradient(params)
+    step_fn = lambda x, kn, kd: self.sample_tokens(kd, self.gen_logits(params, x, labels, kn, sigma))
+    r0 = jnp.mean((x_init == self.mask_id).astype(jnp.float32), axis=1)
+    ratios = gen_steps.step_ratios(s.generator_schedule, s.generator_steps, r0)
+    _, inputs = gen_steps.chain(step_fn, x_init, (k_noise, k_draw), k_chain, ratios, self.mask_id, select)
+    return inputs, select
+
+  def generator_inputs(self, params, key, sim_key, sigma, cond=None):
+    """``(labels, x_init, inputs)`` of one generator batch: ``inputs`` is x_init for the one-step
+    generator, otherwise the drawn steps' inputs (``simulate_inputs`` with ``sim_key``)."""
+    labels, x_init = self.draw_inputs(key, self.s.batch_size, cond)
+    if self.s.generator_steps == 1:
+      return labels, x_init, x_init
+    return labels, x_init, self.simulate_inputs(params, x_init, labels, sim_key, sigma)[0]
+
+  def generator_gradient(self, state: DistillState, key, cond=None, neg=None):
+    """The Di[M]O gradient of one batch: ``(grads, z, parts)`` with the generator's logits ``z`` at
+    its inputs and ``parts`` (``inputs``, ``x_theta``, ``x_t``, ``mask``, ``ratio``, ``t_logits``,
+    ``a_logits``, ``g``: the scaled cotangent, ``nan_count``). With k generator steps the loss
+    applies to the output of each example's drawn step; its input is a constant."""
     s = self.s
     keys = jax.random.split(key, 7)
-    labels, x_init = self.draw_inputs(keys[0], s.batch_size, cond)
     sigma = self.sigma_at(state.step)
+    labels, x_init, inputs = self.generator_inputs(state.gen.params, keys[0], keys[6], sigma, cond)
     fwd = lambda p, x: self.gen_logits(p, x, labels, keys[1], sigma)
-    z, vjp_fn = jax.vjp(lambda p: fwd(p, x_init), state.gen.params)
+    z, vjp_fn = jax.vjp(lambda p: fwd(p, inputs), state.gen.params)
     x_theta = self.sample_tokens(keys[2], z)
     x_t, mask, ratio = masking.forward_mask(keys[3], x_theta, self.mask_id, s.mask_schedule, exact=True)
     t_logits = self.teacher_logits(state.teacher_params, x_t, labels, ratio, keys[4], neg)
     a_logits = self.aux_logits(state.aux.params, x_t, labels, keys[5], neg)
     g, nan_count = self.cotangent(t_logits, a_logits, mask)
     if s.grad_input == "sample":
-      # The paper's alternative: the Jacobian at the generated sample with x_init's mask re-applied.
-      x_alt = jnp.where(x_init == self.mask_id, x_init, x_theta)
+      # The paper's alternative: the Jacobian at the generated sample with the input's mask re-applied.
+      x_alt = jnp.where(inputs == self.mask_id, inputs, x_theta)
       _, vjp_fn = jax.vjp(lambda p: fwd(p, x_alt), state.gen.params)
     (grads,) = vjp_fn(g.astype(z.dtype))
+    parts = dict(inputs=inputs, x_theta=x_theta, x_t=x_t, mask=mask, ratio=ratio, t_logits=t_logits,
+                 a_logits=a_logits, g=g, nan_count=nan_count)
+    return grads, z, parts
+
+  def generator_update(self, state: DistillState, key, cond=None, neg=None):
+    s = self.s
+    grads, z, parts = self.generator_gradient(state, key, cond, neg)
+    mask, g, nan_count = parts["mask"], parts["g"], parts["nan_count"]
     grads, grad_nonfinite = zero_nonfinite(grads)
     gen = state.gen.apply_gradients(grads=grads)
 
     # The logged divergence sees what the gradient sees: masked positions only, non-finite
     # values zeroed (the normaliser still counts every masked position).
-    tok_div = divergences.divergence(s.divergence, t_logits, a_logits, s.beta)
+    tok_div = divergences.divergence(s.divergence, parts["t_logits"], parts["a_logits"], s.beta)
     tok_div = jnp.where(mask & jnp.isfinite(tok_div), tok_div, 0.0)
     n_masked = jnp.maximum(jnp.sum(mask), 1)
     metrics = {
@@ -294,7 +343,7 @@ class Distiller:
         "gen/token_divergence": jnp.sum(tok_div) / n_masked,
         "gen/entropy": jnp.mean(divergences.entropy(z[..., : self.codebook])),
         "gen/nan_count": nan_count.astype(jnp.float32),
-        "gen/mask_ratio": jnp.mean(ratio),
+        "gen/mask_ratio": jnp.mean(parts["ratio"]),
         "nonfinite": (nan_count.astype(jnp.int32) + grad_nonfinite).astype(jnp.float32),
     }
     return gen, metrics
@@ -302,8 +351,10 @@ class Distiller:
   def auxiliary_update(self, aux: TrainState, gen_params, step, key, cond=None, neg=None):
     s = self.s
     keys = jax.random.split(key, 5)
-    labels, x_init = self.draw_inputs(keys[0], s.batch_size, cond)
-    z = jax.lax.stop_gradient(self.gen_logits(gen_params, x_init, labels, keys[1], self.sigma_at(step)))
+    sigma = self.sigma_at(step)
+    # The auxiliary tracks the mixture of every step's outputs: the same draw of steps as the generator's.
+    labels, _, inputs = self.generator_inputs(gen_params, keys[0], jax.random.fold_in(keys[0], 1), sigma, cond)
+    z = jax.lax.stop_gradient(self.gen_logits(gen_params, inputs, labels, keys[1], sigma))
     x_theta = self.sample_tokens(keys[2], z)
     x_t, mask, _ = masking.forward_mask(keys[3], x_theta, self.mask_id, s.mask_schedule, exact=True)
     soft = None
