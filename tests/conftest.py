@@ -28,3 +28,30 @@ def run_on_simulated_devices(script: str, devices: int = 8, timeout: int = 400):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                         timeout=timeout)
+
+
+# ---------------------------------------------------------------------------- test tiers
+SLOW_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_tests.txt")
+
+
+def _slow_ids(path: str = SLOW_LIST) -> set:
+  """The node ids (``tests/test_x.py::test_y``, parameters dropped) listed in ``slow_tests.txt``."""
+  if not os.path.exists(path):
+    return set()
+  with open(path, encoding="utf-8") as f:
+    return {line.split("#", 1)[0].strip() for line in f if line.split("#", 1)[0].strip()}
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: a test of the whole suite left out of the fast tier "
+                                     "(-m 'not slow'); listed in tests/slow_tests.txt")
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  """Marks ``slow`` every test whose id (without parameters) or file is in ``slow_tests.txt``."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  slow = _slow_ids()
+  for item in items:
+    node = item.nodeid.split("[", 1)[0]
+    if node in slow or node.split("::", 1)[0] in slow:
+      item.add_marker(pytest.mark.slow)
