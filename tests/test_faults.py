@@ -476,11 +476,13 @@ def family_teachers(tmp_path_factory):
   """The tiny teachers of ``family_runs`` (two steps; Meissonic's is the converted transformer)."""
   import family_runs as runs  # pylint: disable=import-outside-toplevel
   folder = str(tmp_path_factory.mktemp("families"))
-  out = {}
-  for family in ("classes", "captioned_digits"):
-    out[family] = os.path.join(folder, family, "teacher")
-    teacher.train_teacher(runs.CONFIGS[family](os.path.join(folder, family), "teacher", runs.STEPS), out[family])
-  return folder, out
+
+  def path(family):  # trained on first use
+    out = os.path.join(folder, family, "teacher")
+    if not os.path.isdir(out):
+      teacher.train_teacher(runs.CONFIGS[family](os.path.join(folder, family), "teacher", runs.STEPS), out)
+    return out
+  return folder, path
 
 
 def _family_distill(family_teachers, family, teacher_path=None):
@@ -488,7 +490,7 @@ def _family_distill(family_teachers, family, teacher_path=None):
   folder, teachers = family_teachers
   c = runs.CONFIGS[family](os.path.join(folder, family), "distill", runs.STEPS)
   if family != "meissonic":
-    c.teacher.checkpoint = teacher_path or teachers[family]
+    c.teacher.checkpoint = teacher_path or teachers(family)
   elif teacher_path:
     c.meissonic.transformer = teacher_path
   return c
@@ -526,7 +528,7 @@ def test_every_family_holds_its_workdir_resumes_after_sigterm_and_refuses_anothe
   monkeypatch.setattr(loop, "create_progress", real_progress)
 
   other = str(tmp_path / "other_teacher")
-  source = (family_teachers[1][family] if family != "meissonic"
+  source = (family_teachers[1](family) if family != "meissonic"
             else _family_distill(family_teachers, family).meissonic.transformer)
   shutil.copytree(source, other)
   with pytest.raises(checkpoints.UserError, match=r"teacher.checkpoint|meissonic.transformer"):
