@@ -20,7 +20,7 @@ Random weights of the config's model (full MaskGIT size for ``configs/maskgit.py
   config's, with the config's guidance) and the one-step generator, each with and without
   decoding to pixels by a Taming VQGAN with random weights (``--skip_vqgan`` to leave it out).
 
-Levers: ``--attention=xla|cudnn``, ``--remat=none|full|dots|dots_no_batch``, ``--donate=false``,
+Levers: ``--attention=xla|cudnn|xla_saved``, ``--teacher_dtype=bfloat16``, ``--remat=none|full|dots|dots_no_batch``, ``--donate=false``,
 ``--config.model.logits_dtype=bfloat16``, ``--config.model.dtype=...``.
 Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` and prints the table.
 """
@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 
 from dimo_jax.core import memory as device_memory, samplers, sharding
 from dimo_jax.method import dimo
-from dimo_jax.networks import maskgit, vqgan
+from dimo_jax.networks import attention, maskgit, vqgan
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity), matched in order against
 # ``device.device_kind`` (lower case). Our H200 reference measured about 790 TFLOP/s in a bf16
@@ -100,7 +100,7 @@ REFERENCE_SHAPE = dict(arch="preln", width=768, depth=24, heads=16, seq_len=256,
 # do not represent optimised code).
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 
-ATTENTION_CHOICES = ("", "xla", "cudnn")
+ATTENTION_CHOICES = attention.IMPLEMENTATIONS
 REMAT_CHOICES = ("", "none", *maskgit.REMAT_POLICIES)
 VQGAN_CHOICES = ("auto", "full", "small")
 
@@ -118,7 +118,8 @@ class BenchmarkOptions:
   skip_sampling: bool = False
   skip_vqgan: bool = False
   vqgan: str = "auto"  # auto: the f16 256 px model when the tokens are 16 x 16, else a small one
-  attention: str = ""  # '' (config's) | xla | cudnn
+  attention: str = ""  # '' (config's) | xla | cudnn | xla_saved (dimo_jax.networks.attention)
+  teacher_dtype: str = ""  # '' (the model's param_dtype) | bfloat16 | float32: the frozen teacher's parameters
   remat: str = ""  # '' (config's) | none | full | dots | dots_no_batch
   donate: bool = True
   peak_tflops: float = 0.0  # 0: PEAK_TFLOPS_BF16 by device kind
@@ -136,8 +137,11 @@ class BenchmarkOptions:
       if int(getattr(self, name)) < 0:
         raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
     if self.attention not in ATTENTION_CHOICES:
-      raise ValueError(f"--attention={self.attention!r} is not valid; choose xla or cudnn "
+      raise ValueError(f"--attention={self.attention!r} is not valid; choose one of {list(ATTENTION_CHOICES[1:])} "
                        "(or leave it empty for the config's model.attention_impl)")
+    if self.teacher_dtype not in ("", "float32", "bfloat16"):
+      raise ValueError(f"--teacher_dtype={self.teacher_dtype!r} is not valid; choose float32 or bfloat16 "
+                       "(or leave it empty for the model's param_dtype)")
     if self.remat not in REMAT_CHOICES:
       raise ValueError(f"--remat={self.remat!r} is not valid; choose one of {list(REMAT_CHOICES[1:])}")
     if self.vqgan not in VQGAN_CHOICES:
@@ -251,7 +255,7 @@ def analytic_flops(model, params, settings: dimo.DistillSettings, batch: int) ->
           "per_step": float(fe * batch * (dense + attention))}
 
 
-def _cost(analysis) -> Optional[float]:
+def cost_flops(analysis) -> Optional[float]:
   if analysis is None:
     return None
   if isinstance(analysis, (list, tuple)):
@@ -273,7 +277,7 @@ def counted_unrolled_flops(cfg, sizes, teacher_shapes_seed: int = 0) -> Optional
   key = jax.random.key(teacher_shapes_seed)
   abstract = jax.eval_shape(lambda: dist.init_state(maskgit.init_params(model, key), 0))
   try:
-    return _cost(jax.jit(dist.step).lower(abstract).cost_analysis())
+    return cost_flops(jax.jit(dist.step).lower(abstract).cost_analysis())
   except Exception:  # pylint: disable=broad-except
     return None
 
@@ -364,6 +368,8 @@ def bench_step(cfg, model, teacher_params, opts: BenchmarkOptions) -> Dict[str, 
   if jax.device_count() > 1:
     mesh = sharding.make_mesh(int(cfg.mesh.get("data", -1)), int(cfg.mesh.get("fsdp", 1)))
   state = dist.init_state(teacher_params, seed=opts.seed)
+  if opts.teacher_dtype:  # the frozen teacher held in that dtype, without a float32 copy
+    state = state.replace(teacher_params=maskgit.cast_floating(state.teacher_params, opts.teacher_dtype))
   fn, state = _compile_step(dist, state, mesh, opts.donate)
   t0 = time.perf_counter()
   lowered = fn.lower(state)
@@ -372,7 +378,7 @@ def bench_step(cfg, model, teacher_params, opts: BenchmarkOptions) -> Dict[str, 
   compiled = _compile(lowered, opts)
   compile_s = time.perf_counter() - t0
   try:
-    counted = _cost(compiled.cost_analysis())
+    counted = cost_flops(compiled.cost_analysis())
   except Exception:  # pylint: disable=broad-except
     counted = None
   memory = compiled_memory(compiled)
@@ -745,6 +751,8 @@ def define_flags(flag_values, sys_argv=None):
                     "Attention implementation (empty: config.model.attention_impl).", flag_values=flag_values)
   flags.DEFINE_enum("remat", "", list(REMAT_CHOICES),
                     "Rematerialisation policy (empty: config.model.remat).", flag_values=flag_values)
+  flags.DEFINE_enum("teacher_dtype", "", ["", "float32", "bfloat16"],
+                    "The frozen teacher's parameter dtype (empty: the model's param_dtype).", flag_values=flag_values)
   flags.DEFINE_bool("donate", d.donate, "Donate the state to the step.", flag_values=flag_values)
   flags.DEFINE_float("peak_tflops", d.peak_tflops, "Peak TFLOP/s per device (0: table by device kind).",
                      flag_values=flag_values)

@@ -97,6 +97,7 @@ class Spec:
   sample_batch: int = 8
   dtype: str = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
   remat: str = "none"  # dimo_jax only (the authors' run does not checkpoint): none | full | dots | ...
+  attention: str = ""  # dimo_jax only: model.attention_impl ('' = XLA with the fused backward; xla_saved; cudnn)
   guidance: float = 2.0  # teacher guidance in the step (their true_cfg)
   dropout: float = 0.1
   r_init: float = 0.6
@@ -640,6 +641,7 @@ def project_config(spec: Spec):
   c.model.dtype = spec.dtype
   c.model.param_dtype = "float32"
   c.model.remat = spec.remat
+  c.model.attention_impl = spec.attention
   c.data.seq_len = spec.seq_len
   c.data.image_shape = (spec.side, spec.side)
   c.data.vocab_size = spec.codebook
@@ -860,7 +862,7 @@ def markdown(record: Dict[str, Any]) -> str:
       f"{AUTHORS_MODEL_CLASS}; the step's plumbing written from the reference notes)",
       f"- size: {spec.depth} x {spec.width}, {spec.heads} heads, MLP {spec.mlp_dim}, {spec.seq_len} + 1 tokens, "
       f"codebook {spec.codebook}, {spec.classes} classes; compute {spec.dtype} (parameters float32); "
-      f"dimo_jax remat {spec.remat}",
+      f"dimo_jax remat {spec.remat}, attention {spec.attention or 'xla (fused backward)'}",
       f"- step: one generator update with teacher guidance {spec.guidance:g} and one auxiliary update, EMA; "
       f"dropout {spec.dropout:g} in all three networks; frozen token embedding, positions, output bias; "
       f"{record['options']['warmup']} warm-up + {record['options']['steps']} timed steps per round, "

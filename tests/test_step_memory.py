@@ -45,3 +45,30 @@ def test_bad_policy_names_fail_naming_the_flag(text):
 
 def test_parse_policies_keeps_order():
   assert list(sm.parse_policies(" full, none ,dots")) == ["full", "none", "dots"]
+
+
+def test_parse_levers_fills_defaults_and_keeps_labels():
+  rows = sm.parse_levers("base, remat=none+attention=xla_saved,teacher_dtype=bfloat16")
+  assert [r["label"] for r in rows] == ["base", "remat=none+attention=xla_saved", "teacher_dtype=bfloat16"]
+  assert {k: rows[0][k] for k in sm.LEVER_DEFAULTS} == sm.LEVER_DEFAULTS
+  assert (rows[1]["remat"], rows[1]["attention"], rows[1]["donate"]) == ("none", "xla_saved", "1")
+  assert rows[2]["teacher_dtype"] == "bfloat16" and rows[2]["remat"] == ""
+
+
+@pytest.mark.parametrize("text", ["", "remat=fast", "attention", "speed=1", "base+donate=2"])
+def test_bad_levers_fail_naming_the_flag(text):
+  with pytest.raises(ValueError, match="--levers"):
+    sm.parse_levers(text)
+
+
+def test_host_round_trips_are_found_in_the_compiled_program():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  def with_callback(x):
+    jax.debug.callback(lambda v: None, x)
+    return x * 2
+
+  x = jnp.ones(3)
+  assert sm.host_round_trips(jax.jit(lambda v: v * 2).lower(x).compile()) == 0
+  assert sm.host_round_trips(jax.jit(with_callback).lower(x).compile()) == 1

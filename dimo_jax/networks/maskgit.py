@@ -32,14 +32,11 @@ import jax
 import jax.numpy as jnp
 
 from dimo_jax.core import optim
+from dimo_jax.networks import attention
 
 Dtype = Any
 
-REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+REMAT_POLICIES = attention.REMAT_POLICIES
 
 
 def _gelu(approximate: bool):
@@ -72,15 +69,7 @@ class SelfAttention(nn.Module):
     qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")(x)
     q, k, v = jnp.split(qkv.reshape(b, t, 3, self.heads, head_dim), 3, axis=2)
     q, k, v = (a[:, :, 0] for a in (q, k, v))
-    if self.implementation == "cudnn" and t % 64:
-      pad = 64 - t % 64
-      padder = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
-      lengths = jnp.full((b,), t, jnp.int32)
-      out = jax.nn.dot_product_attention(
-          padder(q), padder(k), padder(v), query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-          implementation="cudnn")[:, :t]
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    out = attention.attention(q, k, v, self.implementation)
     out = out.reshape(b, t, self.width)
     out = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
     return nn.Dropout(self.dropout)(out, deterministic=self.deterministic)
@@ -315,7 +304,8 @@ def build_model(model_cfg, *, codebook_size: int, seq_len: int, num_classes: int
       dropout=float(get("dropout", 0.0)), dtype=to_dtype(get("dtype", "float32")),
       param_dtype=to_dtype(get("param_dtype", "float32")),
       logits_dtype=to_dtype(get("logits_dtype", "float32")), scan=bool(get("scan", True)),
-      remat=get("remat", "none"), attention_impl=get("attention_impl", None) or None)
+      remat=get("remat", "none"),
+      attention_impl=attention.check_implementation(get("attention_impl", None), "config.model.attention_impl") or None)
   if arch == "preln":
     kwargs.update(class_token=get("class_token", "last"), ln_eps=float(get("ln_eps", 1e-5)),
                   ln_eps_io=float(get("ln_eps_io", 1e-12)),
@@ -332,6 +322,16 @@ COMPUTE_FIELDS = ("dtype", "param_dtype", "logits_dtype", "remat", "attention_im
 def compute_overrides(model_cfg) -> dict:
   """The compute-only fields set in ``config.model``, to apply to a stored (teacher) network."""
   return {k: model_cfg.get(k) for k in COMPUTE_FIELDS if model_cfg.get(k) not in (None, "")}
+
+
+def cast_floating(params, dtype):
+  """``params`` with every floating-point leaf in ``dtype`` (integer leaves unchanged).
+
+  A frozen teacher held in its compute dtype (``cast_floating(p, jnp.bfloat16)``) needs no float32
+  copy: the layers' ``promote_dtype`` then finds the weights already in the compute dtype."""
+  dtype = to_dtype(dtype)
+  return jax.tree_util.tree_map(
+      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
 
 
 def init_params(model: nn.Module, key, batch: int = 1):

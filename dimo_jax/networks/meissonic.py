@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dimo_jax.networks.attention import check_implementation
 from dimo_jax.networks.meissonic_blocks import (REMAT_POLICIES, DualBlock, MLMHead, Resample,
                                                 RMSNorm, SingleBlock, TimeTextEmbed, TokenEmbed,
                                                 TwoLayer, position_ids, rope_tables,
@@ -123,6 +124,7 @@ class MeissonicConfig:
                        f"{['none', *REMAT_POLICIES]}")
     for name in ("dtype", "param_dtype", "logits_dtype"):
       jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
+    check_implementation(self.attention_impl, "attention_impl")
 
   @property
   def width(self) -> int:

@@ -7,7 +7,7 @@ other):
 
 - helpers: the sinusoidal embedding (``timestep_embedding``), the axial RoPE (``position_ids``,
   ``rope_tables``, ``apply_rope``), the 2x2 token compression (``downsample_2x2``,
-  ``upsample_2x2``), attention without a mask;
+  ``upsample_2x2``) (attention: ``dimo_jax.networks.attention``);
 - ``RMSNorm`` (statistics in fp32, learnable scale);
 - the conditioning MLPs (``TwoLayer``: ``cond_embed``, ``timestep_embedder``, ``text_embedder``;
   ``TimeTextEmbed``), AdaLN-Zero modulation (``AdaLNZero``), the tanh-GELU MLP (``FeedForward``),
@@ -25,20 +25,17 @@ class names.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dimo_jax.networks.attention import REMAT_POLICIES, attention  # pylint: disable=unused-import
+
 Dtype = Any
 
-REMAT_POLICIES: Dict[str, Optional[Callable]] = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -113,19 +110,6 @@ def upsample_2x2(x: jax.Array, kernel: jax.Array) -> jax.Array:
   b, h, w, _ = x.shape
   out = jnp.einsum("bijd,acdo->biajco", x, kernel)
   return out.reshape(b, 2 * h, 2 * w, kernel.shape[-1])
-
-
-def attention(q, k, v, implementation: Optional[str]):
-  """Scaled dot-product attention (scale 1/sqrt(D), no mask) on ``[B, S, heads, D]``."""
-  t = q.shape[1]
-  if implementation == "cudnn" and t % 64:
-    pad = 64 - t % 64
-    padder = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    lengths = jnp.full((q.shape[0],), t, jnp.int32)
-    return jax.nn.dot_product_attention(
-        padder(q), padder(k), padder(v), query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-        implementation="cudnn")[:, :t]
-  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
 def modulate(x, shift, scale):
