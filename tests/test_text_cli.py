@@ -51,9 +51,12 @@ def _cli(argv):
 
 def test_teacher_distill_evaluate_sample(tmp_path, tiny_config):
   workdir = str(tmp_path / "run")
-  # mode=distill on an empty workdir trains <workdir>/teacher first, then distils it.
-  result = _cli([f"--config={tiny_config}", f"--workdir={workdir}", "--config.mode=distill"])
+  # mode=distill on an empty workdir trains <workdir>/teacher first, distils it, then writes the table.
+  result = _cli([f"--config={tiny_config}", f"--workdir={workdir}", "--config.mode=distill",
+                 "--config.distill.evaluate_at_end=True"])
   assert result["step"] == 3 and not result["preempted"]
+  assert "Goal (gen. PPL within 1.5x" in result["table"]
+  at_end = json.load(open(os.path.join(workdir, "eval", "results.json")))
   teacher = json.load(open(os.path.join(workdir, "teacher", "config.json")))
   assert teacher["finished_step"] == 4 and teacher["text_network"]["seq_len"] == 16
   generator = json.load(open(os.path.join(workdir, "generator", "config.json")))
@@ -64,6 +67,9 @@ def test_teacher_distill_evaluate_sample(tmp_path, tiny_config):
   assert again["step"] == 4
 
   results = _cli([f"--config={tiny_config}", f"--workdir={workdir}", "--config.mode=evaluate"])
+  # the same draws and the cached reference LM: mode=evaluate repeats the table written at the end
+  assert [(r["name"], r["gen_ppl"], r["entropy"]) for r in results["rows"]] == \
+      [(r["name"], r["gen_ppl"], r["entropy"]) for r in at_end["rows"]]
   names = [r["name"] for r in results["rows"]]
   assert names[0] == "real held-out text" and names[-1] == "Di[M]O generator 1"
   # the teacher at 1 and 4 steps and at the sequence length, for each sampler

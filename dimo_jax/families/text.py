@@ -3,14 +3,15 @@ token sequences (``networks.text_mdm``), trained by ``method.mdm`` and distilled
 unchanged; unconditional (every network sees the label 0, the step draws it itself).
 
 What the modes need, against ``families.base.Family``: the teacher's run (``teacher_run``: the
-corpus of ``data.text_corpus``, ``method.mdm.compile_teacher``, the held-out masked loss), the
-teacher and generator loaders (a workdir's latest checkpoint and its ``config.json``, whose
-``text_network`` entry holds the vocabulary and sequence length), the condition source (none:
-``ConditionSource()``), the default evaluators (``evaluation.text_metrics`` through
-``evaluation.text_eval``) and ``decode_text`` (tokens to strings; ``decode`` is None: text is not
-pictures).
+corpus of ``data.text_corpus``, ``method.mdm.compile_teacher``, the held-out masked loss; the
+finished teacher's ``config.json`` gets ``finished_step``), the teacher ``mode=distill`` trains first
+(``teacher_to_train``: ``<workdir>/teacher`` unless ``config.teacher.checkpoint`` names one or it is
+finished), the teacher and generator loaders (``evaluation.text_eval.load_network``: a folder's
+latest checkpoint and its ``config.json``, whose ``text_network`` entry holds the vocabulary and
+sequence length), the condition source (none: ``ConditionSource()``), the table at the end of a
+distillation and the default evaluator (``text_lm`` of ``evaluation.text_eval``) and
+``decode_text`` (tokens to strings; ``decode`` is None: text is not pictures).
 """
-
 from __future__ import annotations
 
 import os
@@ -19,16 +20,14 @@ from typing import List
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ml_collections
 
 from dimo_jax.data import text_corpus
 from dimo_jax.data.batching import batch_iterator
-from dimo_jax.evaluation import text_eval
+from dimo_jax.evaluation import evaluators as plugins, text_eval
 from dimo_jax.families import base
 from dimo_jax.method import mdm
-from dimo_jax.networks import conditioning, maskgit, text_mdm
+from dimo_jax.networks import conditioning, maskgit
 from dimo_jax.storage import checkpoints
-from dimo_jax.storage.checkpoints import UserError
 
 
 def is_finished(path: str, steps: int) -> bool:
@@ -98,6 +97,15 @@ class TextFamily(base.Family):
 
   def condition_source(self, config, teacher: base.Loaded) -> base.ConditionSource:
     return base.ConditionSource()  # unconditional: the Di[M]O step gives every example the label 0
+
+  def evaluate_table(self, config, workdir: str, teacher: base.Loaded, generator_params):
+    """The text table (``config.evaluate.evaluators``, default ``text_lm``) of the generator just
+    written to ``<workdir>/generator``; printed and returned."""
+    req = plugins.Request(config, os.fspath(workdir), plugins.output_dir(config, workdir), self.name)
+    results = plugins.evaluate(req, plugins.evaluator_names(config, self.name))
+    if jax.process_index() == 0:
+      print(results["table"], flush=True)
+    return results["table"]
 
   def network_config(self, teacher: base.Loaded, model) -> dict:
     return {"text_network": text_eval.stored_network(teacher.stored, "the teacher")}
