@@ -5,7 +5,10 @@ trained with the masked-diffusion objective of method/mdm.py; Di[M]O distils it 
 generator; a causal reference LM trained on the training split judges the samples
 (generative perplexity, unigram entropy, distinct n-grams: dimo_jax/evaluation/text_metrics.py).
 
-The whole path on 2 CPU cores, with the table, plot and samples:
+The whole path through the command line (teacher in <workdir>/teacher, Di[M]O, then the table of
+mode=evaluate in <workdir>/eval):
+  python -m dimo_jax.main --config=configs/text.py --workdir=/tmp/dimo_text
+The same components as one script, with the teacher and reference LM cached for sweeps:
   python experiments/text_pipeline.py --workdir=/tmp/text_pipeline
 Your own text: --config.data.name=text --config.data.path=<file.txt or folder>[,...]
   (--config.data.split_blank_lines=True: documents separated by blank lines);
@@ -13,7 +16,7 @@ BPE instead of bytes: --config.data.tokenizer=bpe --config.data.vocab_size=1024
   (or --config.data.tokenizer_path=<tokenizer.json> with a '<|sep|>' special token).
 
 Measured on 2026-12-06 on a 2-core CPU shared with other jobs (1-minute load average 16 to 36):
-teacher (0.4M parameters, 1,000 steps) 12.8 min, Di[M]O (200 steps) 14 to 20 min, reference LM
+teacher (0.27M parameters, 1,000 steps) 12.3 min, Di[M]O (200 steps) 14 to 20 min, reference LM
 (800 steps) 10 min, the table 5 to 13 min. Settings from seed 0, reported on seed 1
 (experiments/text_pipeline.py --seed=1): real held-out text gen. PPL 4.12 at entropy 2.78; teacher
 one step 235.2; teacher best 25.1 (confidence, 32 steps, entropy 2.26), ancestral best 77.7 (32 steps,
@@ -41,7 +44,7 @@ def _digits():
 def get_config():
   c = _digits().get_config()
   c.family = "text"
-  c.mode = "teacher"
+  c.mode = "distill"  # trains <workdir>/teacher first when it is not finished
   c.seed = 3407
 
   # ---------------------------------------------------------------- data (data/text_corpus.py)

@@ -10,6 +10,7 @@ comma-separated string); left empty, the family's defaults (``FAMILY_EVALUATORS`
 | ``token_tv`` | classes | the label-free token scores: sequence / position / pair TV, the teacher's bound (``evaluation.table1``) |
 | ``prompt_following`` | captioned_digits | prompt accuracy, FD and diversity per prompt (``evaluation.prompt_following``) |
 | ``t2i_export`` | meissonic | the HPS v2 / GenEval images for their official scorers (``evaluation.t2i_export``) |
+| ``text_lm`` | text | gen. perplexity under a reference LM, unigram entropy, distinct and repeated n-grams (``evaluation.text_eval``) |
 
 Every evaluator fills the rows of the same request: the teacher at its step counts and the
 generator at one step (rows are merged by their ``name``, so two evaluators add their columns to
@@ -34,11 +35,13 @@ EVALUATORS = {
     "token_tv": "dimo_jax.evaluation.table1:evaluate_token_tv",
     "prompt_following": "dimo_jax.evaluation.prompt_following:evaluate_prompt_following",
     "t2i_export": "dimo_jax.evaluation.t2i_export:evaluate_t2i_export",
+    "text_lm": "dimo_jax.evaluation.text_eval:evaluate_text_lm",
 }
 FAMILY_EVALUATORS = {
     "classes": ("image_sets", "token_tv"),
     "captioned_digits": ("prompt_following",),
     "meissonic": ("t2i_export",),
+    "text": ("text_lm",),
 }
 EVAL_SUBDIR = "eval"
 RESULTS_FILE = "results.json"

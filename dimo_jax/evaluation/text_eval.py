@@ -27,15 +27,20 @@ from typing import Callable, Dict, List, Optional
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from dimo_jax.core import categorical
 from dimo_jax.data import text_corpus
 from dimo_jax.data.batching import batch_iterator
 from dimo_jax.evaluation import text_metrics
+from dimo_jax.evaluation.evaluators import Request, Result, register
 from dimo_jax.method import dimo, mdm
-from dimo_jax.networks import causal_lm, conditioning, text_mdm
+from dimo_jax.networks import causal_lm, conditioning, maskgit, text_mdm
+from dimo_jax.storage import checkpoints, loaders
 from dimo_jax.storage.checkpoints import UserError, atomic_write_bytes
+
+TEACHER_SUBDIR = "teacher"  # where mode=distill trains the teacher when config.teacher.checkpoint is empty
 
 
 # ---------------------------------------------------------------------------- data, networks, conditions
@@ -60,6 +65,44 @@ def conditions(batch: int) -> np.ndarray:
 def bos_id(corpus) -> int:
   """The token the reference LM reads before a sequence: the document separator (or id 0)."""
   return int(corpus.sep_id) if corpus.sep_id >= 0 else 0
+
+
+def teacher_dir(config, workdir: str) -> str:
+  """``config.teacher.checkpoint``, or ``<workdir>/teacher`` when it is empty."""
+  return config.teacher.get("checkpoint", "") or os.path.join(os.fspath(workdir), TEACHER_SUBDIR)
+
+
+def stored_network(stored: Optional[dict], path: str) -> dict:
+  """The ``text_network`` entry (vocabulary, sequence length, separator) of a folder's ``config.json``."""
+  net = (stored or {}).get("text_network")
+  if not net:
+    raise UserError(f"{path}: its config.json has no 'text_network' entry (vocabulary, sequence length); "
+                    "give a workdir written by --config=configs/text.py --config.mode=teacher")
+  return net
+
+
+def load_network(path: str, *, use_ema: bool = True, overrides: Optional[dict] = None):
+  """``(model, params, stored_config)`` of a text teacher or generator folder (its latest checkpoint,
+  EMA parameters by default); a missing folder names the command that makes it."""
+  if not path or not os.path.isdir(path):
+    raise UserError(f"no text checkpoint at {path!r}; train one with `python -m dimo_jax.main "
+                    "--config=configs/text.py --workdir=<dir> --config.mode=teacher` (or --config.mode=distill)")
+  params, ema, stored = checkpoints.load_params(path)
+  net = stored_network(stored, path)
+  model_cfg = dict(stored.get("model", {}), **(overrides or {}))
+  model = text_mdm.build_model(ml_collections.ConfigDict(model_cfg), vocab_size=int(net["vocab_size"]),
+                               seq_len=int(net["seq_len"]))
+  return model, (ema if (use_ema and ema is not None) else params), stored
+
+
+def decode_stored(tokens, stored: dict) -> List[str]:
+  """One string per row of ``tokens [N, L]`` with the tokenizer of the corpus a stored run names
+  (bytes need no corpus; BPE and ``npy`` read the corpus again)."""
+  data_cfg = ml_collections.ConfigDict(stored.get("data", {}))
+  if data_cfg.get("name", "embedded") != "npy" and data_cfg.get("tokenizer", "bytes") == "bytes":
+    tok = text_corpus.ByteTokenizer()
+    return [tok.decode(row) for row in np.asarray(tokens)]
+  return decode(text_corpus.load_text_corpus(data_cfg), tokens)
 
 
 def decode(corpus, tokens) -> List[str]:
@@ -313,17 +356,11 @@ def plot(rows: List[dict], path: str) -> None:
   os.replace(path + ".tmp.png", path)
 
 
-def write_report(outdir: str, corpus, rows: List[dict], sets: Dict[str, dict], info: dict,
-                 num_text: int = 6) -> Dict[str, str]:
-  """``results.json``, ``table.md``, ``gen_ppl.png`` and ``samples.txt`` (``num_text`` decoded samples per
-  set) in ``outdir``; returns their paths."""
+def write_extras(outdir: str, corpus, rows: List[dict], sets: Dict[str, dict], num_text: int = 6) -> Dict[str, str]:
+  """``gen_ppl.png`` (``plot``) and ``samples.txt`` (``num_text`` decoded samples per set) in ``outdir``;
+  returns their paths."""
   os.makedirs(outdir, exist_ok=True)
-  summ = summary(rows)
-  paths = {k: os.path.join(outdir, f) for k, f in (("json", "results.json"), ("table", "table.md"),
-                                                   ("plot", "gen_ppl.png"), ("samples", "samples.txt"))}
-  atomic_write_bytes(paths["json"], json.dumps({"rows": rows, "summary": summ, "info": info}, indent=1,
-                                               default=float).encode())
-  atomic_write_bytes(paths["table"], markdown_table(rows, summ).encode())
+  paths = {"plot": os.path.join(outdir, "gen_ppl.png"), "samples": os.path.join(outdir, "samples.txt")}
   plot(rows, paths["plot"])
   parts = []
   for name, s in sets.items():
@@ -332,3 +369,109 @@ def write_report(outdir: str, corpus, rows: List[dict], sets: Dict[str, dict], i
       parts.append(f"--- {i}\n{text}")
   atomic_write_bytes(paths["samples"], ("\n".join(parts) + "\n").encode("utf-8"))
   return paths
+
+
+def write_report(outdir: str, corpus, rows: List[dict], sets: Dict[str, dict], info: dict,
+                 num_text: int = 6) -> Dict[str, str]:
+  """``results.json``, ``table.md``, ``gen_ppl.png`` and ``samples.txt`` (``num_text`` decoded samples per
+  set) in ``outdir``; returns their paths."""
+  os.makedirs(outdir, exist_ok=True)
+  summ = summary(rows)
+  paths = {"json": os.path.join(outdir, "results.json"), "table": os.path.join(outdir, "table.md")}
+  atomic_write_bytes(paths["json"], json.dumps({"rows": rows, "summary": summ, "info": info}, indent=1,
+                                               default=float).encode())
+  atomic_write_bytes(paths["table"], markdown_table(rows, summ).encode())
+  return dict(paths, **write_extras(outdir, corpus, rows, sets, num_text))
+
+
+# ---------------------------------------------------------------------------- mode=evaluate and mode=sample
+def goal_line(summ: dict, ppl_factor: float = 1.5, entropy_tolerance: float = 0.02) -> str:
+  """Whether the generator meets the family's goal: gen. PPL within ``ppl_factor`` x the teacher's
+  best and unigram entropy within ``entropy_tolerance`` of the real text's."""
+  if "ratio_to_teacher_best" not in summ:
+    return "Goal: no generator row."
+  ppl_ok = summ["ratio_to_teacher_best"] <= ppl_factor
+  ent_ok = abs(summ["entropy_gap_to_real"]) <= entropy_tolerance
+  verdict = "met" if ppl_ok and ent_ok else "not met"
+  return (f"Goal (gen. PPL within {ppl_factor}x the teacher's best, entropy within {100 * entropy_tolerance:.0f}% "
+          f"of the real text's): {verdict} (gen. PPL {summ['ratio_to_teacher_best']:.2f}x: "
+          f"{'yes' if ppl_ok else 'no'}; entropy {100 * summ['entropy_gap_to_real']:+.1f}%: "
+          f"{'yes' if ent_ok else 'no'}).")
+
+
+@register("text_lm")
+def evaluate_text_lm(req: Request, log=print) -> Result:
+  """The evaluator ``text_lm`` (the text family's default): the teacher of ``teacher_dir`` at every
+  sampler and step count, the generator of ``<workdir>/generator`` at one step and the real held-out
+  text, judged by the reference LM (trained on the training split, cached in the workdir); writes
+  ``gen_ppl.png`` and ``samples.txt`` beside the table; ``results.json`` holds the ``summary``."""
+  config, workdir = req.config, req.workdir
+  corpus = load_corpus(config)
+  overrides = maskgit.compute_overrides(config.model)
+  model, teacher_params, stored = load_network(teacher_dir(config, workdir),
+                                               use_ema=bool(config.teacher.get("use_ema", True)), overrides=overrides)
+  net = stored_network(stored, teacher_dir(config, workdir))
+  if (int(net["vocab_size"]), int(net["seq_len"])) != (corpus.vocab_size, corpus.seq_len):
+    raise UserError(f"the teacher in {teacher_dir(config, workdir)} has vocabulary {net['vocab_size']} and "
+                    f"sequence length {net['seq_len']}, the config's corpus {corpus.vocab_size} and {corpus.seq_len}; "
+                    "give the config.data the teacher was trained with")
+  gen_dir = loaders.generator_dir(workdir)
+  gen_params = load_network(gen_dir, overrides=overrides)[1] if os.path.isdir(gen_dir) else None
+  if gen_params is None:
+    log(f"no generator in {gen_dir}: the table has the teacher's and the real text's rows only")
+  lm = build_reference_lm(config, corpus)
+  lm_params, lm_info = train_reference(config, corpus, lm, workdir=workdir, log=log)
+  seed = int(config.evaluate.get("seed", 0))
+  sets = sample_sets(config, corpus, model, teacher_params, gen_params, seed=seed, workdir=workdir, log=log)
+  rows = evaluate(config, corpus, sets, lm, lm_params)
+  summ = summary(rows)
+  files = write_extras(req.out_dir, corpus, rows, sets) if jax.process_index() == 0 else {}
+  req.format = lambda results: markdown_table(results["rows"], results["summary"]) + goal_line(results["summary"]) + "\n"
+  return Result(rows=rows, extra={"summary": summ, "goal": goal_line(summ), "reference_lm": lm_info,
+                                  "corpus": corpus.source, "seed": seed, "files": dict(files)})
+
+
+def write_text_samples(config, workdir: str) -> dict:
+  """``mode=sample`` of the text family: ``config.sample.num`` sequences from the teacher of
+  ``config.sample.checkpoint`` (default the workdir or its ``teacher`` folder; ``config.sample.steps``
+  steps of ``config.sample.sampler``) or, with ``config.sample.model='generator'``, the generator's one step;
+  writes ``<output>.npy`` (token ids) and ``<output>.txt`` (one decoded sample per block). Returns the
+  paths and ``num``."""
+  sc = config.sample
+  kind = sc.get("model", "teacher")
+  if kind not in ("teacher", "generator"):
+    raise UserError(f"config.sample.model={kind!r} is not known; choose teacher or generator")
+  num = int(sc.num)
+  if num < 1:
+    raise UserError(f"config.sample.num must be >= 1, got {num}")
+  path = sc.get("checkpoint", "") or workdir
+  if kind == "generator" and os.path.isdir(loaders.generator_dir(path)):
+    path = loaders.generator_dir(path)
+  elif kind == "teacher" and not sc.get("checkpoint", "") and os.path.isdir(os.path.join(path, TEACHER_SUBDIR)):
+    path = os.path.join(path, TEACHER_SUBDIR)
+  model, params, stored = load_network(path, overrides=maskgit.compute_overrides(config.model))
+  output = sc.get("output", "") or os.path.join(workdir or path, "samples.npy")
+  if not output.endswith(".npy"):
+    raise UserError(f"config.sample.output={output!r} must name a .npy file, e.g. /tmp/samples.npy")
+  key = jax.random.key(int(sc.get("seed", 0)))
+  e = config.evaluate
+  with categorical.float64_mode():
+    if kind == "generator":
+      x = categorical.one_step_sample(model, params, key, conditions(num), r_init=float(sc.get("r_init", e.r_init)),
+                                      sigma=float(sc.get("sigma", e.sigma)), method=e.categorical)
+    else:
+      x = categorical.iterative_sample(
+          conditioning.make_apply_fn(model), params, key, conditions(num), seq_len=model.seq_len,
+          codebook_size=model.codebook_size, steps=int(sc.steps), order=sc.get("sampler", "confidence"),
+          schedule=e.sampler_schedule, r_temp=float(e.r_temp), method=e.categorical)
+  tokens = np.asarray(jax.device_get(x)).astype(np.int32)
+  texts = decode_stored(tokens, stored)
+  paths = {"tokens": output, "text": output[: -len(".npy")] + ".txt"}
+  if jax.process_index() == 0:
+    buf = io.BytesIO()
+    np.save(buf, tokens)
+    atomic_write_bytes(paths["tokens"], buf.getvalue())
+    atomic_write_bytes(paths["text"], "".join(f"=== sample {i} ===\n{t}\n" for i, t in enumerate(texts)).encode())
+  log_line = f"Wrote {num} {kind} samples from {path} to {paths['text']}"
+  print(log_line, flush=True)
+  return dict(paths, num=num)

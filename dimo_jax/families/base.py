@@ -29,6 +29,7 @@ FAMILIES = {
     "classes": "dimo_jax.families.classes",
     "captioned_digits": "dimo_jax.families.captioned_digits",
     "meissonic": "dimo_jax.families.meissonic",
+    "text": "dimo_jax.families.text",
 }
 
 GENERATOR_SCHEMA = 1  # version of the generator folder's config.json layout (``generator_config``)

@@ -3,14 +3,15 @@ token sequences (``networks.text_mdm``), trained by ``method.mdm`` and distilled
 unchanged; unconditional (every network sees the label 0, the step draws it itself).
 
 What the modes need, against ``families.base.Family``: the teacher's run (``teacher_run``: the
-corpus of ``data.text_corpus``, ``method.mdm.compile_teacher``, the held-out masked loss), the
-teacher and generator loaders (a workdir's latest checkpoint and its ``config.json``, whose
-``text_network`` entry holds the vocabulary and sequence length), the condition source (none:
-``ConditionSource()``), the default evaluators (``evaluation.text_metrics`` through
-``evaluation.text_eval``) and ``decode_text`` (tokens to strings; ``decode`` is None: text is not
-pictures).
+corpus of ``data.text_corpus``, ``method.mdm.compile_teacher``, the held-out masked loss; the
+finished teacher's ``config.json`` gets ``finished_step``), the teacher ``mode=distill`` trains first
+(``teacher_to_train``: ``<workdir>/teacher`` unless ``config.teacher.checkpoint`` names one or it is
+finished), the teacher and generator loaders (``evaluation.text_eval.load_network``: a folder's
+latest checkpoint and its ``config.json``, whose ``text_network`` entry holds the vocabulary and
+sequence length), the condition source (none: ``ConditionSource()``), the table at the end of a
+distillation and the default evaluator (``text_lm`` of ``evaluation.text_eval``) and
+``decode_text`` (tokens to strings; ``decode`` is None: text is not pictures).
 """
-
 from __future__ import annotations
 
 import os
@@ -19,37 +20,26 @@ from typing import List
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ml_collections
 
 from dimo_jax.data import text_corpus
 from dimo_jax.data.batching import batch_iterator
-from dimo_jax.evaluation import text_eval
+from dimo_jax.evaluation import evaluators as plugins, text_eval
 from dimo_jax.families import base
 from dimo_jax.method import mdm
-from dimo_jax.networks import conditioning, maskgit, text_mdm
+from dimo_jax.networks import conditioning, maskgit
 from dimo_jax.storage import checkpoints
-from dimo_jax.storage.checkpoints import UserError
 
 
-def _network(stored: dict, path: str) -> dict:
-  net = (stored or {}).get("text_network")
-  if not net:
-    raise UserError(f"{path}: its config.json has no 'text_network' entry (vocabulary, sequence length); "
-                    "give a workdir written by --config.family=text --config.mode=teacher")
-  return net
-
-
-def model_from_stored(stored: dict, path: str, overrides=None) -> text_mdm.TextMaskTransformer:
-  """The text teacher a folder's ``config.json`` describes (compute fields from ``overrides``)."""
-  net = _network(stored, path)
-  model_cfg = ml_collections.ConfigDict(dict(stored.get("model", {}), **(overrides or {})))
-  return text_mdm.build_model(model_cfg, vocab_size=int(net["vocab_size"]), seq_len=int(net["seq_len"]))
+def is_finished(path: str, steps: int) -> bool:
+  """Whether ``path`` holds a text teacher trained to ``steps`` (its ``config.json``'s ``finished_step``)."""
+  cfg = checkpoints.read_config(path) if os.path.isdir(path) else None
+  return bool(cfg) and int(cfg.get("finished_step", -1)) >= steps
 
 
 class TextFamily(base.Family):
   name = "text"
   compute_fields = maskgit.COMPUTE_FIELDS
-  evaluators = ("gen_ppl", "unigram_entropy", "distinct_ngrams", "repeated_ngrams")
+  evaluators = ("text_lm",)
 
   # -------------------------------------------------------------- mode=teacher
   def teacher_run(self, config, workdir: str, mesh) -> base.TeacherRun:
@@ -74,21 +64,32 @@ class TextFamily(base.Family):
     run_config = dict(base.config_dict(config), family=self.name,
                       text_network={"vocab_size": corpus.vocab_size, "seq_len": corpus.seq_len,
                                     "sep_id": corpus.sep_id, "source": corpus.source})
+    steps = int(config.train.steps)
+
+    def finish(state, step, final):
+      del state, step, final
+      if jax.process_index() == 0:
+        checkpoints.write_config(workdir, dict(run_config, finished_step=steps, role="teacher"))
+      return {}
+
     return base.TeacherRun(model=model, fns=fns, run_config=run_config, batches=batches,
                            num_params=maskgit.count_params(jax.eval_shape(model.init_params, jax.random.key(0))),
-                           describe=f"text teacher on {corpus.source}", validate=validate)
+                           describe=f"text teacher on {corpus.source}", validate=validate, finish=finish,
+                           finished=lambda: is_finished(workdir, steps))
+
+  def teacher_to_train(self, config, workdir: str):
+    path = text_eval.teacher_dir(config, workdir)
+    if config.teacher.get("checkpoint", "") or is_finished(path, int(config.train.steps)):
+      return None
+    return path
 
   # -------------------------------------------------------------- networks
   def _load(self, config, path: str, use_ema: bool = True) -> base.Loaded:
-    if not path or not os.path.isdir(path):
-      raise UserError(f"no text checkpoint at {path!r}; train one with `python -m dimo_jax.main "
-                      f"--config=configs/text.py --workdir=<dir> --config.mode=teacher`")
-    params, ema, stored = checkpoints.load_params(path)
-    model = model_from_stored(stored, path, self.compute_overrides(config))
-    return base.Loaded(model=model, params=ema if (use_ema and ema is not None) else params, stored=stored)
+    model, params, stored = text_eval.load_network(path, use_ema=use_ema, overrides=self.compute_overrides(config))
+    return base.Loaded(model=model, params=params, stored=stored)
 
   def load_teacher(self, config, workdir: str) -> base.Loaded:
-    return self._load(config, config.teacher.checkpoint or workdir, bool(config.teacher.get("use_ema", True)))
+    return self._load(config, text_eval.teacher_dir(config, workdir), bool(config.teacher.get("use_ema", True)))
 
   def load_generator(self, config, path: str) -> base.Loaded:
     folder = os.path.join(path, "generator")
@@ -97,18 +98,22 @@ class TextFamily(base.Family):
   def condition_source(self, config, teacher: base.Loaded) -> base.ConditionSource:
     return base.ConditionSource()  # unconditional: the Di[M]O step gives every example the label 0
 
+  def evaluate_table(self, config, workdir: str, teacher: base.Loaded, generator_params):
+    """The text table (``config.evaluate.evaluators``, default ``text_lm``) of the generator just
+    written to ``<workdir>/generator``; printed and returned."""
+    req = plugins.Request(config, os.fspath(workdir), plugins.output_dir(config, workdir), self.name)
+    results = plugins.evaluate(req, plugins.evaluator_names(config, self.name))
+    if jax.process_index() == 0:
+      print(results["table"], flush=True)
+    return results["table"]
+
   def network_config(self, teacher: base.Loaded, model) -> dict:
-    return {"text_network": _network(teacher.stored, "the teacher")}
+    return {"text_network": text_eval.stored_network(teacher.stored, "the teacher")}
 
   # -------------------------------------------------------------- what a person reads
   def decode_text(self, tokens, stored: dict) -> List[str]:
     """One string per row of ``tokens [N, L]`` with the corpus' tokenizer (rebuilt from ``stored``)."""
-    data_cfg = ml_collections.ConfigDict(stored.get("data", {}))
-    if data_cfg.get("tokenizer", "bytes") == "bytes":
-      tok = text_corpus.ByteTokenizer()
-      return [tok.decode(row) for row in np.asarray(tokens)]
-    corpus = text_corpus.load_text_corpus(data_cfg)
-    return text_eval.decode(corpus, tokens)
+    return text_eval.decode_stored(tokens, stored)
 
 
 FAMILY = TextFamily()

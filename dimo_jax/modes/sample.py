@@ -28,7 +28,7 @@ from absl import logging
 from dimo_jax.core import samplers
 from dimo_jax.core.sharding import host_array
 from dimo_jax.data import image_grids
-from dimo_jax.evaluation import text_to_image
+from dimo_jax.evaluation import text_eval, text_to_image
 from dimo_jax.evaluation.sample_sets import teacher_sample_fn
 from dimo_jax.evaluation.settings import sampler_settings_from_config
 from dimo_jax.families import base as families
@@ -238,6 +238,7 @@ SAMPLE_WRITERS = {  # family -> run(config, workdir): what mode=sample writes fo
     "classes": _run_sample_tokens,
     "meissonic": text_to_image.write_prompt_images,
     "captioned_digits": _no_sampler("captioned_digits"),
+    "text": text_eval.write_text_samples,
 }
 
 
