@@ -1,4 +1,6 @@
 """The k-step generator: its schedule, its sampling loop and Di[M]O's backward-simulation step."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,3 +170,106 @@ def test_condition_pytrees_and_a_mask_id_above_the_codebook():
                                          codebook_size=dist.codebook, mask_id=dist.mask_id))
   tokens = np.asarray(run(state.gen.params, jax.random.key(4)))
   assert tokens.shape == (B, dist.seq_len) and tokens.min() >= 0 and tokens.max() < dist.codebook
+
+
+# ---------------------------------------------------------------------------- the run path
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+  """A tiny ``configs/tokens.py`` teacher (3 steps) and a generator distilled from it at k = 2 (3 steps)."""
+  import family_runs as runs  # pylint: disable=import-outside-toplevel
+  from dimo_jax.modes import distill, teacher  # pylint: disable=import-outside-toplevel
+  folder = str(tmp_path_factory.mktemp("k2"))
+  teacher.train_teacher(runs.classes_config(folder, "teacher", 3), f"{folder}/teacher")
+  c = runs.classes_config(folder, "distill", 3)
+  c.teacher.checkpoint = f"{folder}/teacher"
+  c.distill.generator_steps = 2
+  distill.train_distill(c, f"{folder}/distill")
+  return folder, c
+
+
+def _sample_config(c, folder, tag, **sample):
+  c = c.copy_and_resolve_references()
+  c.mode = "sample"
+  c.sample.model, c.sample.checkpoint = "generator", f"{folder}/distill"
+  c.sample.num, c.sample.batch_size, c.sample.output = 6, 4, f"{folder}/{tag}.npy"
+  for k, v in sample.items():
+    c.sample[k] = v
+  return c
+
+
+def test_generator_folder_records_its_steps_and_samples_at_each(two_step_run):
+  from dimo_jax.evaluation import settings  # pylint: disable=import-outside-toplevel
+  from dimo_jax.modes import sample  # pylint: disable=import-outside-toplevel
+  from dimo_jax.storage import loaders  # pylint: disable=import-outside-toplevel
+  folder, c = two_step_run
+  model, params, stored = loaders.load_generator(f"{folder}/distill")
+  assert stored["distill"]["generator_steps"] == 2 and stored["distill"]["generator_schedule"] == "linear"
+  assert settings.trained_generator(stored) == (2, "linear")
+
+  default = sample.run_sample(_sample_config(c, folder, "default"), folder)
+  two = sample.run_sample(_sample_config(c, folder, "two", generator_steps=2), folder)
+  one = sample.run_sample(_sample_config(c, folder, "one", generator_steps=1), folder)
+  assert default["generator_steps"] == 2 and two["generator_steps"] == 2 and one["generator_steps"] == 1
+  tokens = {t: np.load(f"{folder}/{t}.npy") for t in ("default", "two", "one")}
+  np.testing.assert_array_equal(tokens["default"], tokens["two"])
+  assert not np.array_equal(tokens["one"], tokens["two"])
+  # batch i of mode=sample draws with fold_in(key(seed), i): the first batch by hand, both ways.
+  labels = np.load(f"{folder}/one_labels.npy")[:4]
+  key = jax.random.fold_in(jax.random.key(0), 0)
+  want1 = samplers.one_step_generate(model, params, key, jnp.asarray(labels), r_init=0.6, sigma=0.1)
+  want2 = gs.generate(gs.model_apply_fn(model, 0.1), params, key, jnp.asarray(labels), steps=2, schedule="linear",
+                      seq_len=model.seq_len, codebook_size=model.codebook_size, r_init=0.6)
+  np.testing.assert_array_equal(tokens["one"][:4], np.asarray(want1))  # k = 1: today's one-step tokens, bit for bit
+  np.testing.assert_array_equal(tokens["two"][:4], np.asarray(want2))
+
+
+def test_generator_steps_above_the_trained_count_warn(two_step_run, monkeypatch):
+  from dimo_jax.evaluation import settings  # pylint: disable=import-outside-toplevel
+  from dimo_jax.modes import sample  # pylint: disable=import-outside-toplevel
+  folder, c = two_step_run
+  said = []
+  monkeypatch.setattr(settings.logging, "warning", lambda msg, *a: said.append(msg % a) if "generator" in msg else None)
+  out = sample.run_sample(_sample_config(c, folder, "three", generator_steps=3), folder)
+  assert out["generator_steps"] == 3 and np.load(f"{folder}/three.npy").shape == (6, model_len(c))
+  assert len(said) == 1 and "generator_steps=3 is above the 2 step(s)" in said[0], said
+  said.clear()
+  sample.run_sample(_sample_config(c, folder, "two_quiet", generator_steps=2), folder)
+  assert not said
+
+
+def model_len(c):
+  return int(np.load(c.data.path).shape[1])
+
+
+def test_generator_plan_known_answers_and_refusals(monkeypatch):
+  from dimo_jax.evaluation import settings  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(settings.logging, "warning", lambda *a: None)
+  assert settings.trained_generator({}) == (1, "linear")  # a folder from before the k-step generator
+  plan = settings.generator_plan({"distill": {"generator_steps": 3, "generator_schedule": [0.4, 0.2]}})
+  assert (plan.steps, plan.trained, plan.schedule) == (3, 3, (0.4, 0.2)) and plan.step_counts() == (1, 2, 3)
+  assert plan.schedule_at(2) == (0.4,) and plan.schedule_at(1) == ()
+  assert settings.generator_plan({}, 2).step_counts() == (1, 2)
+  with pytest.raises(ValueError, match="generator_steps=4.*name no level for step 4; ask for at most 3"):
+    settings.generator_plan({"distill": {"generator_steps": 3, "generator_schedule": [0.4, 0.2]}}, 4)
+  with pytest.raises(ValueError, match="config.json records distill.generator_schedule"):
+    settings.trained_generator({"distill": {"generator_steps": 2, "generator_schedule": "zigzag"}})
+  with pytest.raises(ValueError, match="config.sample.generator_steps must be >= 0"):
+    settings.sampler_settings_from_config({"generator_steps": -1})
+
+
+def test_evaluate_table_has_a_generator_row_per_step_count(two_step_run):
+  from dimo_jax.evaluation import tables  # pylint: disable=import-outside-toplevel
+  from dimo_jax.modes import evaluate  # pylint: disable=import-outside-toplevel
+  folder, c = two_step_run
+  c = c.copy_and_resolve_references()
+  c.mode = "evaluate"
+  c.evaluate.num_samples, c.evaluate.teacher_steps, c.evaluate.teacher_samplers = 16, (1, 2), ("confidence",)
+  c.evaluate.timing_repeats, c.evaluate.batch_size = 1, 8
+  c.evaluate.output_dir = f"{folder}/eval"
+  res = evaluate.run_evaluate(c, f"{folder}/distill")
+  gens = [(r["name"], r["steps"]) for r in res["rows"] if r["model"] == "generator"]
+  assert gens == [("generator_temp1", 1), ("generator_steps2_temp1", 2)]
+  assert [r["steps"] for r in res["rows"] if r["model"] == "teacher"] == [1, 2]
+  table = tables.format_table(res)
+  assert "| Di[M]O | 1 |" in table and "| Di[M]O | 2 |" in table
+  assert os.path.isfile(f"{folder}/eval/table.md")
