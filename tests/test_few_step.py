@@ -273,3 +273,21 @@ def test_evaluate_table_has_a_generator_row_per_step_count(two_step_run):
   table = tables.format_table(res)
   assert "| Di[M]O | 1 |" in table and "| Di[M]O | 2 |" in table
   assert os.path.isfile(f"{folder}/eval/table.md")
+
+
+def test_plot_marks_each_generator_step_count(tmp_path):
+  from dimo_jax.evaluation import plots  # pylint: disable=import-outside-toplevel
+  rows = [dict(name=f"teacher_steps{s}", model="teacher", steps=s, sampler="confidence", fd_pixel=100.0 / s,
+               ms_per_sample=0.1 * s) for s in (1, 2, 4)]
+  rows += [dict(name="generator_temp1", model="generator", steps=1, label="Di[M]O", fd_pixel=40.0, ms_per_sample=0.1),
+           dict(name="generator_steps2_temp1", model="generator", steps=2, label="Di[M]O", fd_pixel=30.0,
+                ms_per_sample=0.2)]
+  fig = plots.plot_results({"rows": rows}, str(tmp_path / "q.png"), metrics=["fd_pixel"])
+  steps_ax = fig.axes[0]
+  stars = [l for l in steps_ax.get_lines() if l.get_marker() == "*"]
+  assert [(float(l.get_xdata()[0]), float(l.get_ydata()[0])) for l in stars] == [(1.0, 40.0), (2.0, 30.0)]
+  assert [t.get_text() for t in steps_ax.texts] == ["1 step", "2 steps"]
+  assert [l.get_label() for l in stars] == ["Di[M]O", "_Di[M]O"]  # one legend entry for the generator
+  # A one-step generator's star carries no count, as before.
+  fig = plots.plot_results({"rows": rows[:4]}, str(tmp_path / "one.png"), metrics=["fd_pixel"])
+  assert len(fig.axes[0].texts) == 0
