@@ -291,3 +291,36 @@ def test_plot_marks_each_generator_step_count(tmp_path):
   # A one-step generator's star carries no count, as before.
   fig = plots.plot_results({"rows": rows[:4]}, str(tmp_path / "one.png"), metrics=["fd_pixel"])
   assert len(fig.axes[0].texts) == 0
+
+
+def test_prompt_following_samples_and_notes_at_each_step_count():
+  """The captioned digits' generator rows: one step is ``one_step_cond_sampler``'s draw, k steps
+  ``generate``'s with the mask id above the codebook; the goal note has a sentence per step count."""
+  from test_dimo_text import T, tiny_text_setup  # pylint: disable=import-outside-toplevel
+  from dimo_jax.evaluation import prompt_following as pf  # pylint: disable=import-outside-toplevel
+  _, model, dist, state = tiny_text_setup(generator_steps=2)
+  rng = np.random.default_rng(0)
+  table = {"text": rng.normal(size=(5, T, 24)).astype(np.float32), "pooled": rng.normal(size=(5, 32)).astype(np.float32)}
+  ids = np.array([0, 1, 2, 3, 4, 0])
+  kw = dict(r_init=0.6, sigma=0.1, temperature=1.0, seed=3, batch=4)
+  one = pf.generator_samples(model, state.gen.params, table, ids, **kw)
+  two = pf.generator_samples(model, state.gen.params, table, ids, steps=2, **kw)
+  cond = {k: v[ids[:4]] for k, v in table.items()}
+  key = jax.random.fold_in(jax.random.key(3), 0)
+  want1 = samplers.one_step_cond_sampler(pf.timestep_free_apply(model), state.gen.params, key, cond,
+                                         seq_len=model.seq_len, mask_id=model.mask_id,
+                                         codebook_size=model.codebook_size, r_init=0.6, noise_sigma=0.1)
+  want2 = gs.generate(gs.model_apply_fn(model, 0.1), state.gen.params, key, cond, steps=2, seq_len=model.seq_len,
+                      codebook_size=model.codebook_size, mask_id=model.mask_id)
+  np.testing.assert_array_equal(one[:4], np.asarray(want1))
+  np.testing.assert_array_equal(two[:4], np.asarray(want2))
+  assert two.shape == (6, model.seq_len) and two.max() < model.codebook_size
+
+  score = lambda acc, fd: {"seen": {"prompt_acc": acc, "fd_pixel": fd, "samples": 100}}
+  rows = [{"model": "teacher (Meissonic sampler)", "steps": 16, "scores": score(90.0, 100.0)},
+          {"model": "Di[M]O generator", "steps": 1, "scores": score(85.0, 110.0)},
+          {"model": "Di[M]O generator", "steps": 2, "scores": score(88.0, 105.0)}]
+  lines = pf.goal_note(rows, "seen").splitlines()
+  assert lines[0].startswith("Di[M]O at 1 step on the seen prompts: prompt accuracy 85.0%")
+  assert lines[1].startswith("Di[M]O at 2 steps on the seen prompts: prompt accuracy 88.0%")
+  assert "FD-pixel 105.0 = 1.05x the teacher's best 100.0" in lines[1]
