@@ -324,3 +324,15 @@ def test_prompt_following_samples_and_notes_at_each_step_count():
   assert lines[0].startswith("Di[M]O at 1 step on the seen prompts: prompt accuracy 85.0%")
   assert lines[1].startswith("Di[M]O at 2 steps on the seen prompts: prompt accuracy 88.0%")
   assert "FD-pixel 105.0 = 1.05x the teacher's best 100.0" in lines[1]
+
+
+def test_a_bad_sample_r_init_names_its_flag(two_step_run):
+  from dimo_jax.modes import sample  # pylint: disable=import-outside-toplevel
+  folder, c = two_step_run
+  bad = _sample_config(c, folder, "bad")
+  with bad.unlocked():
+    del bad.sample["r_init"]
+    bad.sample.r_init = "sometimes"
+  with pytest.raises(ValueError, match="config.sample.r_init='sometimes' is not valid"):
+    sample.run_sample(bad, folder)
+  assert not os.path.exists(f"{folder}/bad.npy")

@@ -240,12 +240,13 @@ def check_settings(s: EvalSettings):
   check_protocol(s.fid_protocol)
 
 
-def r_init_value(spec):
-  """A fixed r_init (number) or ``None`` plus the parsed function for a random range."""
+def r_init_value(spec, flag: str = "config.evaluate.r_init"):
+  """A fixed r_init (number) or ``None`` plus the parsed function for a random range; a bad value is
+  a ValueError naming ``flag``."""
   try:
     fn = masking.parse_r_init(float(spec) if isinstance(spec, (int, float)) else spec)
   except ValueError as e:
-    raise ValueError(f"config.evaluate.r_init={spec!r} is not valid ({e}); use a number in [0, 1], "
+    raise ValueError(f"{flag}={spec!r} is not valid ({e}); use a number in [0, 1], "
                      "'fix_0.6' or 'random_0.4_0.8'") from e
   if isinstance(spec, (int, float)):
     return float(spec), fn

@@ -29,7 +29,7 @@ from dimo_jax.core.sharding import host_array
 from dimo_jax.data import image_grids
 from dimo_jax.evaluation import text_to_image
 from dimo_jax.evaluation.sample_sets import generator_sample_fn, teacher_sample_fn
-from dimo_jax.evaluation.settings import EvalSettings, generator_plan, sampler_settings_from_config
+from dimo_jax.evaluation.settings import EvalSettings, generator_plan, r_init_value, sampler_settings_from_config
 from dimo_jax.families import base as families
 from dimo_jax.modes import loop
 from dimo_jax.networks import maskgit
@@ -209,6 +209,7 @@ def _run_sample_generator(config, workdir: str) -> dict:
   labels = parse_labels(sc.get("labels", ""), num, model.num_classes)
   paths = output_paths(sc.get("output", ""), workdir or path)
   sp = sampler_settings_from_config(sc)
+  r_init_value(sp.r_init, "config.sample.r_init")
   plan = generator_plan(stored_config, sp.generator_steps, f"the generator in {path}")
   fn, _ = generator_sample_fn(model, params, EvalSettings(r_init=sp.r_init, sigma=sp.sigma), sp,
                               float(1.0 if sp.temperature is None else sp.temperature), plan.steps,
