@@ -66,6 +66,8 @@ def get_config():
   c.distill.batch_size = 64
   c.distill.prompt_set = "full"  # full: the 30 full prompts; all: also the 50 with an attribute left out
   c.distill.r_init = "fix_0.6"
+  c.distill.generator_steps = 1  # one step: k > 1 was not measured on this task (docs/proofs.md, section 10)
+  c.distill.generator_schedule = "linear"
   c.distill.sigma = 0.1
   c.distill.sigma_warmup_steps = 0
   c.distill.gen_temp = 1.0

@@ -79,6 +79,11 @@ def get_config():
   c.distill.steps = 400  # plateaus by ~200 steps on digits (docs/proofs.md, section 7)
   c.distill.batch_size = 64  # global
   c.distill.r_init = "fix_0.6"  # 'fix_R' | 'random_LO_HI' | a number
+  # k-step generator (core/generator_steps.py): 1 is Di[M]O's one-step generator. Nothing was measured
+  # at k > 1 on the digits; on the copy / permutation joints 2 steps lowered the sample's TV by 9-13%
+  # but made its one-step samples worse and stayed 3x off the teacher (docs/proofs.md, section 10).
+  c.distill.generator_steps = 1
+  c.distill.generator_schedule = "linear"  # re-masking levels of steps 2..k: a masking schedule or k-1 ratios
   c.distill.sigma = 0.1  # embedding noise on the generator's visual tokens
   c.distill.sigma_warmup_steps = 0  # >0: ramp sigma linearly from 0
   c.distill.gen_temp = 1.0
@@ -135,6 +140,7 @@ def get_config():
   c.sample.labels = ""  # '' = balanced over classes, or '3,3,7'
   c.sample.r_init = 0.6  # generator inputs
   c.sample.sigma = 0.1
+  c.sample.generator_steps = 0  # generator steps in mode=sample / evaluate: 0 = what it was trained for
   c.sample.output = ""  # '' = <workdir>/samples.npy
   c.sample.seed = 0
 

@@ -73,6 +73,12 @@ def get_config():
   c.distill.mask_schedule = "square"
   c.distill.batch_size = 128
   c.distill.steps = 1000
+  # One generator step: measured on copy / permutation joints with this recipe, 2 steps ('linear')
+  # sampled 9-13% lower TV than one step, but its one-step rows got worse (4.6x against 3.3x the
+  # teacher's best) and it stayed 3x off (docs/proofs.md, section 10). Data with hard constraints
+  # between positions may set --config.distill.generator_steps=2.
+  c.distill.generator_steps = 1
+  c.distill.generator_schedule = "linear"
   c.distill.freeze = ()
   c.distill.aux_label_smoothing = 0.0
   c.distill.sample_every = 0

@@ -223,6 +223,11 @@ def test_ratio_to_teacher_best_known_answer():
                                       "16 steps): 1.20x.")
   assert tables.ratio_to_teacher_best({"rows": res["rows"][:2]}) is None  # no generator row
   assert tables.ratio_note({"rows": []}) == ""
+  # A 2-step generator's rows: a ratio per step count, each named.
+  res["rows"].insert(3, {"name": "generator_steps2_temp1", "model": "generator", "label": "Di[M]O", "steps": 2,
+                         "fd_pixel": 165.0})
+  assert tables.ratio_to_teacher_best(res)["generator_steps"] == {"generator_temp1": 1, "generator_steps2_temp1": 2}
+  assert tables.ratio_note(res).endswith("16 steps): 1.20x (1 step), 1.10x (2 steps).")
 
 
 def test_several_teacher_samplers_give_rows_for_each(setup, first_run, tmp_path):

@@ -14,7 +14,8 @@ The figure has one line of two panels per quality metric: the metric against the
 (log2 axis) and against milliseconds per sample (a log axis where the times span a factor of 10,
 else linear; rows without a time are left out there; a prompt-following row's time is its wall
 time over its samples, compilation and scoring included), one curve per teacher sampler (and
-prompt set), the generator's point(s) as stars and the real-data rows as dotted horizontal lines.
+prompt set), the generator's point(s) as stars (each labelled with its step count where the generator
+was sampled at several) and the real-data rows as dotted horizontal lines.
 
 Command line (any finished evaluation)::
 
@@ -162,6 +163,11 @@ def plot_results(results: dict, out: str, metrics: Sequence[str] = (), source: s
   fig = Figure(figsize=(10, 3.2 * len(names)), layout="constrained")
   axes = fig.subplots(len(names), 2, squeeze=False)
   colours = {}
+  # A generator sampled at several step counts (a k-step generator's rows): each star names its count.
+  generator_steps = {}
+  for p in pts:
+    if p.kind == "generator" and p.steps is not None:
+      generator_steps[p.curve] = len({q.steps for q in pts if q.kind == "generator" and q.curve == p.curve})
   # Prompt-following rows time the whole row (sampling, compilation and scoring).
   ms_label = "ms per sample" + (" (row wall time / samples)" if any(
       isinstance(r, dict) and "seconds" in r for r in results["rows"]) else "")
@@ -170,12 +176,17 @@ def plot_results(results: dict, out: str, metrics: Sequence[str] = (), source: s
       for curve, xy in teacher_curves(pts, metric, x).items():
         colour = colours.setdefault(curve, f"C{len(colours) % 10}")
         ax.plot(*zip(*xy), marker="o", color=colour, label=curve)
+      starred = set()
       for p in pts:
         xv = p.steps if x == "steps" else p.ms
         if p.kind == "generator" and xv is not None and metric in p.metrics:
           colour = colours.setdefault(p.curve, f"C{len(colours) % 10}")
           ax.plot([xv], [p.metrics[metric]], marker="*", markersize=14, linestyle="none", color=colour,
-                  label=p.curve)
+                  label=p.curve if p.curve not in starred else f"_{p.curve}")
+          starred.add(p.curve)
+          if p.steps is not None and generator_steps.get(p.curve, 1) > 1:
+            ax.annotate(f"{p.steps} step{'s' if p.steps > 1 else ''}", (xv, p.metrics[metric]),
+                        textcoords="offset points", xytext=(6, 6), fontsize=7, color=colour)
         elif p.kind == "real" and metric in p.metrics:
           ax.axhline(p.metrics[metric], linestyle=":", color="grey", linewidth=1, label=p.curve)
       if x == "steps" or _spans_decade(pts, metric):

@@ -1,6 +1,7 @@
 """Prompt-following scores of the captioned-digits task: the teacher with its own multi-step
 sampler (``core.samplers.gumbel_ramp_sampler``, guidance against the empty prompt) at
-several step counts and the Di[M]O generator at one step, on every full prompt
+several step counts and the Di[M]O generator at each step count up to what it was trained for
+(``config.sample.generator_steps``), on every full prompt
 (``data.captions.full_prompt_ids``), the prompts seen in distillation and those held out scored
 apart.
 
@@ -28,10 +29,12 @@ from typing import Any, Callable, Dict, Sequence
 import jax
 import numpy as np
 
+from dimo_jax.core import generator_steps as gen_steps
 from dimo_jax.core import samplers
 from dimo_jax.data import captions, datasets, image_grids
 from dimo_jax.evaluation import classifier_features, metrics
 from dimo_jax.evaluation.evaluators import Request, Result, evaluate, output_dir, register
+from dimo_jax.evaluation.settings import generator_plan
 from dimo_jax.networks import meissonic, text_conditioning
 from dimo_jax.storage import checkpoints, loaders
 
@@ -134,15 +137,23 @@ def teacher_samples(model, params, table, prompt_ids, *, steps: int, guidance: f
 
 
 def generator_samples(model, params, table, prompt_ids, *, r_init: float, sigma: float, temperature: float,
-                      seed: int, batch: int = 500) -> np.ndarray:
+                      seed: int, batch: int = 500, steps: int = 1, schedule="linear") -> np.ndarray:
+  """The generator's samples, one per prompt id: one step through ``samplers.one_step_cond_sampler``,
+  ``steps`` > 1 through ``core.generator_steps.generate`` with the re-masking levels of ``schedule``."""
   apply_fn = timestep_free_apply(model)
   out = []
   for i, start in enumerate(range(0, len(prompt_ids), batch)):
     cond = captions.gather(table, prompt_ids[start:start + batch])
-    toks = samplers.one_step_cond_sampler(
-        apply_fn, params, jax.random.fold_in(jax.random.key(seed), i), cond, seq_len=model.seq_len,
-        mask_id=model.mask_id, codebook_size=model.codebook_size, r_init=float(r_init),
-        noise_sigma=float(sigma), temperature=float(temperature))
+    key = jax.random.fold_in(jax.random.key(seed), i)
+    if steps == 1:
+      toks = samplers.one_step_cond_sampler(
+          apply_fn, params, key, cond, seq_len=model.seq_len, mask_id=model.mask_id,
+          codebook_size=model.codebook_size, r_init=float(r_init), noise_sigma=float(sigma),
+          temperature=float(temperature))
+    else:
+      toks = gen_steps.generate(gen_steps.model_apply_fn(model, float(sigma)), params, key, cond, steps=int(steps), schedule=schedule,
+                                seq_len=model.seq_len, codebook_size=model.codebook_size, r_init=float(r_init),
+                                temperature=float(temperature), mask_id=model.mask_id)
     out.append(np.asarray(toks))
   return np.concatenate(out)
 
@@ -168,18 +179,22 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def goal_note(rows: Sequence[dict], prompt_set: str = "seen") -> str:
-  """The generator against the teacher's best rows (best accuracy, best FD) on ``prompt_set``."""
+  """The generator (each of its step counts) against the teacher's best rows (best accuracy, best FD)
+  on ``prompt_set``."""
   teacher = [r for r in rows if r["model"].startswith("teacher")]
   gen = [r for r in rows if r["model"].startswith("Di[M]O")]
   if not teacher or not gen:
     return ""
   best_acc = max(r["scores"][prompt_set]["prompt_acc"] for r in teacher)
   best_fd = min(r["scores"][prompt_set]["fd_pixel"] for r in teacher)
-  g = gen[0]["scores"][prompt_set]
-  return (f"Di[M]O at 1 step on the {prompt_set} prompts: prompt accuracy {g['prompt_acc']:.1f}% "
-          f"(standard error {accuracy_se(g):.1f}) against the teacher's best {best_acc:.1f}% "
-          f"({g['prompt_acc'] - best_acc:+.1f} points); FD-pixel {g['fd_pixel']:.1f} "
-          f"= {g['fd_pixel'] / best_fd:.2f}x the teacher's best {best_fd:.1f}.")
+  notes = []
+  for row in gen:  # one sentence per generator step count
+    g, steps = row["scores"][prompt_set], int(row.get("steps", 1))
+    notes.append(f"Di[M]O at {steps} step{'s' if steps > 1 else ''} on the {prompt_set} prompts: prompt accuracy "
+                 f"{g['prompt_acc']:.1f}% (standard error {accuracy_se(g):.1f}) against the teacher's best "
+                 f"{best_acc:.1f}% ({g['prompt_acc'] - best_acc:+.1f} points); FD-pixel {g['fd_pixel']:.1f} "
+                 f"= {g['fd_pixel'] / best_fd:.2f}x the teacher's best {best_fd:.1f}.")
+  return "\n".join(notes)
 
 
 def accuracy_se(scores: Dict[str, float]) -> float:
@@ -226,10 +241,11 @@ def load_text_network(path: str, *, use_ema: bool = True):
   return model, (ema if use_ema and ema is not None else params)
 
 
-def prompt_following_rows(config, out_dir: str, teacher, generator, data: CaptionedData) -> Result:
+def prompt_following_rows(config, out_dir: str, teacher, generator, data: CaptionedData, plan=None) -> Result:
   """The rows of the real digits, the teacher (its sampler at ``config.evaluate.teacher_steps``)
-  and the generator (one step), each scored on the seen and held-out prompts; grids of the
-  teacher's first and last step counts and of the generator in ``out_dir``."""
+  and the generator (at 1 .. ``plan.steps`` steps, ``evaluation.settings.generator_plan``; None:
+  the step count of ``config.distill``), each scored on the seen and held-out prompts; grids of the
+  teacher's first and last step counts and of the generator at each step count in ``out_dir``."""
   ec = config.evaluate
   model, t_params = teacher
   scorer = Scorer(data.ds, data.thresholds, os.path.join(out_dir, "classifier"))
@@ -243,10 +259,16 @@ def prompt_following_rows(config, out_dir: str, teacher, generator, data: Captio
                  "scores": scorer.score(toks, ids), "seconds": time.time() - t0})
     if int(steps) in (1, max(ec.teacher_steps)):
       save_grid(toks, os.path.join(out_dir, f"teacher_{int(steps)}.png"), int(ec.per_prompt))
-  toks = generator_samples(model, generator, data.table, ids, r_init=float(ec.r_init), sigma=float(ec.sigma),
-                           temperature=float(ec.gen_temp), seed=int(ec.seed))
-  rows.append({"name": "generator", "model": "Di[M]O generator", "steps": 1, "scores": scorer.score(toks, ids)})
-  save_grid(toks, os.path.join(out_dir, "generator_1.png"), int(ec.per_prompt))
+  if plan is None:
+    plan = generator_plan({"distill": dict(config.distill)}, int(config.sample.get("generator_steps", 0))
+                          if "sample" in config else 0)
+  for steps in plan.step_counts():
+    toks = generator_samples(model, generator, data.table, ids, r_init=float(ec.r_init), sigma=float(ec.sigma),
+                             temperature=float(ec.gen_temp), seed=int(ec.seed), steps=steps,
+                             schedule=plan.schedule_at(steps))
+    rows.append({"name": "generator" if steps == 1 else f"generator_steps{steps}", "model": "Di[M]O generator",
+                 "steps": steps, "scores": scorer.score(toks, ids)})
+    save_grid(toks, os.path.join(out_dir, f"generator_{steps}.png"), int(ec.per_prompt))
   return Result(rows, {"classifier": {k: scorer.meta.get(k) for k in ("val_accuracy", "train_accuracy")}})
 
 
@@ -266,11 +288,15 @@ def evaluate_prompt_following(req: Request, *, teacher=None, generator=None, dat
   if teacher is None:
     teacher = load_text_network(config.teacher.get("checkpoint", "") or os.path.join(workdir, "teacher"),
                                 use_ema=use_ema)
+  plan = None
   if generator is None:
-    generator = load_text_network(loaders.generator_dir(workdir))[1]
+    folder = loaders.generator_dir(workdir)
+    generator = load_text_network(folder)[1]
+    plan = generator_plan(checkpoints.read_config(folder), int(config.sample.get("generator_steps", 0))
+                          if "sample" in config else 0, f"the generator in {folder}")
   req.format = markdown
   checkpoints.makedirs(req.out_dir)
-  return prompt_following_rows(config, req.out_dir, teacher, generator, data or captioned_data(config))
+  return prompt_following_rows(config, req.out_dir, teacher, generator, data or captioned_data(config), plan)
 
 
 def evaluate_captioned(config, workdir: str, *, teacher=None, generator=None, data=None) -> str:

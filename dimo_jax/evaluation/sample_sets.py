@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from dimo_jax.core import generator_steps as gen_steps
 from dimo_jax.core import samplers, sharding
 from dimo_jax.core.sharding import host_array
 from dimo_jax.evaluation.settings import EvalSettings, SamplerSettings, r_init_value, sampler_settings_from_config
@@ -253,8 +254,11 @@ def teacher_sample_fn(model, params, steps: int, sc, steps_flag: str = "config.e
 
 
 @functools.lru_cache(maxsize=16)
-def _generator_program(model, r_init, sigma: float, top_k: int, top_p: float) -> Callable:
-  """Jitted ``gen(params, key, labels, temperature) -> tokens`` (cached, so reruns reuse it)."""
+def _generator_program(model, r_init, sigma: float, top_k: int, top_p: float, steps: int = 1,
+                       schedule="linear") -> Callable:
+  """Jitted ``gen(params, key, labels, temperature) -> tokens`` (cached, so reruns reuse it): one step
+  through ``samplers.one_step_generate``, ``steps`` > 1 through ``core.generator_steps.generate``
+  with the re-masking levels of ``schedule``."""
   fixed, r_fn = r_init_value(r_init)
 
   @jax.jit
@@ -264,16 +268,25 @@ def _generator_program(model, r_init, sigma: float, top_k: int, top_p: float) ->
       r = r_fn(k_r)
     else:
       r = fixed
-    return samplers.one_step_generate(model, params, key, labels, r_init=r, sigma=sigma,
-                                     temperature=temp, top_k=top_k, top_p=top_p)
+    if steps == 1:
+      return samplers.one_step_generate(model, params, key, labels, r_init=r, sigma=sigma,
+                                       temperature=temp, top_k=top_k, top_p=top_p)
+    return gen_steps.generate(gen_steps.model_apply_fn(model, sigma), params, key, labels, steps=steps,
+                              schedule=schedule, seq_len=model.seq_len, codebook_size=model.codebook_size,
+                              r_init=r, temperature=temp, top_k=top_k, top_p=top_p)
   return gen
 
 
-def generator_sample_fn(model, params, s: EvalSettings, sc, temperature: float) -> Tuple[Callable, dict]:
-  """``fn(key, labels) -> tokens``: one-step samples (``samplers.one_step_generate``)."""
+def generator_sample_fn(model, params, s: EvalSettings, sc, temperature: float, steps: int = 1,
+                        schedule="linear") -> Tuple[Callable, dict]:
+  """``fn(key, labels) -> tokens``: the generator's samples at ``steps`` steps (1: the one-step
+  ``samplers.one_step_generate``; more: ``core.generator_steps.generate`` with ``schedule``)."""
   sp = sc if isinstance(sc, SamplerSettings) else sampler_settings_from_config(sc)
   top_k, top_p = sp.top_k, sp.top_p
-  gen = _generator_program(model, s.r_init, float(s.sigma), top_k, top_p)
+  schedule = schedule if isinstance(schedule, str) else tuple(schedule)
+  gen = _generator_program(model, s.r_init, float(s.sigma), top_k, top_p, int(steps), schedule)
   temp = jnp.float32(temperature)
   meta = dict(r_init=s.r_init, sigma=s.sigma, temperature=float(temperature), top_k=top_k, top_p=top_p)
+  if steps > 1:
+    meta.update(generator_steps=int(steps), generator_schedule=schedule if isinstance(schedule, str) else list(schedule))
   return (lambda key, labels: gen(params, key, labels, temp)), meta

@@ -7,6 +7,9 @@ import dataclasses
 import math
 from typing import Any, Optional, Tuple
 
+from absl import logging
+
+from dimo_jax.core import generator_steps as gen_steps
 from dimo_jax.core import masking, samplers
 from dimo_jax.evaluation.fid_protocol import check_protocol
 
@@ -35,6 +38,7 @@ class SamplerSettings:
   sigma: float = 0.1
   seed: int = 0
   batch_size: int = 0
+  generator_steps: int = 0  # 0: the step count the generator was trained for (its folder's config.json)
 
   def teacher_kwargs(self) -> dict:
     """The class-conditional samplers' keyword arguments (``core.samplers.confidence_sampler``)."""
@@ -56,13 +60,73 @@ def sampler_settings_from_config(config, **overrides) -> SamplerSettings:
                 guidance=None if guidance is None else float(guidance),
                 guidance_schedule=str(get("guidance_schedule", "constant")), top_k=int(get("top_k", 0)),
                 top_p=float(get("top_p", 1.0)), r_init=get("r_init", 0.6), sigma=float(get("sigma", 0.1)),
-                seed=int(get("seed", 0)), batch_size=int(get("batch_size", 0)))
+                seed=int(get("seed", 0)), batch_size=int(get("batch_size", 0)),
+                generator_steps=int(get("generator_steps", 0)))
   values.update(overrides)
   if values["steps"] < 1:
     raise ValueError(f"config.sample.steps must be >= 1, got {values['steps']}")
+  if values["generator_steps"] < 0:
+    raise ValueError(f"config.sample.generator_steps must be >= 0 (0: the step count the generator was trained "
+                     f"for), got {values['generator_steps']}")
   if get("batch_size", None) is not None and values["batch_size"] < 1:
     raise ValueError(f"config.sample.batch_size must be >= 1, got {values['batch_size']}")
   return SamplerSettings(**values)
+
+
+# ---------------------------------------------------------------------------- generator steps
+@dataclasses.dataclass(frozen=True)
+class GeneratorPlan:
+  """How a generator is sampled: ``steps`` (what was asked, or what it was trained for), the
+  ``trained`` step count and ``schedule`` of its re-masking levels, both from its folder."""
+  steps: int
+  trained: int
+  schedule: Any
+
+  def step_counts(self) -> Tuple[int, ...]:
+    """1 .. ``steps``: the generator rows of a table."""
+    return tuple(range(1, self.steps + 1))
+
+  def schedule_at(self, steps: int):
+    """The re-masking levels at ``steps`` steps: a schedule name as it is; a tuple of ratios cut to
+    its first ``steps - 1`` levels (more steps than trained were refused by ``generator_plan``)."""
+    if isinstance(self.schedule, str):
+      return self.schedule
+    return tuple(self.schedule[:steps - 1])
+
+
+def trained_generator(stored: Optional[dict]) -> Tuple[int, Any]:
+  """``(generator_steps, generator_schedule)`` a generator was trained for, read from its folder's
+  ``config.json`` (the ``distill`` section the run recorded); ``(1, 'linear')`` where the folder
+  does not say (a converted generator, or one distilled before the k-step generator)."""
+  distill = (stored or {}).get("distill") or {}
+  steps = distill.get("generator_steps", 1)
+  schedule = distill.get("generator_schedule", "linear")
+  schedule = schedule if isinstance(schedule, str) else tuple(float(r) for r in schedule)
+  try:
+    gen_steps.check_schedule(schedule, steps, "distill.")
+  except ValueError as e:
+    raise ValueError(f"the generator's config.json records {e}; rewrite its distill section or redistil") from None
+  return int(steps), schedule
+
+
+def generator_plan(stored: Optional[dict], requested: int = 0, source: str = "the generator") -> GeneratorPlan:
+  """The step count to sample a generator at: ``requested`` (``config.sample.generator_steps``; 0:
+  what it was trained for) with the trained count and schedule of ``stored`` (``trained_generator``).
+  A count above the trained one is allowed and logged as a warning: such a generator never saw its
+  own outputs re-masked that often (``docs/proofs.md``, section 10)."""
+  trained, schedule = trained_generator(stored)
+  steps = int(requested) or trained
+  if steps < 1:
+    raise ValueError(f"config.sample.generator_steps must be >= 0 (0: the trained {trained}), got {requested}")
+  if steps > trained and not isinstance(schedule, str):
+    raise ValueError(f"config.sample.generator_steps={steps}: {source} was trained for {trained} steps with the "
+                     f"re-masking levels {schedule}, which name no level for step {trained + 1}; ask for at most "
+                     f"{trained}")
+  if steps > trained:
+    logging.warning("config.sample.generator_steps=%d is above the %d step(s) %s was trained for "
+                    "(distill.generator_steps): its samples are likely worse than at %d", steps, trained, source,
+                    trained)
+  return GeneratorPlan(steps, trained, schedule)
 
 
 # ---------------------------------------------------------------------------- settings
@@ -176,12 +240,13 @@ def check_settings(s: EvalSettings):
   check_protocol(s.fid_protocol)
 
 
-def r_init_value(spec):
-  """A fixed r_init (number) or ``None`` plus the parsed function for a random range."""
+def r_init_value(spec, flag: str = "config.evaluate.r_init"):
+  """A fixed r_init (number) or ``None`` plus the parsed function for a random range; a bad value is
+  a ValueError naming ``flag``."""
   try:
     fn = masking.parse_r_init(float(spec) if isinstance(spec, (int, float)) else spec)
   except ValueError as e:
-    raise ValueError(f"config.evaluate.r_init={spec!r} is not valid ({e}); use a number in [0, 1], "
+    raise ValueError(f"{flag}={spec!r} is not valid ({e}); use a number in [0, 1], "
                      "'fix_0.6' or 'random_0.4_0.8'") from e
   if isinstance(spec, (int, float)):
     return float(spec), fn

@@ -73,7 +73,7 @@ from dimo_jax.evaluation.sample_sets import (
   teacher_sample_fn,
   time_sample_fn,
 )
-from dimo_jax.evaluation.settings import EvalSettings, settings_from_config
+from dimo_jax.evaluation.settings import EvalSettings, generator_plan, settings_from_config
 from dimo_jax.evaluation.settings import sampler_settings_from_config
 from dimo_jax.evaluation.tables import markdown, ratio_to_teacher_best, write_grid
 from dimo_jax.method import mdm
@@ -102,7 +102,8 @@ def _resolve_teacher_path(config, s: EvalSettings, workdir: str) -> str:
 
 
 def _load_models(config, s: EvalSettings, workdir: str):
-  """(teacher (model, params, path) or None, generator (model, params, path) or None)."""
+  """(teacher (model, params, path) or None, generator (model, params, path, plan) or None); the plan
+  (``settings.generator_plan``) holds the step counts of the generator rows."""
   overrides = None
   model_cfg = config.get("model", None) if hasattr(config, "get") else None
   if model_cfg is not None:
@@ -121,8 +122,10 @@ def _load_models(config, s: EvalSettings, workdir: str):
       teacher = (model, params, os.path.abspath(path))
   gen_path = s.generator or workdir
   if s.generator or os.path.isdir(loaders.generator_dir(gen_path)):
-    model, params, _ = loaders.load_generator(gen_path, overrides=overrides)
-    generator = (model, params, os.path.abspath(gen_path))
+    model, params, stored = loaders.load_generator(gen_path, overrides=overrides)
+    requested = sampler_settings_from_config(config.get("sample", None) if hasattr(config, "get") else None)
+    plan = generator_plan(stored, requested.generator_steps, f"the generator in {gen_path}")
+    generator = (model, params, os.path.abspath(gen_path), plan)
   elif s.generator_temperatures:
     logging.info("No generator in %s (no %s folder): evaluating the teacher only.", gen_path,
                  loaders.GENERATOR_SUBDIR)
@@ -263,12 +266,19 @@ def _sample_sets(config, s: EvalSettings, teacher, generator) -> List[SampleSet]
         sets.append(SampleSet(f"{prefix}steps{steps}", "teacher", int(steps), None,
                               dict(meta, model="teacher", checkpoint=teacher[2], params=fp), fn))
   if generator is not None:
-    fp = params_fingerprint(generator[1])
-    for temp in s.generator_temperatures:
-      fn, meta = generator_sample_fn(generator[0], generator[1], s, sc, temp)
-      sets.append(SampleSet(f"generator_temp{temp:g}", "generator", 1, float(temp),
-                            dict(meta, model="generator", checkpoint=generator[2], params=fp), fn))
+    fp, plan = params_fingerprint(generator[1]), generator[3]
+    for steps in plan.step_counts():
+      for temp in s.generator_temperatures:
+        fn, meta = generator_sample_fn(generator[0], generator[1], s, sc, temp, steps, plan.schedule_at(steps))
+        sets.append(SampleSet(generator_set_name(steps, temp), "generator", steps, float(temp),
+                              dict(meta, model="generator", checkpoint=generator[2], params=fp), fn))
   return sets
+
+
+def generator_set_name(steps: int, temperature: float) -> str:
+  """The name of a generator row: ``generator_temp<T>`` at one step (as before the k-step generator),
+  ``generator_steps<k>_temp<T>`` at k > 1."""
+  return f"generator_temp{temperature:g}" if steps == 1 else f"generator_steps{steps}_temp{temperature:g}"
 
 
 def _real_sets(s: EvalSettings, ds, num: int, out_dir: str) -> List[RealSet]:
@@ -312,7 +322,7 @@ def prepare(req: Request) -> Prepared:
   if teacher is not None:
     teacher = (teacher[0], devices.put_replicated(teacher[1]), teacher[2])
   if generator is not None:
-    generator = (generator[0], devices.put_replicated(generator[1]), generator[2])
+    generator = (generator[0], devices.put_replicated(generator[1]), *generator[2:])
   num = _num_samples(s, model.num_classes)
   labels = conditioning.balanced_labels(num, model.num_classes)
   batch = devices.round_batch(s.batch_size)

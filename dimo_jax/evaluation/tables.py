@@ -82,16 +82,21 @@ def ratio_to_teacher_best(results: dict) -> Optional[dict]:
   best = min(teachers, key=lambda r: r[metric])
   return {"metric": metric, "teacher_best": float(best[metric]), "teacher_best_row": best.get("name"),
           "teacher_best_label": f"{_row_label(best)}, {best.get('steps')} steps",
-          "generators": {r.get("name"): float(r[metric]) / max(float(best[metric]), 1e-12) for r in generators}}
+          "generators": {r.get("name"): float(r[metric]) / max(float(best[metric]), 1e-12) for r in generators},
+          "generator_steps": {r.get("name"): r.get("steps") for r in generators}}
 
 
 def ratio_note(results: dict) -> str:
-  """One sentence: the generator's distance as a multiple of the teacher's best ("" if no ratio)."""
+  """One sentence: the generator's distance as a multiple of the teacher's best, per step count where
+  it was sampled at several ("" if no ratio)."""
   ratio = ratio_to_teacher_best(results)
   if not ratio:
     return ""
   name = METRIC_NAMES[ratio["metric"]]
-  gens = ", ".join(f"{r:.2f}x" for r in ratio["generators"].values())
+  steps = ratio.get("generator_steps") or {}
+  several = len(set(steps.values())) > 1  # a k-step generator's rows: each ratio names its step count
+  gens = ", ".join(f"{r:.2f}x" + (f" ({steps[n]} step{'s' if steps[n] != 1 else ''})" if several else "")
+                   for n, r in ratio["generators"].items())
   best = f"{ratio['teacher_best']:.4f}" if ratio["metric"] in ("tv_seq", "tv_pair_mean") else \
       f"{ratio['teacher_best']:.2f}"
   return f"Di[M]O {name} over the teacher's best ({best}: {ratio['teacher_best_label']}): {gens}."

@@ -15,7 +15,6 @@ The sampler's settings are read once, by ``evaluation.settings.sampler_settings_
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import tempfile
@@ -29,8 +28,8 @@ from dimo_jax.core import samplers
 from dimo_jax.core.sharding import host_array
 from dimo_jax.data import image_grids
 from dimo_jax.evaluation import text_eval, text_to_image
-from dimo_jax.evaluation.sample_sets import teacher_sample_fn
-from dimo_jax.evaluation.settings import sampler_settings_from_config
+from dimo_jax.evaluation.sample_sets import generator_sample_fn, teacher_sample_fn
+from dimo_jax.evaluation.settings import EvalSettings, generator_plan, r_init_value, sampler_settings_from_config
 from dimo_jax.families import base as families
 from dimo_jax.modes import loop
 from dimo_jax.networks import maskgit
@@ -199,8 +198,10 @@ def _run_sample_teacher(config, workdir: str) -> dict:
 
 # ---------------------------------------------------------------------------- generator (distilled)
 def _run_sample_generator(config, workdir: str) -> dict:
-  """One-step samples from a distilled generator (``loaders.load_generator``,
-  ``samplers.one_step_generate``)."""
+  """Samples from a distilled generator (``loaders.load_generator``) at ``config.sample.generator_steps``
+  steps (0: what it was trained for, its folder's ``distill.generator_steps``; more is allowed and
+  warned about) with the re-masking schedule it was trained with (``evaluation.sample_sets.generator_sample_fn``:
+  ``samplers.one_step_generate`` at one step, ``core.generator_steps.generate`` at more)."""
   sc = config.sample
   path = _source(config, workdir)
   model, params, stored_config = loaders.load_generator(path)
@@ -208,13 +209,17 @@ def _run_sample_generator(config, workdir: str) -> dict:
   labels = parse_labels(sc.get("labels", ""), num, model.num_classes)
   paths = output_paths(sc.get("output", ""), workdir or path)
   sp = sampler_settings_from_config(sc)
-  gen = jax.jit(functools.partial(
-      samplers.one_step_generate, model, r_init=float(sp.r_init), sigma=sp.sigma,
-      temperature=float(1.0 if sp.temperature is None else sp.temperature), top_k=sp.top_k, top_p=sp.top_p))
-  tokens = _batched(lambda key, lab: gen(params, key, lab), labels, sp.batch_size or num, sp.seed)
+  r_init_value(sp.r_init, "config.sample.r_init")
+  plan = generator_plan(stored_config, sp.generator_steps, f"the generator in {path}")
+  fn, _ = generator_sample_fn(model, params, EvalSettings(r_init=sp.r_init, sigma=sp.sigma), sp,
+                              float(1.0 if sp.temperature is None else sp.temperature), plan.steps,
+                              plan.schedule_at(plan.steps))
+  tokens = _batched(fn, labels, sp.batch_size or num, sp.seed)
   written = write_outputs(tokens, labels, paths, vocab_size=model.codebook_size,
                           image_shape=_image_shape(stored_config or {}), vqgan_dir=_vqgan_dir(config))
-  return dict(written, num=num)
+  logging.info("Wrote %d samples of the generator in %s at %d step(s) (trained for %d) to %s", num, path,
+               plan.steps, plan.trained, written)
+  return dict(written, num=num, generator_steps=plan.steps)
 
 
 def _run_sample_tokens(config, workdir: str) -> dict:
