@@ -39,3 +39,54 @@ def test_a_damaged_condition_cache_is_one_line_saying_to_delete_it(tmp_path):
   os.remove(path)
   prompt_cache.load_or_build_cache(path, FP, _table)  # deleted: written again
   assert json.loads(str(np.load(path)["fingerprint"])) == FP
+
+
+# ---------------------------------------------------------------------------- readers of a stored run
+def _config(name):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _hold(workdir):
+  """A lock record of a live run (this test's parent process) in ``workdir``."""
+  from dimo_jax.storage import workdir_lock  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, workdir_lock.LOCK_FILE)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"host": socket.gethostname(), "pid": os.getppid(), "heartbeat": 1e18}, f)
+  return path
+
+
+def test_sample_refuses_a_held_or_unfinished_run(tmp_path):
+  from dimo_jax.modes import sample  # pylint: disable=import-outside-toplevel
+  from dimo_jax.storage import checkpoints  # pylint: disable=import-outside-toplevel
+  run = tmp_path / "distill"
+  os.makedirs(run / "checkpoints" / "100")
+  lock = _hold(str(run))
+  cfg = _config("digits")
+  cfg.mode, cfg.sample.checkpoint, cfg.sample.model = "sample", str(run), "teacher"
+  with pytest.raises(checkpoints.WorkdirInUse) as e:
+    sample.run_sample(cfg, str(tmp_path / "out"))
+  assert str(e.value) == (f"workdir {run} is held by a running job (host {__import__('socket').gethostname()}, pid "
+                          f"{os.getppid()}, run.lock): sample it once that run has finished")
+  os.remove(lock)
+  cfg.sample.model = "generator"
+  with pytest.raises(checkpoints.UserError) as e:
+    sample.run_sample(cfg, str(tmp_path / "out"))
+  assert str(e.value) == (f"the run in {run} is unfinished (checkpoints in {run}/checkpoints, no generator/ yet): "
+                          "resume it with --config.mode=distill, or sample a finished generator")
+  # Meissonic: an unfinished distillation named as the generator says so before any network is read.
+  cfg = _config("meissonic")
+  cfg.mode, cfg.sample.generator, cfg.sample.prompts = "sample", str(run), str(tmp_path / "p.txt")
+  with pytest.raises(checkpoints.UserError, match=r"^the run in .*distill is unfinished \(checkpoints in"):
+    sample.run_sample(cfg, str(tmp_path / "out"))
+  # A finished generator folder (role: generator) is read, not refused.
+  from dimo_jax.modes import loop  # pylint: disable=import-outside-toplevel
+  checkpoints.write_config(str(run), {"role": "generator"})
+  loop.check_stored_run(str(run), "sample")

@@ -213,6 +213,34 @@ def workdir_lock(workdir: str):
       lock.release()
 
 
+def check_stored_run(path: str, reader: str, *, generator: bool = True) -> None:
+  """Stops a reader of a stored run (``reader``: the mode, for the message) before it loads
+  anything, with one ``UserError`` line saying which: another live run holds ``path``'s lock
+  (``WorkdirInUse``), or, with ``generator``, ``path`` holds a distillation's checkpoints but
+  no ``generator/`` yet (an unfinished run). A generator folder itself (its ``config.json`` says
+  ``role: generator``) and a missing path pass (the loaders name what is missing)."""
+  path = os.fspath(path)
+  if not path or checkpoints.is_remote(path) or not os.path.isdir(path):
+    return
+  lock = run_lock.WorkdirLock(path)
+  record = lock.read()
+  mine = lock.path in run_lock._HELD  # pylint: disable=protected-access  (this process's own run)
+  if record is not None and not mine and lock.stale_reason(record) is None:
+    raise checkpoints.WorkdirInUse(
+        f"workdir {lock.workdir} is held by a running job (host {record.get('host', '?')}, pid "
+        f"{record.get('pid', '?')}, {run_lock.LOCK_FILE}): {reader} it once that run has finished")
+  if not generator:
+    return
+  from dimo_jax.storage import loaders  # pylint: disable=import-outside-toplevel
+  ckpt_dir = checkpoints.checkpoint_dir(path)
+  stored = checkpoints.read_config(path) or {}
+  if (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not os.path.isdir(loaders.generator_dir(path))
+      and stored.get("role") != "generator"):
+    raise UserError(
+        f"the run in {lock.workdir} is unfinished (checkpoints in {ckpt_dir}, no generator/ yet): resume it "
+        f"with --config.mode=distill, or {reader} a finished generator")
+
+
 # Config entries that never change what a run computes (logging, checkpoint and sample cadence,
 # rematerialisation, where a converter's input was), left out of the resume check.
 _CADENCE = ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints", "stop_after", "eval_every",

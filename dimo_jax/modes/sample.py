@@ -245,7 +245,21 @@ def run_sample(config, workdir: str) -> dict:
   """``mode=sample`` for ``config.family``: writes samples; returns the written paths
   (``classes``: ``tokens``, ``labels``, ``image``; ``meissonic``: ``output``, ``images``,
   ``index``, ``grid``) and ``num``."""
-  return SAMPLE_WRITERS[family_of(config)](config, workdir)
+  family = family_of(config)
+  for path, generator in stored_runs(config, workdir, family):
+    loop.check_stored_run(path, "sample", generator=generator)
+  return SAMPLE_WRITERS[family](config, workdir)
+
+
+def stored_runs(config, workdir: str, family: str):
+  """``(folder, is_generator)`` of each stored run ``mode=sample`` reads for ``family``: the
+  classes' checkpoint (or workdir), Meissonic's ``config.sample.generator`` (its teacher is a
+  converted folder, no run)."""
+  if family == "classes":
+    return [(_source(config, workdir), config.sample.get("model", "teacher") == "generator")]
+  if family == "meissonic" and config.sample.get("generator", ""):
+    return [(str(config.sample.generator), True)]
+  return []
 
 
 run = loop.entry(run_sample)  # what ``dimo_jax.main`` calls for ``config.mode='sample'``
