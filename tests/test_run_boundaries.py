@@ -90,3 +90,40 @@ def test_sample_refuses_a_held_or_unfinished_run(tmp_path):
   from dimo_jax.modes import loop  # pylint: disable=import-outside-toplevel
   checkpoints.write_config(str(run), {"role": "generator"})
   loop.check_stored_run(str(run), "sample")
+
+
+# ---------------------------------------------------------------------------- the captioned digits
+def test_a_captioned_teacher_of_other_sizes_is_distilled_with_its_own_text_encoder(tmp_path):
+  """A teacher trained with ``head_dim=16`` (pooled conditions of 32) distils under the default
+  config (``head_dim=32``): the conditions come from the text encoder the teacher stored."""
+  import sys  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import family_runs as runs  # pylint: disable=import-outside-toplevel
+  from one_path_cases import captioned_setup  # pylint: disable=import-outside-toplevel
+  from dimo_jax.families import captioned_digits  # pylint: disable=import-outside-toplevel
+  small = runs.captioned_config(str(tmp_path), "teacher", 1)
+  small.model.head_dim = 16
+  small.model.axes_dims_rope = (4, 6, 6)
+  small.captions.encoder_width, small.captions.encoder_seed = 16, 5
+  folders = captioned_setup(tmp_path / "small", small)
+  cfg = runs.captioned_config(str(tmp_path), "distill", 1)
+  assert cfg.model.head_dim == 32
+  cfg.teacher.checkpoint = folders["teacher"]
+  stored = checkpoints_read(folders["teacher"])
+  table = captioned_digits.load_captioned(cfg, stored).table
+  assert table["pooled"].shape[1] == 32 and table["text"].shape[2] == 16
+  # The distillation's condition source feeds the teacher conditions it accepts (the shapes of one
+  # teacher call, traced, not run: the whole distillation is test_faults' family runs).
+  import jax  # pylint: disable=import-outside-toplevel
+  family = captioned_digits.FAMILY
+  teacher = family.load_teacher(cfg, str(tmp_path / "d"))
+  conds = family.condition_source(cfg, teacher).step_conditions(int(cfg.seed), 0, 8, 1)
+  assert conds["gen"]["pooled"].shape == (8, 32) and conds["gen"]["text"].shape[2] == 16
+  tokens = np.zeros((8, teacher.model.seq_len), np.int32)
+  logits = jax.eval_shape(lambda p: teacher.model.apply({"params": p}, tokens, conds["gen"]), teacher.params)
+  assert logits.shape[:2] == (8, teacher.model.seq_len)
+
+
+def checkpoints_read(folder):
+  from dimo_jax.storage import checkpoints  # pylint: disable=import-outside-toplevel
+  return checkpoints.read_config(folder)
