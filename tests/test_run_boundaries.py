@@ -127,3 +127,36 @@ def test_a_captioned_teacher_of_other_sizes_is_distilled_with_its_own_text_encod
 def checkpoints_read(folder):
   from dimo_jax.storage import checkpoints  # pylint: disable=import-outside-toplevel
   return checkpoints.read_config(folder)
+
+
+# ---------------------------------------------------------------------------- Meissonic's tokenizer
+def test_meissonic_refuses_token_ids_beyond_the_text_encoders_embedding(tmp_path):
+  """A tokenizer of 67 entries whose end-of-text id is 70, against a text encoder of 68 rows: the
+  count fits, the id does not; the networks' loader names the tokenizer, the token and the rows."""
+  import sys  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import jax  # pylint: disable=import-outside-toplevel
+  import test_sample_text as t  # pylint: disable=import-outside-toplevel
+  from dimo_jax.evaluation import text_to_image  # pylint: disable=import-outside-toplevel
+  from dimo_jax.networks import clip_text  # pylint: disable=import-outside-toplevel
+  from dimo_jax.storage.checkpoints import UserError  # pylint: disable=import-outside-toplevel
+  folder = tmp_path / "tokenizer"
+  t._write_tokenizer(folder)  # pylint: disable=protected-access
+  vocab = json.loads((folder / "vocab.json").read_text())
+  assert len(vocab) == 67 and vocab["<|endoftext|>"] == 66
+  vocab["<|endoftext|>"] = 70
+  (folder / "vocab.json").write_text(json.dumps(vocab))
+  enc = clip_text.CLIPTextConfig.tiny(vocab_size=68, projection_dim=32)
+  params = jax.device_get(clip_text.CLIPTextModel(enc).init(
+      jax.random.key(0), np.zeros((1, enc.max_positions), np.int32))["params"])
+  t._write_converted(tmp_path / "text_encoder", "clip-text", enc, params)  # pylint: disable=protected-access
+  cfg = _config("meissonic")
+  # Stand-ins the path check accepts: the refusal comes before they are read.
+  t._write_converted(tmp_path / "transformer", "meissonic", t.TRANSFORMER, {})  # pylint: disable=protected-access
+  t._write_converted(tmp_path / "vqvae", "meissonic-vq", t.VQ, {})  # pylint: disable=protected-access
+  cfg.meissonic.transformer, cfg.meissonic.vqvae = str(tmp_path / "transformer"), str(tmp_path / "vqvae")
+  cfg.meissonic.text_encoder, cfg.meissonic.tokenizer = str(tmp_path / "text_encoder"), str(folder)
+  cfg.meissonic.text_dtype = "float32"
+  with pytest.raises(UserError, match=r"token '<\|endoftext\|>' has id 70, beyond the 68 rows of the text "
+                                      r"encoder's token embedding"):
+    text_to_image.load_networks(cfg, 32)
