@@ -160,3 +160,37 @@ def test_meissonic_refuses_token_ids_beyond_the_text_encoders_embedding(tmp_path
   with pytest.raises(UserError, match=r"token '<\|endoftext\|>' has id 70, beyond the 68 rows of the text "
                                       r"encoder's token embedding"):
     text_to_image.load_networks(cfg, 32)
+
+
+# ---------------------------------------------------------------------------- the HPS / GenEval export
+def test_the_export_settings_cover_the_networks_and_refuse_another(tmp_path):
+  from dimo_jax.evaluation import t2i_export  # pylint: disable=import-outside-toplevel
+  cfg = _config("meissonic")
+  for name in ("transformer", "vqvae", "text_encoder", "tokenizer"):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "params.msgpack").write_bytes(name.encode() * 10)
+    setattr(cfg.meissonic, name, str(tmp_path / name))
+  sampler = {"model": "teacher", "steps": 4, "resolution": 32}
+  nets = t2i_export.network_record(cfg)
+  assert nets["vqvae"]["path"] == str(tmp_path / "vqvae") and nets["dtype"] == "bfloat16"
+  path = tmp_path / "out" / "settings.json"
+  os.makedirs(path.parent)
+  path.write_text(json.dumps({"sampler": sampler, "networks": nets, "suites": {}}))
+  written = path.read_bytes()
+  assert t2i_export.check_same_run(str(path), sampler, {}, t2i_export.network_record(cfg))["networks"] == nets
+  # Another VQ model at the same path: its fingerprint differs.
+  (tmp_path / "vqvae" / "params.msgpack").write_bytes(b"another vq model")
+  with pytest.raises(ValueError, match=r"was written with other settings \(networks.vqvae.fingerprint\)"):
+    t2i_export.check_same_run(str(path), sampler, {}, t2i_export.network_record(cfg))
+  (tmp_path / "vqvae" / "params.msgpack").write_bytes(b"vqvae" * 10)
+  cfg.meissonic.dtype = "float32"
+  with pytest.raises(ValueError, match=r"other settings \(networks.dtype\); its images would mix"):
+    t2i_export.check_same_run(str(path), sampler, {}, t2i_export.network_record(cfg))
+  with pytest.raises(ValueError, match=r"other settings \(resolution\)"):
+    t2i_export.check_same_run(str(path), dict(sampler, resolution=64), {}, nets)
+  assert path.read_bytes() == written  # a refused rerun leaves settings.json as it was
+  path.write_bytes(written[: len(written) // 2])
+  with pytest.raises(ValueError) as e:
+    t2i_export.check_same_run(str(path), sampler, {}, nets)
+  assert str(e.value).startswith(f"{path} is damaged (truncated or not JSON: ") and len(str(e.value).splitlines()) == 1
+  assert "delete the folder to start again" in str(e.value)
