@@ -1,12 +1,38 @@
 """Checks at the run path's file boundaries: the text-condition cache, the text-to-image export's
 ``settings.json``, the readers of a stored run, the write targets of every mode."""
+import collections
 import json
 import os
+import re
+import shutil
+import sys
 
 import numpy as np
 import pytest
 
 from dimo_jax.data import prompt_cache
+from dimo_jax.storage import preflight
+from dimo_jax.storage.checkpoints import UserError
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import family_runs as runs  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _full_disk(monkeypatch, free: int):
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - free, free))
+
+
+def _read_only(monkeypatch, folder):
+  """``folder`` refuses new files (the tests run as root, where permission bits do not bite)."""
+  real = preflight.tempfile.mkstemp
+  folder = os.path.abspath(os.fspath(folder))
+
+  def mkstemp(**kw):
+    if os.path.abspath(kw.get("dir", "")) == folder:
+      raise PermissionError(13, "Permission denied")
+    return real(**kw)
+  monkeypatch.setattr(preflight.tempfile, "mkstemp", mkstemp)
 
 FP = {"format": 1, "prompts_sha1": "ab", "tokenizer": "t", "tokenizer_vocab": 9, "max_length": 4, "text_encoder": "e"}
 
@@ -93,14 +119,12 @@ def test_sample_refuses_a_held_or_unfinished_run(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the captioned digits
-def test_a_captioned_teacher_of_other_sizes_is_distilled_with_its_own_text_encoder(tmp_path):
+def test_a_captioned_teacher_of_other_sizes_is_distilled_with_its_own_text_encoder(tmp_path, monkeypatch):
   """A teacher trained with ``head_dim=16`` (pooled conditions of 32) distils under the default
   config (``head_dim=32``): the conditions come from the text encoder the teacher stored."""
-  import sys  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import family_runs as runs  # pylint: disable=import-outside-toplevel
   from one_path_cases import captioned_setup  # pylint: disable=import-outside-toplevel
   from dimo_jax.families import captioned_digits  # pylint: disable=import-outside-toplevel
+  from dimo_jax.modes import distill  # pylint: disable=import-outside-toplevel
   small = runs.captioned_config(str(tmp_path), "teacher", 1)
   small.model.head_dim = 16
   small.model.axes_dims_rope = (4, 6, 6)
@@ -122,6 +146,13 @@ def test_a_captioned_teacher_of_other_sizes_is_distilled_with_its_own_text_encod
   tokens = np.zeros((8, teacher.model.seq_len), np.int32)
   logits = jax.eval_shape(lambda p: teacher.model.apply({"params": p}, tokens, conds["gen"]), teacher.params)
   assert logits.shape[:2] == (8, teacher.model.seq_len)
+  # A full disk: one line before the step is compiled, nothing written.
+  _full_disk(monkeypatch, free=4096)
+  with pytest.raises(UserError) as e:
+    distill.train_distill(cfg, str(tmp_path / "d"))
+  assert re.fullmatch(rf"the distillation's checkpoints and the generator needs [0-9.]+ MiB in {tmp_path}/d but "
+                      r"only 4.0 KiB is free; free some space or pass a folder on a larger disk", str(e.value))
+  assert not os.path.exists(tmp_path / "d" / "checkpoints")
 
 
 def checkpoints_read(folder):
@@ -133,13 +164,10 @@ def checkpoints_read(folder):
 def test_meissonic_refuses_token_ids_beyond_the_text_encoders_embedding(tmp_path):
   """A tokenizer of 67 entries whose end-of-text id is 70, against a text encoder of 68 rows: the
   count fits, the id does not; the networks' loader names the tokenizer, the token and the rows."""
-  import sys  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import jax  # pylint: disable=import-outside-toplevel
   import test_sample_text as t  # pylint: disable=import-outside-toplevel
   from dimo_jax.evaluation import text_to_image  # pylint: disable=import-outside-toplevel
   from dimo_jax.networks import clip_text  # pylint: disable=import-outside-toplevel
-  from dimo_jax.storage.checkpoints import UserError  # pylint: disable=import-outside-toplevel
   folder = tmp_path / "tokenizer"
   t._write_tokenizer(folder)  # pylint: disable=protected-access
   vocab = json.loads((folder / "vocab.json").read_text())
@@ -194,3 +222,43 @@ def test_the_export_settings_cover_the_networks_and_refuse_another(tmp_path):
     t2i_export.check_same_run(str(path), sampler, {}, nets)
   assert str(e.value).startswith(f"{path} is damaged (truncated or not JSON: ") and len(str(e.value).splitlines()) == 1
   assert "delete the folder to start again" in str(e.value)
+
+
+# ---------------------------------------------------------------------------- write targets
+def test_a_read_only_workdir_is_refused_before_anything_runs(tmp_path, monkeypatch):
+  """Every mode, before its first step or load: the captioned distillation before its teacher
+  trains, sampling and evaluation before any network is read."""
+  from dimo_jax.modes import distill, evaluate, sample, teacher  # pylint: disable=import-outside-toplevel
+  work = tmp_path / "work"
+  work.mkdir()
+  _read_only(monkeypatch, work)
+  want = rf"^--workdir {work}: cannot write in {work} \(Permission denied\); pick a folder you can write to"
+  with pytest.raises(UserError, match=want):
+    distill.train_distill(runs.captioned_config(str(tmp_path), "distill", 1), str(work))
+  with pytest.raises(UserError, match=want):
+    teacher.train_teacher(runs.classes_config(str(tmp_path), "teacher", 1), str(work))
+  assert os.listdir(work) == []
+  cfg = _config("meissonic")
+  cfg.mode, cfg.sample.prompts, cfg.sample.output = "sample", str(tmp_path / "p.txt"), str(work / "images")
+  with pytest.raises(UserError, match=rf"^config.sample.output {work}/images: cannot write in {work} "):
+    sample.run_sample(cfg, str(tmp_path))
+  cfg = _config("digits")
+  cfg.mode, cfg.evaluate.output_dir = "evaluate", str(work)
+  with pytest.raises(UserError, match=rf"^config.evaluate.output_dir {work}: cannot write in {work} "):
+    evaluate.run_evaluate(cfg, str(tmp_path / "distill"))
+
+
+def test_a_full_disk_is_one_line_before_the_first_step(tmp_path, monkeypatch):
+  from dimo_jax.modes import sample, teacher  # pylint: disable=import-outside-toplevel
+  _full_disk(monkeypatch, free=1000)
+  with pytest.raises(UserError) as e:
+    teacher.train_teacher(runs.classes_config(str(tmp_path), "teacher", 1), str(tmp_path / "t"))
+  assert re.fullmatch(rf"the teacher's checkpoints needs [0-9.]+ MiB in {tmp_path}/t but only 1000 bytes is free; "
+                      "free some space or pass a folder on a larger disk", str(e.value))
+  assert not os.path.exists(tmp_path / "t" / "checkpoints")
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("a cat\na mat\n")
+  cfg = _config("meissonic")
+  cfg.mode, cfg.sample.prompts, cfg.sample.resolution = "sample", str(prompts), 64
+  with pytest.raises(UserError, match=rf"^config.sample.output needs 24.0 KiB in {tmp_path} but only 1000 bytes"):
+    sample.run_sample(cfg, str(tmp_path))

@@ -49,6 +49,7 @@ from dimo_jax.data.prompt_cache import file_sha1
 from dimo_jax.evaluation import prompt_suites as ps
 from dimo_jax.evaluation import text_to_image as sample_text
 from dimo_jax.evaluation.evaluators import Request, Result, register
+from dimo_jax.storage import preflight
 
 SUITES = ("hps", "geneval")
 DEFAULT_OUTPUT = "t2i_eval"
@@ -303,6 +304,8 @@ def evaluate_t2i_export(req: Request) -> Result:
   sampler = sample_text.sampler_settings(settings)
   if not settings.generator:
     sampler["transformer"] = os.path.abspath(mc.transformer)
+  preflight.check_write_targets([(es.output, sum(1 for j in jobs if not os.path.isfile(j.path)) * 3
+                                  * settings.resolution ** 2, "config.evaluate.output")])
   settings_path = os.path.join(es.output, SETTINGS_FILE)
   networks = network_record(config, sample_text.resolve_generator(settings.generator)[1] if settings.generator else "")
   old = check_same_run(settings_path, sampler, suites, networks)

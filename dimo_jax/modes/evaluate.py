@@ -22,7 +22,7 @@ from dimo_jax.evaluation import evaluators
 from dimo_jax.evaluation.tables import ratio_note
 from dimo_jax.modes import loop
 from dimo_jax.modes.sample import family_of
-from dimo_jax.storage import checkpoints
+from dimo_jax.storage import checkpoints, preflight
 
 
 def check_workdir_ready(workdir: str) -> None:
@@ -41,6 +41,7 @@ def run_evaluate(config, workdir: str) -> dict:
     check_workdir_ready(workdir)
   names = evaluators.evaluator_names(config, family)
   out_dir = evaluators.output_dir(config, workdir)
+  preflight.check_write_targets([(out_dir, 0, "config.evaluate.output_dir")])
   checkpoints.makedirs(out_dir)
   results = evaluators.evaluate(evaluators.Request(config, os.fspath(workdir), out_dir, family), names)
   logging.info("Evaluation (%s):\n%s\n%s", ", ".join(names), results["table"], ratio_note(results))

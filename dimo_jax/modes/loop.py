@@ -21,7 +21,7 @@ from absl import logging
 from dimo_jax.core import sharding
 from dimo_jax.families import base as families
 from dimo_jax.families.classes import save_grid  # noqa: F401 (modes.sample writes its grids with it)
-from dimo_jax.storage import checkpoints, workdir_lock as run_lock
+from dimo_jax.storage import checkpoints, preflight, workdir_lock as run_lock
 from dimo_jax.storage.checkpoints import UserError
 
 PREEMPTED = "preempted"  # key of a loop's result: True when SIGTERM stopped it
@@ -166,7 +166,18 @@ def check_workdir(workdir: str) -> str:
     raise UserError(f"--workdir={workdir} cannot be created ({e.strerror}); choose a folder you can write") from e
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise UserError(f"--workdir={workdir} is not writable; choose a folder you can write (or fix its permissions)")
+  preflight.check_writable(workdir, "--workdir")  # a probe file: permission bits mislead for root and read-only mounts
   return workdir
+
+
+def checkpoint_need(state_shapes, section, workdir: str) -> int:
+  """Bytes the checkpoints of a run write into ``<workdir>/checkpoints``: one per kept step
+  (``keep_checkpoints``, plus the one written before the oldest is removed) less those already
+  there, each ``preflight.checkpoint_bytes`` of the state's shapes."""
+  keep = int(section.get("keep_checkpoints", 3) or 3)
+  folder = checkpoints.checkpoint_dir(workdir)
+  have = len([n for n in os.listdir(folder) if n.isdigit()]) if os.path.isdir(folder) else 0
+  return preflight.checkpoint_bytes(state_shapes) * max(1, keep + 1 - have)
 
 
 def loop_setup(section, name: str, workdir: str, stop_after: Optional[int]):
@@ -440,6 +451,8 @@ def _teacher_loop(config, workdir: str, family, steps: int, stop_after: Optional
   if run.finished():
     logging.info("The teacher in %s is finished; nothing to train.", workdir)
     return {"step": steps, PREEMPTED: False}
+  shapes = jax.eval_shape(run.fns.init, jnp.int32(int(config.seed)))
+  preflight.check_write_targets([(workdir, checkpoint_need(shapes, tc, workdir), "the teacher's checkpoints")])
   ckpt, start = make_checkpointer(tc, "train", workdir, steps, run.run_config, config.get("resume_accept", ""))
   writer = None
   proc = jax.process_index()
@@ -547,6 +560,7 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   with workdir_lock(workdir):
     teacher_path = family.teacher_to_train(config, workdir)
     if teacher_path:
+      preflight.check_writable(teacher_path, "the folder of the teacher to train")
       logging.info("No finished teacher in %s: training it first.", teacher_path)
       final = train_teacher(config, teacher_path)
       if final.get(PREEMPTED):
@@ -568,6 +582,10 @@ def _distill_loop(config, workdir: str, family, steps: int, stop_after: Optional
                     "(divergence='fkl' or beta=0) is the safe choice.", dist.s.beta)
   mesh = sharding.make_mesh(*family.mesh_axes(config))
   shapes = jax.eval_shape(lambda p: dist.init_state(p, seed), teacher.params)
+  preflight.check_write_targets([
+      (workdir, checkpoint_need(shapes, dc, workdir), "the distillation's checkpoints"),
+      (loaders.generator_dir(workdir), preflight.checkpoint_bytes((shapes.gen.params, shapes.ema_params)),
+       "the generator")])
   step_fn, shardings, need = dist.compile_abstract(shapes, mesh)  # refuses here when the step cannot fit
   if need:
     logging.info("XLA's estimate of the step: %.1f GB per device.", need / 1e9)

@@ -27,7 +27,7 @@ from absl import logging
 
 from dimo_jax.core import samplers
 from dimo_jax.core.sharding import host_array
-from dimo_jax.data import image_grids
+from dimo_jax.data import image_grids, text
 from dimo_jax.evaluation import text_to_image
 from dimo_jax.evaluation.sample_sets import teacher_sample_fn
 from dimo_jax.evaluation.settings import sampler_settings_from_config
@@ -35,7 +35,7 @@ from dimo_jax.families import base as families
 from dimo_jax.modes import loop
 from dimo_jax.networks import maskgit
 from dimo_jax.networks.conditioning import balanced_labels
-from dimo_jax.storage import checkpoints, loaders
+from dimo_jax.storage import checkpoints, loaders, preflight
 
 SAMPLE_MODELS = ("teacher", "generator")
 
@@ -248,7 +248,31 @@ def run_sample(config, workdir: str) -> dict:
   family = family_of(config)
   for path, generator in stored_runs(config, workdir, family):
     loop.check_stored_run(path, "sample", generator=generator)
+  preflight.check_write_targets(output_targets(config, workdir, family))
   return SAMPLE_WRITERS[family](config, workdir)
+
+
+def output_targets(config, workdir: str, family: str):
+  """``(folder, bytes, what)`` of what ``mode=sample`` writes, for ``preflight.check_write_targets``:
+  the classes' token and label files (``num`` rows of the stored ``seq_len``), Meissonic's PNGs
+  (at most 3 bytes a pixel per prompt of ``config.sample.prompts``)."""
+  sc = config.sample
+  if family == "classes":
+    source = _source(config, workdir)
+    tokens = output_paths(sc.get("output", ""), workdir or source)["tokens"]
+    stored = {}
+    for folder in (source, loaders.generator_dir(source)):
+      if source and os.path.isfile(os.path.join(folder, checkpoints.CONFIG_FILE)):
+        stored = checkpoints.read_config(folder) or {}
+        break
+    seq_len = int((stored.get("dataset") or {}).get("seq_len", 0) or 0)
+    return [(os.path.dirname(os.path.abspath(tokens)), max(int(sc.num), 0) * (4 * seq_len + 4), "config.sample.output")]
+  if family == "meissonic":
+    folder = sc.get("output", "") or os.path.join(workdir, "samples")
+    prompts = sc.get("prompts", "")
+    count = len(text.read_prompts(prompts)) if prompts and os.path.isfile(prompts) else 0
+    return [(folder, count * 3 * int(sc.get("resolution", 1024)) ** 2, "config.sample.output")]
+  return []
 
 
 def stored_runs(config, workdir: str, family: str):
