@@ -262,3 +262,11 @@ def test_a_full_disk_is_one_line_before_the_first_step(tmp_path, monkeypatch):
   cfg.mode, cfg.sample.prompts, cfg.sample.resolution = "sample", str(prompts), 64
   with pytest.raises(UserError, match=rf"^config.sample.output needs 24.0 KiB in {tmp_path} but only 1000 bytes"):
     sample.run_sample(cfg, str(tmp_path))
+  # The classes: num rows of the stored seq_len (int32 tokens and labels).
+  from dimo_jax.storage import checkpoints  # pylint: disable=import-outside-toplevel
+  checkpoints.write_config(str(tmp_path / "teacher"), {"dataset": {"seq_len": 255}})
+  cfg = _config("digits")
+  cfg.mode, cfg.sample.checkpoint, cfg.sample.num = "sample", str(tmp_path / "teacher"), 1024
+  cfg.sample.output = str(tmp_path / "s" / "x.npy")
+  with pytest.raises(UserError, match=rf"^config.sample.output needs 1.0 MiB in {tmp_path} but only 1000 bytes"):
+    sample.run_sample(cfg, str(tmp_path))

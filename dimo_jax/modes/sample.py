@@ -266,7 +266,7 @@ def output_targets(config, workdir: str, family: str):
         stored = checkpoints.read_config(folder) or {}
         break
     seq_len = int((stored.get("dataset") or {}).get("seq_len", 0) or 0)
-    return [(os.path.dirname(os.path.abspath(tokens)), max(int(sc.num), 0) * (4 * seq_len + 4), "config.sample.output")]
+    return [(os.path.dirname(tokens) or ".", max(int(sc.num), 0) * (4 * seq_len + 4), "config.sample.output")]
   if family == "meissonic":
     folder = sc.get("output", "") or os.path.join(workdir, "samples")
     prompts = sc.get("prompts", "")
