@@ -228,8 +228,8 @@ def check_stored_run(path: str, reader: str, *, generator: bool = True) -> None:
   """Stops a reader of a stored run (``reader``: the mode, for the message) before it loads
   anything, with one ``UserError`` line saying which: another live run holds ``path``'s lock
   (``WorkdirInUse``), or, with ``generator``, ``path`` holds a distillation's checkpoints but
-  no ``generator/`` yet (an unfinished run). A generator folder itself (its ``config.json`` says
-  ``role: generator``) and a missing path pass (the loaders name what is missing)."""
+  no ``generator/`` yet (an unfinished run). A folder whose ``config.json`` says it holds a
+  generator or a teacher, and a missing path, pass (the loaders name what they hold or lack)."""
   path = os.fspath(path)
   if not path or checkpoints.is_remote(path) or not os.path.isdir(path):
     return
@@ -245,8 +245,9 @@ def check_stored_run(path: str, reader: str, *, generator: bool = True) -> None:
   from dimo_jax.storage import loaders  # pylint: disable=import-outside-toplevel
   ckpt_dir = checkpoints.checkpoint_dir(path)
   stored = checkpoints.read_config(path) or {}
+  kind = stored.get("role") or stored.get("mode")  # a generator or a teacher is the loaders' to judge
   if (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not os.path.isdir(loaders.generator_dir(path))
-      and stored.get("role") != "generator"):
+      and kind in (None, "distill") and "converted" not in stored):
     raise UserError(
         f"the run in {lock.workdir} is unfinished (checkpoints in {ckpt_dir}, no generator/ yet): resume it "
         f"with --config.mode=distill, or {reader} a finished generator")
