@@ -75,6 +75,21 @@ def test_check_free_space(tmp_path, monkeypatch):
   preflight.check_free_space("gs://bucket/run", 2**50, "the checkpoint")  # object stores: not checked
 
 
+def test_check_write_targets_sums_what_goes_to_one_disk(tmp_path, monkeypatch):
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(10 * 2**30, 9 * 2**30, 3 * 2**20))
+  each = 2 * 2**20  # each fits alone, the two together do not
+  preflight.check_write_targets([(tmp_path / "ckpt", each, "the checkpoints")])
+  with pytest.raises(UserError) as err:
+    preflight.check_write_targets([(tmp_path / "ckpt", each, "the checkpoints"),
+                                   (tmp_path / "gen", each, "the generator"), ("gs://b/run", 2**50, "remote")])
+  assert str(err.value) == (f"the checkpoints and the generator needs 4.0 MiB in {tmp_path} but only 3.0 MiB is "
+                            "free; free some space or pass a folder on a larger disk")
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(UserError, match=r"is a file, not a folder"):  # writability comes first, whatever the size
+    preflight.check_write_targets([(tmp_path / "file" / "out", 0, "config.sample.output")])
+
+
 def test_checkpoint_bytes():
   params = {"a": jnp.zeros((3, 4), jnp.float32), "b": {"c": np.zeros(5, np.int8)},
             "d": jax.ShapeDtypeStruct((2, 8), jnp.bfloat16)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from typing import Any, Callable, Dict
 
 import numpy as np
@@ -32,19 +33,39 @@ def cache_fingerprint(prompts_path: str, tokenizer, encoder_fingerprint: str) ->
           "text_encoder": str(encoder_fingerprint)}
 
 
+def read_cache(path: str, fingerprint: Dict[str, Any], key: str) -> Dict[str, np.ndarray]:
+  """The ``{"text", "pooled"}`` arrays of the cache ``path`` after checking that its fingerprint is
+  ``fingerprint``; a truncated or foreign file, or one without a fingerprint, is one ``ValueError``
+  line naming ``key``, the file and the fix (delete it: the run writes it again)."""
+  fix = f"delete it (the run computes it again) or point --{key} to a new file"
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      missing = sorted({"fingerprint", "text", "pooled"} - set(f.files))
+      if missing:
+        raise ValueError(f"{key}={path} is not a condition cache of this project (no {', '.join(missing)} "
+                         f"entry); {fix}")
+      stored = json.loads(str(f["fingerprint"]))
+      if not isinstance(stored, dict):
+        raise ValueError(f"{key}={path} has an unreadable fingerprint; {fix}")
+      diff = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
+      if diff:
+        what = ", ".join(f"{k}: {stored.get(k)} != {fingerprint.get(k)}" for k in diff)
+        raise ValueError(f"{key}={path} was written for another {', '.join(diff)} than this run's ({what}); {fix}")
+      return {"text": np.asarray(f["text"]), "pooled": np.asarray(f["pooled"])}
+  except (zipfile.BadZipFile, EOFError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{key}={path} is damaged (truncated or not an .npz file: {e}); {fix}") from None
+  except ValueError as e:
+    if str(e).startswith(f"{key}="):
+      raise
+    raise ValueError(f"{key}={path} is damaged ({e}); {fix}") from None
+
+
 def load_or_build_cache(path: str, fingerprint: Dict[str, Any], build: Callable[[], Dict[str, np.ndarray]],
                         key: str = "config.distill.text_cache") -> Dict[str, np.ndarray]:
   """The cached conditions (``{"text", "pooled"}``) of every prompt; built with ``build()`` and
   written atomically when ``path`` does not exist. ``key``: the config key that named ``path``."""
   if os.path.exists(path):
-    with np.load(path, allow_pickle=False) as f:
-      stored = json.loads(str(f["fingerprint"]))
-      diff = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
-      if diff:
-        what = ", ".join(f"{k}: {stored.get(k)} != {fingerprint.get(k)}" for k in diff)
-        raise ValueError(f"{key}={path} was written for another {', '.join(diff)} than this run's ({what}); "
-                         f"delete it or point --{key} to a new file")
-      return {"text": f["text"], "pooled": f["pooled"]}
+    return read_cache(path, fingerprint, key)
   table = build()
   tmp = path + ".tmp.npz"
   np.savez(tmp, text=table["text"], pooled=table["pooled"], fingerprint=json.dumps(fingerprint, sort_keys=True))

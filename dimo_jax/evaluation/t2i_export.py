@@ -39,7 +39,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Dict, List, NamedTuple, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
 import numpy as np
@@ -49,6 +49,7 @@ from dimo_jax.data.prompt_cache import file_sha1
 from dimo_jax.evaluation import prompt_suites as ps
 from dimo_jax.evaluation import text_to_image as sample_text
 from dimo_jax.evaluation.evaluators import Request, Result, register
+from dimo_jax.storage import preflight
 
 SUITES = ("hps", "geneval")
 DEFAULT_OUTPUT = "t2i_eval"
@@ -152,18 +153,84 @@ def plan(es: EvalSettings, seed: int) -> Tuple[List[Job], Dict[str, str], Dict[s
   return jobs, metadata, suites
 
 
-def check_same_run(path: str, sampler: Dict[str, Any], suites: Dict[str, Any]) -> Dict[str, Any]:
-  """The ``settings.json`` already in the output folder (``{}`` if none), after checking that it
-  was written with the same sampler settings and prompt files (else a ``ValueError`` naming what
-  differs: mixing two models' images would score neither)."""
+def folder_fingerprint(path: str, edge_bytes: int = 1 << 20) -> str:
+  """A short digest of a network's folder (or file) as stored: every file's relative name and size,
+  and the SHA-1 of its first and last ``edge_bytes`` (whole files up to twice that), so another
+  conversion or checkpoint of the same layout differs without reading gigabytes."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  path = os.path.abspath(os.fspath(path))
+  files = [path] if os.path.isfile(path) else sorted(
+      os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith(".tmp"))
+  h = hashlib.sha1()
+  for name in files:
+    size = os.path.getsize(name)
+    h.update(f"{os.path.relpath(name, path)}:{size};".encode("utf-8"))
+    with open(name, "rb") as f:
+      h.update(f.read(edge_bytes))
+      if size > 2 * edge_bytes:
+        f.seek(size - edge_bytes)
+      h.update(f.read(edge_bytes))
+  return h.hexdigest()[:16]
+
+
+def network_record(config, generator: str = "") -> Dict[str, Any]:
+  """What ``settings.json`` records of the networks the images depend on: each folder's absolute
+  path and ``folder_fingerprint``, and every dtype (the transformer is the one-step ``generator``
+  folder when given)."""
+  mc = config.meissonic
+  folders = {"transformer": generator or mc.transformer, "vqvae": mc.vqvae, "text_encoder": mc.text_encoder,
+             "tokenizer": mc.tokenizer}
+  record: Dict[str, Any] = {name: {"path": os.path.abspath(os.fspath(folder)),
+                                   "fingerprint": folder_fingerprint(folder)} for name, folder in folders.items()}
+  for key, default in (("dtype", "bfloat16"), ("param_dtype", "bfloat16"), ("text_dtype", "float32"),
+                       ("vq_dtype", "float32")):
+    record[key] = str(mc.get(key, default))
+  return record
+
+
+def _diff(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
+  """The dotted keys whose values differ between two nested dicts."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}")
+  return out
+
+
+def read_settings_file(path: str) -> Dict[str, Any]:
+  """``settings.json`` of an output folder (``{}`` if none); unreadable, truncated or not an
+  object: one ``ValueError`` line naming the file and the fix."""
   if not os.path.isfile(path):
     return {}
-  with open(path, encoding="utf-8") as f:
-    old = json.load(f)
-  diff = sorted(k for k in set(sampler) | set(old.get("sampler", {}))
-                if old.get("sampler", {}).get(k) != sampler.get(k))
+  fix = ("its images cannot be matched to any settings; delete the folder to start again, or pass another "
+         "--config.evaluate.output")
+  try:
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is damaged (truncated or not JSON: {e}); {fix}") from None
+  if not isinstance(old, dict):
+    raise ValueError(f"{path} does not hold a JSON object; {fix}")
+  return old
+
+
+def check_same_run(path: str, sampler: Dict[str, Any], suites: Dict[str, Any],
+                   networks: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+  """The ``settings.json`` already in the output folder (``{}`` if none), after checking that it
+  was written with the same sampler settings, networks (paths, fingerprints, dtypes) and prompt
+  files (else a ``ValueError`` naming what differs: mixing two models' images would score
+  neither). ``settings.json`` is left as it was."""
+  old = read_settings_file(path)
+  if not old:
+    return {}
+  diff = _diff(old.get("sampler") or {}, sampler)
+  if networks is not None:
+    diff += [f"networks.{d}" for d in _diff(old.get("networks") or {}, networks)]
   for name, now in suites.items():
-    before = old.get("suites", {}).get(name, {})
+    before = (old.get("suites") or {}).get(name, {})
     for key in ("prompts_sha1", "metadata_sha1", "images_per_prompt"):
       if key in before and before[key] != now.get(key):
         diff.append(f"{name}.{key}")
@@ -237,15 +304,14 @@ def evaluate_t2i_export(req: Request) -> Result:
   sampler = sample_text.sampler_settings(settings)
   if not settings.generator:
     sampler["transformer"] = os.path.abspath(mc.transformer)
+  preflight.check_write_targets([(es.output, sum(1 for j in jobs if not os.path.isfile(j.path)) * 3
+                                  * settings.resolution ** 2, "config.evaluate.output")])
   settings_path = os.path.join(es.output, SETTINGS_FILE)
-  old = check_same_run(settings_path, sampler, suites)
+  networks = network_record(config, sample_text.resolve_generator(settings.generator)[1] if settings.generator else "")
+  old = check_same_run(settings_path, sampler, suites, networks)
   merged = dict(old.get("suites", {}), **suites)
   commands = [c for s in SUITES if s in merged for c in merged[s]["commands"]]
-  meta = {"sampler": sampler, "batch_size": settings.batch_size,
-          "networks": {"transformer": settings.generator or mc.transformer, "vqvae": mc.vqvae,
-                       "text_encoder": mc.text_encoder, "tokenizer": mc.tokenizer,
-                       "dtype": mc.get("dtype", "bfloat16"),
-                       "param_dtype": mc.get("param_dtype", "bfloat16")},
+  meta = {"sampler": sampler, "batch_size": settings.batch_size, "networks": networks,
           "suites": merged, "commands": commands}
   is_writer = jax.process_index() == 0
   if is_writer:  # first, so that a rerun after an interruption is checked against it

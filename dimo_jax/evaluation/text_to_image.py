@@ -244,7 +244,8 @@ def load_networks(config, resolution: int = 1024, generator: str = "") -> Networ
                                  else ("transformer", "vqvae", "text_encoder", "tokenizer"))
   text_model, text_params = clip_conv.load_clip_text(
       mc.text_encoder, dtype=jnp.dtype(mc.get("text_dtype", "float32")))
-  tokenizer = text.load_tokenizer(mc.tokenizer, max_length=text_model.config.max_positions)
+  tokenizer = text.load_tokenizer(mc.tokenizer, max_length=text_model.config.max_positions,
+                                  embedding_rows=text_model.config.vocab_size)  # ids the encoder cannot embed stop here
   if generator:
     tcfg, tparams = load_generator(generator, mc.get("param_dtype", "bfloat16"))
   else:

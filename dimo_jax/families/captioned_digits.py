@@ -31,7 +31,7 @@ from dimo_jax.evaluation import prompt_following
 from dimo_jax.families import base
 from dimo_jax.method import mdm_text
 from dimo_jax.method.mdm import TeacherSettings
-from dimo_jax.networks import meissonic, text_conditioning
+from dimo_jax.networks import clip_text, meissonic, text_conditioning
 from dimo_jax.storage import checkpoints
 
 GENERATOR_SUBDIR = "generator"
@@ -47,16 +47,34 @@ class CaptionedData:
   encoder: object  # clip_text.CLIPTextConfig
 
 
-def load_captioned(config) -> CaptionedData:
-  """The data, the thresholds fitted on it and the condition table of ``config.captions``."""
+def load_captioned(config, stored: Optional[dict] = None) -> CaptionedData:
+  """The data, the thresholds fitted on it and the condition table of ``config.captions``, or,
+  given a teacher's stored ``config.json`` (``stored``), of the text encoder that teacher was
+  trained with (its ``text_encoder`` and encoder seed), whatever sizes this config names."""
   dc, cc = config.data, config.captions
   ds = datasets.load_digits(levels=int(dc.levels), val_fraction=float(dc.val_fraction), seed=int(dc.seed))
   th = captions.Thresholds.fit(ds.train_tokens, ds.train_labels)
-  enc = captions.encoder_config(width=int(cc.encoder_width), layers=int(cc.encoder_layers),
-                                heads=int(cc.encoder_heads), mlp_dim=int(cc.encoder_mlp_dim),
-                                projection_dim=int(config.model.num_heads) * int(config.model.head_dim))
-  table = captions.condition_table(enc, int(cc.encoder_seed))
+  if stored:
+    enc, seed = stored_encoder(stored, int(cc.encoder_seed))
+  else:
+    enc = captions.encoder_config(width=int(cc.encoder_width), layers=int(cc.encoder_layers),
+                                  heads=int(cc.encoder_heads), mlp_dim=int(cc.encoder_mlp_dim),
+                                  projection_dim=int(config.model.num_heads) * int(config.model.head_dim))
+    seed = int(cc.encoder_seed)
+  table = captions.condition_table(enc, seed)
   return CaptionedData(ds, th, th.attributes(ds.train_tokens, ds.train_labels), table, enc)
+
+
+def stored_encoder(stored: dict, default_seed: int):
+  """``(CLIPTextConfig, seed)`` of the text encoder a teacher's ``config.json`` records (a
+  missing or malformed entry is a ``ValueError`` naming the file's key and the fix)."""
+  entry = stored.get("text_encoder")
+  try:
+    enc = clip_text.CLIPTextConfig(**entry)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"the teacher's config.json has no usable 'text_encoder' entry ({e}); retrain the teacher "
+                     "with --config.mode=teacher") from None
+  return enc, int((stored.get("captions") or {}).get("encoder_seed", default_seed))
 
 
 def model_config(config, data: CaptionedData) -> meissonic.MeissonicConfig:
@@ -170,7 +188,7 @@ class CaptionedDigits(base.Family):
     return base.Loaded(*load_text_teacher(path, use_ema=True))
 
   def condition_source(self, config, teacher: base.Loaded) -> base.ConditionSource:
-    return PromptTable(load_captioned(config).table,
+    return PromptTable(load_captioned(config, teacher.stored).table,
                        captions.distill_prompts(str(config.distill.get("prompt_set", "full"))))
 
   def run_config(self, config, teacher: base.Loaded) -> dict:
@@ -186,7 +204,8 @@ class CaptionedDigits(base.Family):
     return image_grids.tokens_to_images(tokens, levels, (grid, grid))
 
   def evaluate_table(self, config, workdir: str, teacher: base.Loaded, generator_params) -> Optional[str]:
-    return evaluate_captioned(config, workdir, teacher=(teacher.model, teacher.params), generator=generator_params)
+    return evaluate_captioned(config, workdir, teacher=(teacher.model, teacher.params), generator=generator_params,
+                              data=load_captioned(config, teacher.stored))
 
 
 def evaluate_captioned(config, workdir: str, *, teacher=None, generator=None, data=None) -> str:
@@ -196,11 +215,12 @@ def evaluate_captioned(config, workdir: str, *, teacher=None, generator=None, da
   ec = config.evaluate
   out_dir = ec.get("output_dir", "") or os.path.join(workdir, "eval")
   checkpoints.makedirs(out_dir)
-  data = data or load_captioned(config)
+  stored = None
   if teacher is None:
-    model, t_params, _ = load_text_teacher(teacher_dir(config, workdir), use_ema=bool(config.teacher.use_ema))
+    model, t_params, stored = load_text_teacher(teacher_dir(config, workdir), use_ema=bool(config.teacher.use_ema))
   else:
     model, t_params = teacher
+  data = data or load_captioned(config, stored)
   if generator is None:
     params, ema, _ = checkpoints.load_params(os.path.join(workdir, GENERATOR_SUBDIR))
     generator = ema if ema is not None else params

@@ -22,24 +22,13 @@ from dimo_jax.evaluation import evaluators
 from dimo_jax.evaluation.tables import ratio_note
 from dimo_jax.modes import loop
 from dimo_jax.modes.sample import family_of
-from dimo_jax.storage import checkpoints, loaders, workdir_lock
+from dimo_jax.storage import checkpoints, preflight
 
 
 def check_workdir_ready(workdir: str) -> None:
   """Stops (``UserError``, one line) when another live run holds ``workdir``'s lock, or when the
-  workdir holds distillation checkpoints but no generator yet (an unfinished run)."""
-  lock = workdir_lock.WorkdirLock(workdir)
-  record = lock.read()
-  mine = lock.path in workdir_lock._HELD  # pylint: disable=protected-access  (this process's own run)
-  if record is not None and not mine and lock.stale_reason(record) is None:
-    raise checkpoints.WorkdirInUse(
-        f"workdir {lock.workdir} is held by a running job (host {record.get('host', '?')}, pid "
-        f"{record.get('pid', '?')}, {workdir_lock.LOCK_FILE}): evaluate it once that run has finished")
-  ckpt_dir = checkpoints.checkpoint_dir(workdir)
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not os.path.isdir(loaders.generator_dir(workdir)):
-    raise checkpoints.UserError(
-        f"the run in {lock.workdir} is unfinished (checkpoints in {ckpt_dir}, no generator/ yet): resume it "
-        "with --config.mode=distill, or name a generator with --config.evaluate.generator")
+  workdir holds distillation checkpoints but no generator yet (``modes.loop.check_stored_run``)."""
+  loop.check_stored_run(workdir, "evaluate")
 
 
 def run_evaluate(config, workdir: str) -> dict:
@@ -52,6 +41,7 @@ def run_evaluate(config, workdir: str) -> dict:
     check_workdir_ready(workdir)
   names = evaluators.evaluator_names(config, family)
   out_dir = evaluators.output_dir(config, workdir)
+  preflight.check_write_targets([(out_dir, 0, "config.evaluate.output_dir")])
   checkpoints.makedirs(out_dir)
   results = evaluators.evaluate(evaluators.Request(config, os.fspath(workdir), out_dir, family), names)
   logging.info("Evaluation (%s):\n%s\n%s", ", ".join(names), results["table"], ratio_note(results))

@@ -21,7 +21,7 @@ from absl import logging
 from dimo_jax.core import sharding
 from dimo_jax.families import base as families
 from dimo_jax.families.classes import save_grid  # noqa: F401 (modes.sample writes its grids with it)
-from dimo_jax.storage import checkpoints, workdir_lock as run_lock
+from dimo_jax.storage import checkpoints, preflight, workdir_lock as run_lock
 from dimo_jax.storage.checkpoints import UserError
 
 PREEMPTED = "preempted"  # key of a loop's result: True when SIGTERM stopped it
@@ -166,7 +166,18 @@ def check_workdir(workdir: str) -> str:
     raise UserError(f"--workdir={workdir} cannot be created ({e.strerror}); choose a folder you can write") from e
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise UserError(f"--workdir={workdir} is not writable; choose a folder you can write (or fix its permissions)")
+  preflight.check_writable(workdir, "--workdir")  # a probe file: permission bits mislead for root and read-only mounts
   return workdir
+
+
+def checkpoint_need(state_shapes, section, workdir: str) -> int:
+  """Bytes the checkpoints of a run write into ``<workdir>/checkpoints``: one per kept step
+  (``keep_checkpoints``, plus the one written before the oldest is removed) less those already
+  there, each ``preflight.checkpoint_bytes`` of the state's shapes."""
+  keep = int(section.get("keep_checkpoints", 3) or 3)
+  folder = checkpoints.checkpoint_dir(workdir)
+  have = len([n for n in os.listdir(folder) if n.isdigit()]) if os.path.isdir(folder) else 0
+  return preflight.checkpoint_bytes(state_shapes) * max(1, keep + 1 - have)
 
 
 def loop_setup(section, name: str, workdir: str, stop_after: Optional[int]):
@@ -211,6 +222,35 @@ def workdir_lock(workdir: str):
   finally:
     if jax.process_index() == 0:
       lock.release()
+
+
+def check_stored_run(path: str, reader: str, *, generator: bool = True) -> None:
+  """Stops a reader of a stored run (``reader``: the mode, for the message) before it loads
+  anything, with one ``UserError`` line saying which: another live run holds ``path``'s lock
+  (``WorkdirInUse``), or, with ``generator``, ``path`` holds a distillation's checkpoints but
+  no ``generator/`` yet (an unfinished run). A folder whose ``config.json`` says it holds a
+  generator or a teacher, and a missing path, pass (the loaders name what they hold or lack)."""
+  path = os.fspath(path)
+  if not path or checkpoints.is_remote(path) or not os.path.isdir(path):
+    return
+  lock = run_lock.WorkdirLock(path)
+  record = lock.read()
+  mine = lock.path in run_lock._HELD  # pylint: disable=protected-access  (this process's own run)
+  if record is not None and not mine and lock.stale_reason(record) is None:
+    raise checkpoints.WorkdirInUse(
+        f"workdir {lock.workdir} is held by a running job (host {record.get('host', '?')}, pid "
+        f"{record.get('pid', '?')}, {run_lock.LOCK_FILE}): {reader} it once that run has finished")
+  if not generator:
+    return
+  from dimo_jax.storage import loaders  # pylint: disable=import-outside-toplevel
+  ckpt_dir = checkpoints.checkpoint_dir(path)
+  stored = checkpoints.read_config(path) or {}
+  kind = stored.get("role") or stored.get("mode")  # a generator or a teacher is the loaders' to judge
+  if (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not os.path.isdir(loaders.generator_dir(path))
+      and kind in (None, "distill") and "converted" not in stored):
+    raise UserError(
+        f"the run in {lock.workdir} is unfinished (checkpoints in {ckpt_dir}, no generator/ yet): resume it "
+        f"with --config.mode=distill, or {reader} a finished generator")
 
 
 # Config entries that never change what a run computes (logging, checkpoint and sample cadence,
@@ -412,6 +452,8 @@ def _teacher_loop(config, workdir: str, family, steps: int, stop_after: Optional
   if run.finished():
     logging.info("The teacher in %s is finished; nothing to train.", workdir)
     return {"step": steps, PREEMPTED: False}
+  shapes = jax.eval_shape(run.fns.init, jnp.int32(int(config.seed)))
+  preflight.check_write_targets([(workdir, checkpoint_need(shapes, tc, workdir), "the teacher's checkpoints")])
   ckpt, start = make_checkpointer(tc, "train", workdir, steps, run.run_config, config.get("resume_accept", ""))
   writer = None
   proc = jax.process_index()
@@ -519,6 +561,7 @@ def train_distill(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   with workdir_lock(workdir):
     teacher_path = family.teacher_to_train(config, workdir)
     if teacher_path:
+      preflight.check_writable(teacher_path, "the folder of the teacher to train")
       logging.info("No finished teacher in %s: training it first.", teacher_path)
       final = train_teacher(config, teacher_path)
       if final.get(PREEMPTED):
@@ -540,6 +583,10 @@ def _distill_loop(config, workdir: str, family, steps: int, stop_after: Optional
                     "(divergence='fkl' or beta=0) is the safe choice.", dist.s.beta)
   mesh = sharding.make_mesh(*family.mesh_axes(config))
   shapes = jax.eval_shape(lambda p: dist.init_state(p, seed), teacher.params)
+  preflight.check_write_targets([
+      (workdir, checkpoint_need(shapes, dc, workdir), "the distillation's checkpoints"),
+      (loaders.generator_dir(workdir), preflight.checkpoint_bytes((shapes.gen.params, shapes.ema_params)),
+       "the generator")])
   step_fn, shardings, need = dist.compile_abstract(shapes, mesh)  # refuses here when the step cannot fit
   if need:
     logging.info("XLA's estimate of the step: %.1f GB per device.", need / 1e9)

@@ -26,7 +26,7 @@ from absl import logging
 
 from dimo_jax.core import samplers
 from dimo_jax.core.sharding import host_array
-from dimo_jax.data import image_grids
+from dimo_jax.data import image_grids, text
 from dimo_jax.evaluation import text_eval, text_to_image
 from dimo_jax.evaluation.sample_sets import generator_sample_fn, teacher_sample_fn
 from dimo_jax.evaluation.settings import EvalSettings, generator_plan, r_init_value, sampler_settings_from_config
@@ -34,7 +34,7 @@ from dimo_jax.families import base as families
 from dimo_jax.modes import loop
 from dimo_jax.networks import maskgit
 from dimo_jax.networks.conditioning import balanced_labels
-from dimo_jax.storage import checkpoints, loaders
+from dimo_jax.storage import checkpoints, loaders, preflight
 
 SAMPLE_MODELS = ("teacher", "generator")
 
@@ -251,7 +251,45 @@ def run_sample(config, workdir: str) -> dict:
   """``mode=sample`` for ``config.family``: writes samples; returns the written paths
   (``classes``: ``tokens``, ``labels``, ``image``; ``meissonic``: ``output``, ``images``,
   ``index``, ``grid``) and ``num``."""
-  return SAMPLE_WRITERS[family_of(config)](config, workdir)
+  family = family_of(config)
+  for path, generator in stored_runs(config, workdir, family):
+    loop.check_stored_run(path, "sample", generator=generator)
+  preflight.check_write_targets(output_targets(config, workdir, family))
+  return SAMPLE_WRITERS[family](config, workdir)
+
+
+def output_targets(config, workdir: str, family: str):
+  """``(folder, bytes, what)`` of what ``mode=sample`` writes, for ``preflight.check_write_targets``:
+  the classes' token and label files (``num`` rows of the stored ``seq_len``), Meissonic's PNGs
+  (at most 3 bytes a pixel per prompt of ``config.sample.prompts``)."""
+  sc = config.sample
+  if family == "classes":
+    source = _source(config, workdir)
+    tokens = output_paths(sc.get("output", ""), workdir or source)["tokens"]
+    stored = {}
+    for folder in (source, loaders.generator_dir(source)):
+      if source and os.path.isfile(os.path.join(folder, checkpoints.CONFIG_FILE)):
+        stored = checkpoints.read_config(folder) or {}
+        break
+    seq_len = int((stored.get("dataset") or {}).get("seq_len", 0) or 0)
+    return [(os.path.dirname(tokens) or ".", max(int(sc.num), 0) * (4 * seq_len + 4), "config.sample.output")]
+  if family == "meissonic":
+    folder = sc.get("output", "") or os.path.join(workdir, "samples")
+    prompts = sc.get("prompts", "")
+    count = len(text.read_prompts(prompts)) if prompts and os.path.isfile(prompts) else 0
+    return [(folder, count * 3 * int(sc.get("resolution", 1024)) ** 2, "config.sample.output")]
+  return []
+
+
+def stored_runs(config, workdir: str, family: str):
+  """``(folder, is_generator)`` of each stored run ``mode=sample`` reads for ``family``: the
+  classes' checkpoint (or workdir), Meissonic's ``config.sample.generator`` (its teacher is a
+  converted folder, no run)."""
+  if family == "classes":
+    return [(_source(config, workdir), config.sample.get("model", "teacher") == "generator")]
+  if family == "meissonic" and config.sample.get("generator", ""):
+    return [(str(config.sample.generator), True)]
+  return []
 
 
 run = loop.entry(run_sample)  # what ``dimo_jax.main`` calls for ``config.mode='sample'``

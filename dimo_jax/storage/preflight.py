@@ -120,3 +120,21 @@ def check_free_memory(need_bytes: int, what: str, fix: str) -> None:
   if free is not None and need_bytes > free:
     raise UserError(f"{what} needs {human_bytes(need_bytes)} of memory but {human_bytes(free)} is "
                     f"available; {fix}")
+
+
+def check_write_targets(targets) -> None:
+  """The check a run makes in its first second, before any compute: every ``(folder, need_bytes,
+  what)`` of ``targets`` writable (``check_writable``), and each disk's free space above the sum of
+  the bytes that go to it (``check_free_space`` with all the targets on that disk named).
+  Object-store folders are skipped. Raises ``UserError`` (one line) on the first failure."""
+  disks = {}
+  for folder, need, what in targets:
+    folder = os.fspath(folder)
+    check_writable(folder, what)
+    if is_remote(folder) or int(need or 0) <= 0:
+      continue
+    device = os.stat(_existing_parent(folder)).st_dev
+    total, names, first = disks.get(device, (0, [], folder))
+    disks[device] = (total + int(need), names + [what], first)
+  for total, names, folder in disks.values():
+    check_free_space(folder, total, " and ".join(names))
