@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dimo_jax.core import samplers
 from dimo_jax.core.sharding import host_array
 from dimo_jax.data import image_grids, text
 from dimo_jax.evaluation import text_eval, text_to_image
