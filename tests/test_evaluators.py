@@ -13,11 +13,13 @@ def _config(**evaluate):
 
 
 def test_names_default_to_the_family_and_unknown_ones_are_refused():
-  assert evaluators.evaluator_names(_config(), "classes") == ("image_sets", "token_tv")
-  assert evaluators.evaluator_names(_config(evaluators=""), "meissonic") == ("t2i_export",)
-  assert evaluators.evaluator_names(_config(evaluators="token_tv, image_sets"), "classes") == ("token_tv", "image_sets")
+  classes = ("image_sets", "token_tv")
+  assert evaluators.evaluator_names(_config(), "classes", classes) == classes
+  assert evaluators.evaluator_names(_config(evaluators=""), "meissonic", ("t2i_export",)) == ("t2i_export",)
+  assert evaluators.evaluator_names(_config(evaluators="token_tv, image_sets"), "classes", classes) == \
+      ("token_tv", "image_sets")
   with pytest.raises(ValueError, match=r"'fid', which is not an evaluator; choose from image_sets"):
-    evaluators.evaluator_names(_config(evaluators=["fid"]), "classes")
+    evaluators.evaluator_names(_config(evaluators=["fid"]), "classes", classes)
   with pytest.raises(ValueError, match=r"config.family='llada' has no default evaluators"):
     evaluators.evaluator_names(_config(), "llada")
 

@@ -23,3 +23,12 @@ def test_class_labels_negative_is_the_null_class():
   src = base.ClassLabels(10)
   assert src.spec is None and src.step_conditions(0, 3, 4, 2) is None
   assert src.negative().tolist() == [10]
+
+
+def test_every_family_names_registered_evaluators():
+  from dimo_jax.evaluation import evaluators  # pylint: disable=import-outside-toplevel
+  for name in base.FAMILIES:
+    family = base.get_family({"family": name})
+    assert family.evaluators, name
+    for evaluator in family.evaluators:
+      assert evaluator in evaluators.EVALUATORS, (name, evaluator)

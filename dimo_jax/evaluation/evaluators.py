@@ -2,7 +2,7 @@
 
 An evaluator is a function ``evaluate(request) -> Result`` registered under a name
 (``@register("name")``). ``config.evaluate.evaluators`` names the ones a run uses (a list, or a
-comma-separated string); left empty, the family's defaults (``FAMILY_EVALUATORS``) run:
+comma-separated string); left empty, the family's defaults (``Family.evaluators``) run:
 
 | name | family | what it fills |
 |---|---|---|
@@ -36,12 +36,6 @@ EVALUATORS = {
     "prompt_following": "dimo_jax.evaluation.prompt_following:evaluate_prompt_following",
     "t2i_export": "dimo_jax.evaluation.t2i_export:evaluate_t2i_export",
     "text_lm": "dimo_jax.evaluation.text_eval:evaluate_text_lm",
-}
-FAMILY_EVALUATORS = {
-    "classes": ("image_sets", "token_tv"),
-    "captioned_digits": ("prompt_following",),
-    "meissonic": ("t2i_export",),
-    "text": ("text_lm",),
 }
 EVAL_SUBDIR = "eval"
 RESULTS_FILE = "results.json"
@@ -91,13 +85,13 @@ def get_evaluator(name: str) -> Callable:
   return _REGISTERED[name]
 
 
-def evaluator_names(config, family: str) -> Tuple[str, ...]:
-  """``config.evaluate.evaluators`` (a list or a comma-separated string), or the family's
-  defaults when it is empty or absent; every name checked."""
+def evaluator_names(config, family: str, defaults: Tuple[str, ...] = ()) -> Tuple[str, ...]:
+  """``config.evaluate.evaluators`` (a list or a comma-separated string), or ``defaults`` (the
+  family's ``Family.evaluators``) when it is empty or absent; every name checked."""
   ec = config.get("evaluate", None) if hasattr(config, "get") else None
   raw = ec.get("evaluators", ()) if ec is not None else ()
   names = tuple(n.strip() for n in raw.split(",")) if isinstance(raw, str) else tuple(raw or ())
-  names = tuple(n for n in names if n) or FAMILY_EVALUATORS.get(family, ())
+  names = tuple(n for n in names if n) or tuple(defaults)
   if not names:
     raise ValueError(f"config.family={family!r} has no default evaluators; name them with "
                      f"--config.evaluate.evaluators=<{'|'.join(EVALUATORS)}>")

@@ -67,7 +67,7 @@ class Classes(base.Family):
 
   name = "classes"
   compute_fields = maskgit.COMPUTE_FIELDS
-  evaluators = ("fid", "inception_score", "prdc", "entropy_shift", "token_metrics")
+  evaluators = ("image_sets", "token_tv")
 
   # -------------------------------------------------------------- mode=teacher
   def teacher_run(self, config, workdir: str, mesh) -> base.TeacherRun:

@@ -84,7 +84,7 @@ class Meissonic(base.Family):
 
   name = "meissonic"
   compute_fields = ()
-  evaluators = ("hps_v2", "geneval")
+  evaluators = ("t2i_export",)
 
   def prepare_distill(self, config, workdir: str) -> None:
     read_distill_prompts(config)

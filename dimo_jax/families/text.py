@@ -102,7 +102,7 @@ class TextFamily(base.Family):
     """The text table (``config.evaluate.evaluators``, default ``text_lm``) of the generator just
     written to ``<workdir>/generator``; printed and returned."""
     req = plugins.Request(config, os.fspath(workdir), plugins.output_dir(config, workdir), self.name)
-    results = plugins.evaluate(req, plugins.evaluator_names(config, self.name))
+    results = plugins.evaluate(req, plugins.evaluator_names(config, self.name, self.evaluators))
     if jax.process_index() == 0:
       print(results["table"], flush=True)
     return results["table"]

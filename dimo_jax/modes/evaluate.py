@@ -1,5 +1,5 @@
 """``mode=evaluate`` for every family: the evaluators that ``config.evaluate.evaluators`` names (or
-the family's defaults, ``evaluation.evaluators.FAMILY_EVALUATORS``) fill the rows of the teacher
+the family's defaults, ``Family.evaluators``) fill the rows of the teacher
 at its step counts and the generator at one step; ``results.json`` and ``table.md`` land in
 ``config.evaluate.output_dir`` (default ``<workdir>/eval``).
 
@@ -20,6 +20,7 @@ from absl import logging
 
 from dimo_jax.evaluation import evaluators
 from dimo_jax.evaluation.tables import ratio_note
+from dimo_jax.families import base as families
 from dimo_jax.modes import loop
 from dimo_jax.modes.sample import family_of
 from dimo_jax.storage import checkpoints, preflight
@@ -39,7 +40,7 @@ def run_evaluate(config, workdir: str) -> dict:
   family = family_of(config)
   if os.path.isdir(workdir):
     check_workdir_ready(workdir)
-  names = evaluators.evaluator_names(config, family)
+  names = evaluators.evaluator_names(config, family, families.get_family(config).evaluators)
   out_dir = evaluators.output_dir(config, workdir)
   preflight.check_write_targets([(out_dir, 0, "config.evaluate.output_dir")])
   checkpoints.makedirs(out_dir)
