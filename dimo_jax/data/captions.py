@@ -27,7 +27,7 @@ teacher's conditions; every caption's condition is computed once (``condition_ta
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ import numpy as np
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers
 
+from dimo_jax.data import datasets
 from dimo_jax.data import text as text_lib
 from dimo_jax.networks import clip_text
 
@@ -190,3 +191,44 @@ def gather(table: Dict[str, np.ndarray], ids) -> Dict[str, np.ndarray]:
   """The conditions of caption ids ``ids`` (any shape) from ``condition_table``."""
   ids = np.asarray(ids)
   return {k: v[ids] for k, v in table.items()}
+
+
+# ---------------------------------------------------------------------------- the data a run reads
+@dataclasses.dataclass
+class CaptionedData:
+  """The digits, their attribute values, the thresholds and every caption's condition."""
+  ds: datasets.TokenDataset
+  thresholds: Thresholds
+  train_attrs: np.ndarray  # [N, 2]
+  table: dict  # caption id -> condition leaves
+  encoder: object  # clip_text.CLIPTextConfig
+
+
+def load_captioned(config, stored: Optional[dict] = None) -> CaptionedData:
+  """The data, the thresholds fitted on it and the condition table of ``config.captions``, or,
+  given a teacher's stored ``config.json`` (``stored``), of the text encoder that teacher was
+  trained with (its ``text_encoder`` and encoder seed), whatever sizes this config names."""
+  dc, cc = config.data, config.captions
+  ds = datasets.load_digits(levels=int(dc.levels), val_fraction=float(dc.val_fraction), seed=int(dc.seed))
+  th = Thresholds.fit(ds.train_tokens, ds.train_labels)
+  if stored:
+    enc, seed = stored_encoder(stored, int(cc.encoder_seed))
+  else:
+    enc = encoder_config(width=int(cc.encoder_width), layers=int(cc.encoder_layers),
+                                  heads=int(cc.encoder_heads), mlp_dim=int(cc.encoder_mlp_dim),
+                                  projection_dim=int(config.model.num_heads) * int(config.model.head_dim))
+    seed = int(cc.encoder_seed)
+  table = condition_table(enc, seed)
+  return CaptionedData(ds, th, th.attributes(ds.train_tokens, ds.train_labels), table, enc)
+
+
+def stored_encoder(stored: dict, default_seed: int):
+  """``(CLIPTextConfig, seed)`` of the text encoder a teacher's ``config.json`` records (a
+  missing or malformed entry is a ``ValueError`` naming the file's key and the fix)."""
+  entry = stored.get("text_encoder")
+  try:
+    enc = clip_text.CLIPTextConfig(**entry)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"the teacher's config.json has no usable 'text_encoder' entry ({e}); retrain the teacher "
+                     "with --config.mode=teacher") from None
+  return enc, int((stored.get("captions") or {}).get("encoder_seed", default_seed))

@@ -20,18 +20,17 @@ on networks already in memory (the end of a distillation) and writes the table.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time
-from typing import Any, Callable, Dict, Sequence
+from typing import Callable, Dict, Sequence
 
 import jax
 import numpy as np
 
 from dimo_jax.core import generator_steps as gen_steps
 from dimo_jax.core import samplers
-from dimo_jax.data import captions, datasets, image_grids
+from dimo_jax.data import captions, image_grids
 from dimo_jax.evaluation import classifier_features, metrics
 from dimo_jax.evaluation.evaluators import Request, Result, evaluate, output_dir, register
 from dimo_jax.evaluation.settings import generator_plan
@@ -210,35 +209,20 @@ def save_grid(tokens: np.ndarray, path: str, per_prompt: int, columns: int = 10,
 
 
 # ---------------------------------------------------------------------------- the evaluator
-@dataclasses.dataclass
-class CaptionedData:
-  """The digits, their attribute thresholds and every caption's condition (``condition table``)."""
-  ds: Any
-  thresholds: captions.Thresholds
-  table: dict
+CaptionedData = captions.CaptionedData
 
 
-def captioned_data(config) -> CaptionedData:
-  """The captioned digits of ``config.data`` / ``config.captions`` (the teacher's text encoder)."""
-  dc, cc, m = config.data, config.captions, config.model
-  ds = datasets.load_digits(levels=int(dc.levels), val_fraction=float(dc.val_fraction), seed=int(dc.seed))
-  enc = captions.encoder_config(width=int(cc.encoder_width), layers=int(cc.encoder_layers),
-                                heads=int(cc.encoder_heads), mlp_dim=int(cc.encoder_mlp_dim),
-                                projection_dim=int(m.num_heads) * int(m.head_dim))
-  return CaptionedData(ds, captions.Thresholds.fit(ds.train_tokens, ds.train_labels),
-                       captions.condition_table(enc, int(cc.encoder_seed)))
-
-
-def load_text_network(path: str, *, use_ema: bool = True):
+def load_text_network(path: str, *, use_ema: bool = True, with_config: bool = False):
   """``(model, params)`` of a captioned-digits teacher or generator folder (its ``config.json``
-  names the network); a folder of another family is a ``ValueError`` naming the fix."""
+  names the network; with ``with_config`` also that ``config.json``); a folder of another family
+  is a ``ValueError`` naming the fix."""
   params, ema, stored = checkpoints.load_params(path)
   if not stored or "meissonic" not in stored or "text_encoder" not in stored:
     raise ValueError(f"{path}: not a captioned-digits network (its config.json has no 'meissonic' entry); "
                      "train one with --config=configs/captioned_digits.py --config.mode=distill")
   model = text_conditioning.build(meissonic.MeissonicConfig.from_dict(stored["meissonic"]),
                                   text_len=int(stored["text_encoder"]["max_positions"]))
-  return model, (ema if use_ema and ema is not None else params)
+  return (model, ema if use_ema and ema is not None else params) + ((stored,) if with_config else ())
 
 
 def prompt_following_rows(config, out_dir: str, teacher, generator, data: CaptionedData, plan=None) -> Result:
@@ -285,9 +269,11 @@ def evaluate_prompt_following(req: Request, *, teacher=None, generator=None, dat
   ``<workdir>/teacher``) and the generator of ``<workdir>/generator``, unless given."""
   config, workdir = req.config, req.workdir
   use_ema = bool(config.teacher.get("use_ema", True))
+  stored = None
   if teacher is None:
-    teacher = load_text_network(config.teacher.get("checkpoint", "") or os.path.join(workdir, "teacher"),
-                                use_ema=use_ema)
+    *teacher, stored = load_text_network(config.teacher.get("checkpoint", "") or os.path.join(workdir, "teacher"),
+                                         use_ema=use_ema, with_config=True)
+    teacher = tuple(teacher)
   plan = None
   if generator is None:
     folder = loaders.generator_dir(workdir)
@@ -296,7 +282,7 @@ def evaluate_prompt_following(req: Request, *, teacher=None, generator=None, dat
                           if "sample" in config else 0, f"the generator in {folder}")
   req.format = markdown
   checkpoints.makedirs(req.out_dir)
-  return prompt_following_rows(config, req.out_dir, teacher, generator, data or captioned_data(config), plan)
+  return prompt_following_rows(config, req.out_dir, teacher, generator, data or captions.load_captioned(config, stored), plan)
 
 
 def evaluate_captioned(config, workdir: str, *, teacher=None, generator=None, data=None) -> str:

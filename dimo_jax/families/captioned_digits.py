@@ -16,9 +16,7 @@ prompt is the empty prompt (caption 0).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import time
 from typing import Optional
 
 import jax
@@ -26,55 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from dimo_jax.core import sharding
-from dimo_jax.data import captions, datasets, image_grids
+from dimo_jax.data import captions, image_grids
 from dimo_jax.evaluation import prompt_following
 from dimo_jax.families import base
 from dimo_jax.method import mdm_text
 from dimo_jax.method.mdm import TeacherSettings
-from dimo_jax.networks import clip_text, meissonic, text_conditioning
+from dimo_jax.networks import meissonic, text_conditioning
 from dimo_jax.storage import checkpoints
 
 GENERATOR_SUBDIR = "generator"
 
 
-@dataclasses.dataclass
-class CaptionedData:
-  """The digits, their attribute values, the thresholds and every caption's condition."""
-  ds: datasets.TokenDataset
-  thresholds: captions.Thresholds
-  train_attrs: np.ndarray  # [N, 2]
-  table: dict  # caption id -> condition leaves
-  encoder: object  # clip_text.CLIPTextConfig
-
-
-def load_captioned(config, stored: Optional[dict] = None) -> CaptionedData:
-  """The data, the thresholds fitted on it and the condition table of ``config.captions``, or,
-  given a teacher's stored ``config.json`` (``stored``), of the text encoder that teacher was
-  trained with (its ``text_encoder`` and encoder seed), whatever sizes this config names."""
-  dc, cc = config.data, config.captions
-  ds = datasets.load_digits(levels=int(dc.levels), val_fraction=float(dc.val_fraction), seed=int(dc.seed))
-  th = captions.Thresholds.fit(ds.train_tokens, ds.train_labels)
-  if stored:
-    enc, seed = stored_encoder(stored, int(cc.encoder_seed))
-  else:
-    enc = captions.encoder_config(width=int(cc.encoder_width), layers=int(cc.encoder_layers),
-                                  heads=int(cc.encoder_heads), mlp_dim=int(cc.encoder_mlp_dim),
-                                  projection_dim=int(config.model.num_heads) * int(config.model.head_dim))
-    seed = int(cc.encoder_seed)
-  table = captions.condition_table(enc, seed)
-  return CaptionedData(ds, th, th.attributes(ds.train_tokens, ds.train_labels), table, enc)
-
-
-def stored_encoder(stored: dict, default_seed: int):
-  """``(CLIPTextConfig, seed)`` of the text encoder a teacher's ``config.json`` records (a
-  missing or malformed entry is a ``ValueError`` naming the file's key and the fix)."""
-  entry = stored.get("text_encoder")
-  try:
-    enc = clip_text.CLIPTextConfig(**entry)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"the teacher's config.json has no usable 'text_encoder' entry ({e}); retrain the teacher "
-                     "with --config.mode=teacher") from None
-  return enc, int((stored.get("captions") or {}).get("encoder_seed", default_seed))
+CaptionedData = captions.CaptionedData
+load_captioned = captions.load_captioned
+stored_encoder = captions.stored_encoder
 
 
 def model_config(config, data: CaptionedData) -> meissonic.MeissonicConfig:
@@ -204,54 +167,8 @@ class CaptionedDigits(base.Family):
     return image_grids.tokens_to_images(tokens, levels, (grid, grid))
 
   def evaluate_table(self, config, workdir: str, teacher: base.Loaded, generator_params) -> Optional[str]:
-    return evaluate_captioned(config, workdir, teacher=(teacher.model, teacher.params), generator=generator_params,
-                              data=load_captioned(config, teacher.stored))
-
-
-def evaluate_captioned(config, workdir: str, *, teacher=None, generator=None, data=None) -> str:
-  """The prompt-following table of the teacher (its sampler at ``config.evaluate.teacher_steps``)
-  and the generator (one step); writes ``results.json``, ``table.md`` and grids to
-  ``config.evaluate.output_dir`` (default ``<workdir>/eval``) and returns the table."""
-  ec = config.evaluate
-  out_dir = ec.get("output_dir", "") or os.path.join(workdir, "eval")
-  checkpoints.makedirs(out_dir)
-  stored = None
-  if teacher is None:
-    model, t_params, stored = load_text_teacher(teacher_dir(config, workdir), use_ema=bool(config.teacher.use_ema))
-  else:
-    model, t_params = teacher
-  data = data or load_captioned(config, stored)
-  if generator is None:
-    params, ema, _ = checkpoints.load_params(os.path.join(workdir, GENERATOR_SUBDIR))
-    generator = ema if ema is not None else params
-  scorer = prompt_following.Scorer(data.ds, data.thresholds, os.path.join(out_dir, "classifier"))
-  ids = prompt_following.eval_prompts(int(ec.per_prompt))
-  rows = [{"model": "real digits", "steps": 0, "scores": scorer.score(scorer.real, scorer.real_ids)}]
-  for steps in ec.teacher_steps:
-    t0 = time.time()
-    toks = prompt_following.teacher_samples(model, t_params, data.table, ids, steps=int(steps),
-                                            guidance=float(config.teacher.guidance),
-                                            temperature=tuple(ec.teacher_temperature), seed=int(ec.seed))
-    rows.append({"model": "teacher (Meissonic sampler)", "steps": int(steps), "scores": scorer.score(toks, ids),
-                 "seconds": time.time() - t0})
-    if int(steps) in (1, max(ec.teacher_steps)):
-      prompt_following.save_grid(toks, os.path.join(out_dir, f"teacher_{int(steps)}.png"), int(ec.per_prompt))
-  toks = prompt_following.generator_samples(model, generator, data.table, ids, r_init=float(ec.r_init),
-                                            sigma=float(ec.sigma), temperature=float(ec.gen_temp),
-                                            seed=int(ec.seed))
-  rows.append({"model": "Di[M]O generator", "steps": 1, "scores": scorer.score(toks, ids)})
-  prompt_following.save_grid(toks, os.path.join(out_dir, "generator_1.png"), int(ec.per_prompt))
-  table = prompt_following.format_table(rows)
-  notes = [prompt_following.goal_note(rows, s) for s in prompt_following.SETS]
-  text = table + "\n\n" + "\n".join(n for n in notes if n)
-  if jax.process_index() == 0:
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-      json.dump({"rows": rows, "classifier": {k: scorer.meta.get(k) for k in ("val_accuracy", "train_accuracy")}},
-                f, indent=1, default=float)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-      f.write(text + "\n")
-    print(text, flush=True)
-  return text
+    return prompt_following.evaluate_captioned(config, workdir, teacher=(teacher.model, teacher.params),
+                                               generator=generator_params, data=load_captioned(config, teacher.stored))
 
 
 FAMILY = CaptionedDigits()

@@ -18,6 +18,7 @@ from dimo_jax.core.sharding import global_batch, host_array
 from dimo_jax.converters import commands
 from dimo_jax.data import batching, datasets, image_grids
 from dimo_jax.evaluation import token_metrics
+from dimo_jax.evaluation.settings import sampler_settings_from_config
 from dimo_jax.families import base
 from dimo_jax.method.mdm import TeacherSettings, compile_teacher, evaluate_val_loss
 from dimo_jax.networks import maskgit
@@ -44,17 +45,17 @@ def save_grid(images, path: str, **kwargs) -> str:
 
 def write_sample_grid(path: str, apply_fn, params, key, *, num_classes: int, seq_len: int,
                       vocab_size: int, image_shape, sample_cfg, has_null_class: bool = True):
-  """Draws a grid with the confidence sampler (settings from ``config.sample``); process 0 saves
+  """Draws a grid with the confidence sampler (``config.sample`` read by
+  ``evaluation.settings.sampler_settings_from_config``, as every mode reads it); process 0 saves
   the PNG (every process must call this: the sampler runs on the global parameters)."""
-  get = sample_cfg.get
+  st = sampler_settings_from_config(sample_cfg)
   labels = sample_label_grid(num_classes)
-  guidance = float(get("guidance", 1.0)) if (has_null_class and num_classes > 0) else 1.0
+  guidance = float(1.0 if st.guidance is None else st.guidance) if (has_null_class and num_classes > 0) else 1.0
   tokens = samplers.confidence_sampler(
       apply_fn, params, key, jnp.asarray(labels), seq_len=seq_len, codebook_size=vocab_size,
-      steps=int(min(get("steps", 8), seq_len)), schedule=get("schedule", "arccos"),
-      temperature=float(get("temperature", 1.0)), r_temp=float(get("r_temp", 4.5)), guidance=guidance,
-      guidance_schedule=get("guidance_schedule", "constant"), null_label=num_classes,
-      top_k=int(get("top_k", 0)), top_p=float(get("top_p", 1.0)))
+      steps=int(min(st.steps, seq_len)), schedule=st.schedule,
+      temperature=float(1.0 if st.temperature is None else st.temperature), r_temp=st.r_temp, guidance=guidance,
+      guidance_schedule=st.guidance_schedule, null_label=num_classes, top_k=st.top_k, top_p=st.top_p)
   tokens = host_array(tokens)
   if jax.process_index() == 0:
     images = image_grids.tokens_to_images(tokens, vocab_size, image_shape)
