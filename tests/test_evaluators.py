@@ -60,3 +60,20 @@ def test_one_reader_of_the_sampler_settings():
     settings.sampler_settings_from_config({"steps": 0})
   with pytest.raises(ValueError, match=r"config.sample.batch_size must be >= 1, got 0"):
     settings.sampler_settings_from_config({"batch_size": 0})
+
+
+def test_the_writer_draws_the_quality_plot_where_rows_have_steps(tmp_path):
+  rows = [{"name": "teacher_steps4", "model": "teacher", "sampler": "confidence", "steps": 4, "fid": 9.0,
+           "ms_per_sample": 2.0},
+          {"name": "teacher_steps8", "model": "teacher", "sampler": "confidence", "steps": 8, "fid": 7.0,
+           "ms_per_sample": 4.0},
+          {"name": "generator", "model": "generator", "steps": 1, "fid": 7.5, "ms_per_sample": 0.5}]
+  files = evaluators.write_results(str(tmp_path), {"rows": rows}, "| table |")
+  assert files["plot"] == str(tmp_path / "quality.png")
+  assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert json.loads((tmp_path / "results.json").read_text())["files"]["plot"] == files["plot"]
+  # an export of images for external scorers holds no metric against steps: no plot, no error
+  out = tmp_path / "export"
+  out.mkdir()
+  files = evaluators.write_results(str(out), {"rows": [{"name": "hps_v2", "images": 8}]}, "| table |")
+  assert "plot" not in files and not (out / "quality.png").exists()

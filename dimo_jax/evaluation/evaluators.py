@@ -25,6 +25,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
+from absl import logging
 
 from dimo_jax.evaluation.sample_sets import write_json
 from dimo_jax.storage import checkpoints
@@ -151,8 +152,25 @@ def write_results(out_dir: str, results: dict, table: str) -> Dict[str, str]:
   results.setdefault("files", {}).update(files)
   if jax.process_index() == 0:
     checkpoints.atomic_write_bytes(files["table"], (table.rstrip("\n") + "\n").encode("utf-8"))
+    plot = write_plot(out_dir, results)
+    if plot:
+      files["plot"] = results["files"]["plot"] = plot
     write_json(files["results"], results)
   return files
+
+
+def write_plot(out_dir: str, results: dict) -> Optional[str]:
+  """``quality.png`` in ``out_dir``: each quality metric of the rows against steps and against
+  milliseconds per sample (``evaluation.plots``); None, with one log line, where the rows hold no
+  metric to draw (an export of images for external scorers)."""
+  from dimo_jax.evaluation import plots  # pylint: disable=import-outside-toplevel (matplotlib)
+  path = os.path.join(out_dir, plots.DEFAULT_NAME)
+  try:
+    plots.plot_results(results, path, source=os.path.join(out_dir, RESULTS_FILE))
+  except ValueError as e:
+    logging.info("No quality plot: %s", e)
+    return None
+  return path
 
 
 def evaluate(request: Request, names: Sequence[str], evaluators: Optional[Dict[str, Callable]] = None) -> dict:
