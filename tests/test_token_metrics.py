@@ -8,7 +8,7 @@ import pytest
 
 from configs import tokens as tokens_config
 from dimo_jax.data import joints
-from dimo_jax.evaluation import tables
+from dimo_jax.evaluation import table1, tables
 from dimo_jax.evaluation import token_metrics as tm
 from dimo_jax.method import mdm
 from dimo_jax.modes import evaluate
@@ -140,8 +140,8 @@ def test_evaluate_unconditional_tokens(tmp_path, monkeypatch):
   c.evaluate.teacher_steps = (1, 2, 8)
   c.evaluate.batch_size = 500
   c.model.update(MODEL_CFG)
-  monkeypatch.setattr(evaluate, "DEFAULT_TOKEN_SAMPLES", 500)
-  monkeypatch.setattr(evaluate, "NLL_SAMPLES", 64)
+  monkeypatch.setattr(table1, "DEFAULT_TOKEN_SAMPLES", 500)
+  monkeypatch.setattr(table1, "NLL_SAMPLES", 64)
   results = evaluate.run_evaluate(c, str(tmp_path / "distill"))
   rows = {r["name"]: r for r in results["rows"]}
   assert results["num_samples"] == 500
