@@ -20,24 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import family_runs
 from configs import tokens as tokens_config
 from dimo_jax import main as cli
 from dimo_jax.modes import distill, loop, teacher
 from dimo_jax.storage import checkpoints, loaders, workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N, L, K = 64, 8, 6
-
-
-def _data(folder):
-  rng = np.random.default_rng(0)
-  labels = rng.integers(0, 2, N).astype(np.int32)
-  toks = rng.integers(0, K, (N, L)).astype(np.int32)
-  toks[:, 0] = labels
-  os.makedirs(folder, exist_ok=True)
-  np.save(os.path.join(folder, "tokens.npy"), toks)
-  np.save(os.path.join(folder, "labels.npy"), labels)
-  return os.path.join(folder, "tokens.npy"), os.path.join(folder, "labels.npy")
+K = family_runs.K
+_data = family_runs.token_data  # 64 sequences of 8 tokens over 6 codes, the label first
 
 
 def _config(data, mode="teacher", steps=4):
