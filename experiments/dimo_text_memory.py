@@ -2,7 +2,11 @@
 and auxiliary with Adam, ``configs/meissonic.py``'s distillation recipe), compiled for the shapes
 of the state: nothing is allocated, so it runs on a CPU.
 
-  python experiments/dimo_text_memory.py --batch=16 --remat=full [--grid=64] [--fsdp=1]
+  python experiments/dimo_text_memory.py --batch=16 --remat=full [--grid=64] [--fsdp=1] \
+      [--attention=xla_saved] [--layers=14 --single_layers=28]
+
+``--layers`` / ``--single_layers`` compile fewer blocks of the same width (the levers' per-block
+effect at a fraction of the compile time); ``--attention`` is ``meissonic.attention_impl``.
 
 Prints one JSON line: parameters, the state's bytes, XLA's argument / output / temporary bytes and
 the per-device estimate that ``mode=distill`` compares against the device before the first update.
@@ -27,12 +31,15 @@ from dimo_jax.method import dimo  # noqa: E402
 from dimo_jax.networks import meissonic, text_conditioning  # noqa: E402
 
 
-def analyse(batch: int, remat: str, grid: int = 64, fsdp: int = 1, aux_updates: int = 1) -> dict:
+def analyse(batch: int, remat: str, grid: int = 64, fsdp: int = 1, aux_updates: int = 1, attention: str = "",
+            layers: int = 0, single_layers: int = 0) -> dict:
   cfg = meissonic_config.get_config()
   cfg.distill.batch_size = batch
   cfg.distill.aux_updates = aux_updates
   d = cfg.distill
-  mcfg = meissonic.MeissonicConfig(dtype=d.compute_dtype, param_dtype=d.param_dtype, remat=remat, grid=grid)
+  depth = {k: v for k, v in (("num_layers", layers), ("num_single_layers", single_layers)) if v}
+  mcfg = meissonic.MeissonicConfig(dtype=d.compute_dtype, param_dtype=d.param_dtype, remat=remat, grid=grid,
+                                   attention_impl=attention or None, **depth)
   model = text_conditioning.TextTokenModel(meissonic.MeissonicTransformer(mcfg), text_len=77)
   spec = {"text": jax.ShapeDtypeStruct((77, mcfg.text_dim), jnp.float32),
           "pooled": jax.ShapeDtypeStruct((mcfg.pooled_dim,), jnp.float32),
@@ -46,7 +53,8 @@ def analyse(batch: int, remat: str, grid: int = 64, fsdp: int = 1, aux_updates: 
   compiled = fn.lower(shapes, dist.abstract_conditions()).compile()
   a = compiled.memory_analysis()
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
-  return {"batch": batch, "remat": remat, "grid": grid, "fsdp": fsdp,
+  return {"batch": batch, "remat": remat, "grid": grid, "fsdp": fsdp, "attention": attention or "xla",
+          "layers": mcfg.num_layers, "single_layers": mcfg.num_single_layers,
           "params": meissonic.count_params(params), "state_gb": state_bytes / 1e9,
           "argument_gb": a.argument_size_in_bytes / 1e9, "output_gb": a.output_size_in_bytes / 1e9,
           "alias_gb": a.alias_size_in_bytes / 1e9, "temp_gb": a.temp_size_in_bytes / 1e9,
@@ -59,8 +67,12 @@ def main(argv=None):
   p.add_argument("--remat", default="full")
   p.add_argument("--grid", type=int, default=64)
   p.add_argument("--fsdp", type=int, default=1)
+  p.add_argument("--attention", default="", help="'' (XLA, fused backward) | xla_saved | cudnn")
+  p.add_argument("--layers", type=int, default=0, help="double-stream blocks (0: the released 14)")
+  p.add_argument("--single_layers", type=int, default=0, help="single-stream blocks (0: the released 28)")
   args = p.parse_args(argv)
-  print(json.dumps(analyse(args.batch, args.remat, args.grid, args.fsdp)), flush=True)
+  print(json.dumps(analyse(args.batch, args.remat, args.grid, args.fsdp, attention=args.attention,
+                           layers=args.layers, single_layers=args.single_layers)), flush=True)
 
 
 if __name__ == "__main__":
