@@ -63,8 +63,10 @@ def main(argv):
   load.append(os.getloadavg()[0])
 
   t0 = time.time()
+  k = int(config.distill.get("generator_steps", 1))  # the generator's rows at 1 .. k steps
   sets = text_eval.sample_sets(config, corpus, model, teacher_params, gen_params, seed=seed, workdir=workdir,
-                               log=log)
+                               log=log, generator_steps=range(1, k + 1),
+                               generator_schedule=config.distill.get("generator_schedule", "linear"))
   rows = text_eval.evaluate(config, corpus, sets, lm, lm_params)
   times["evaluate"] = time.time() - t0
   load.append(os.getloadavg()[0])
