@@ -140,3 +140,13 @@ def test_summary_and_goal_per_generator_step_count():
   assert "4 steps not met (gen. PPL 1.25x: no" in text_eval.goal_line(text_eval.summary(rows))
   assert "Di[M]O 4 steps: gen. PPL 25.00 = 1.25x" in text_eval.markdown_table(rows, text_eval.summary(rows))
   assert text_eval.goal_line(text_eval.summary(rows[:2])) == "Goal: no generator row."
+
+
+def test_generator_plan_reads_the_folder_and_refuses_steps_it_has_no_level_for():
+  c = ml_collections.ConfigDict({"sample": {"generator_steps": 0}})
+  stored = {"distill": {"generator_steps": 2, "generator_schedule": [0.3]}}
+  plan = text_eval._generator_plan(c, stored, "/runs/g")  # pylint: disable=protected-access
+  assert plan.step_counts() == (1, 2) and plan.schedule == (0.3,)
+  c.sample.generator_steps = 3
+  with pytest.raises(UserError, match=r"/runs/g.*at most 2"):
+    text_eval._generator_plan(c, stored, "/runs/g")  # pylint: disable=protected-access
