@@ -52,7 +52,12 @@ def get_config():
   c.train.checkpoint_every = 10000
 
   c.distill.steps = 20000
-  c.distill.batch_size = 64
+  # XLA's memory analysis of the Di[M]O step on fsdp 8 (docs/performance.md, 'Text Di[M]O at OpenWebText
+  # scale'): 12.9 GB of temporaries per example on a device (the vocabulary-wide float32 tensors). Global
+  # batch 64 needs 103.9 GB a device, 40 (5 a device) 65.3 GB: under 80 GB with 15 GB to spare; 48 would
+  # leave about 2. logits_dtype=bfloat16 saves nothing (the step's softmaxes are float32), remat=full 3.6 GB.
+  # On more devices keep 5 examples a device (80 on 16).
+  c.distill.batch_size = 40
   c.distill.gen_lr = 1e-5
   c.distill.aux_lr = 3e-5
   c.distill.aux_updates = 1

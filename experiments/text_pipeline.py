@@ -4,7 +4,8 @@
   python experiments/text_pipeline.py --workdir=/tmp/text_pipeline [--seed=1] [--config.distill.steps=600]
 
 Rows: the teacher with each sampler (``config.evaluate.teacher_samplers``) at 1, 2, 4, ..., 64 steps
-and at the sequence length, the Di[M]O generator at 1 step, the real held-out text; columns:
+and at the sequence length, the Di[M]O generator at 1 step (1..k with
+``--config.distill.generator_steps=k``), the real held-out text; columns:
 generative perplexity under the reference LM, mean unigram entropy, distinct 1-4-grams, repeated
 4-grams. Every draw is an exact float64 categorical draw. Writes ``<workdir>/eval_seed<seed>/``:
 ``table.md``, ``results.json`` (with each phase's wall time and the machine's load), ``gen_ppl.png``
@@ -63,8 +64,10 @@ def main(argv):
   load.append(os.getloadavg()[0])
 
   t0 = time.time()
+  k = int(config.distill.get("generator_steps", 1))  # the generator's rows at 1 .. k steps
   sets = text_eval.sample_sets(config, corpus, model, teacher_params, gen_params, seed=seed, workdir=workdir,
-                               log=log)
+                               log=log, generator_steps=range(1, k + 1),
+                               generator_schedule=config.distill.get("generator_schedule", "linear"))
   rows = text_eval.evaluate(config, corpus, sets, lm, lm_params)
   times["evaluate"] = time.time() - t0
   load.append(os.getloadavg()[0])

@@ -97,6 +97,19 @@ def test_teacher_distill_evaluate_sample(tmp_path, tiny_config):
   text = open(written["text"], encoding="utf-8").read()
   assert text.count("=== sample ") == 3
 
+  # config.sample.generator_steps=2: mode=evaluate adds the generator's 2-step row (the same one-step
+  # row as before, the teacher's rows from the cache) and mode=sample draws at 2 steps
+  two = _cli([f"--config={tiny_config}", f"--workdir={workdir}", "--config.mode=evaluate",
+              "--config.sample.generator_steps=2"])
+  assert [r["name"] for r in two["rows"]] == names + ["Di[M]O generator 2"]
+  assert two["rows"][-2]["gen_ppl"] == results["rows"][-1]["gen_ppl"]
+  assert [g["steps"] for g in two["summary"]["generators"]] == [1, 2] and two["summary"]["generator_steps"] == 2
+  assert "1.2x at more steps" in two["table"] and "2 steps " in two["table"]
+  written2 = _cli([f"--config={tiny_config}", f"--workdir={workdir}", "--config.mode=sample",
+                   "--config.sample.model=generator", "--config.sample.num=3", "--config.sample.generator_steps=2"])
+  two_step = np.load(written2["tokens"])
+  assert two_step.shape == (3, 16) and two_step.max() < 257 and not np.array_equal(two_step, tokens)
+
 
 def _run_cli(args, cwd):
   env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -7,7 +7,8 @@
   the token tables of ``configs/tokens.py``);
 - the default evaluators (``evaluate``): the causal reference LM (``train_reference``) and the
   rows of ``evaluation.text_metrics`` for the real held-out text, the teacher at every step count
-  and sampler and the generator at one step, every draw exact in float64
+  and sampler and the generator at every step count up to the one it was trained for
+  (``generator_sample``: ``core.generator_steps``' chain), every draw exact in float64
   (``core.categorical``); ``write_report`` writes the table, the plot and readable samples.
 
 Trained parameters are cached under ``<workdir>/<name>-<fingerprint>.msgpack`` (flax's msgpack,
@@ -20,9 +21,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import functools
 import os
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import flax
 import jax
@@ -30,11 +32,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dimo_jax.core import categorical
+from dimo_jax.core import categorical, masking
+from dimo_jax.core import generator_steps as gen_steps
 from dimo_jax.data import text_corpus
 from dimo_jax.data.batching import batch_iterator
 from dimo_jax.evaluation import text_metrics
 from dimo_jax.evaluation.evaluators import Request, Result, register
+from dimo_jax.evaluation.settings import generator_plan
 from dimo_jax.method import dimo, mdm
 from dimo_jax.networks import causal_lm, conditioning, maskgit, text_mdm
 from dimo_jax.storage import checkpoints, loaders
@@ -231,6 +235,42 @@ def teacher_sets(config, corpus, model, teacher_params, *, seed: int, log=print)
   return sets
 
 
+@functools.partial(jax.jit, static_argnames=("model", "steps", "schedule", "method"))
+def _k_step(model, params, key, labels, r_init, sigma, temperature, *, steps, schedule, method):
+  draw = categorical.check_method(method)
+
+  def step_fn(x, k_noise, k_draw):
+    logits = model.apply({"params": params}, x, labels, deterministic=True, noise_sigma=sigma,
+                         rngs={"noise": k_noise})
+    return draw(k_draw, logits[..., :model.codebook_size], temperature)
+
+  k_x, k_noise, k_draw = jax.random.split(key, 3)
+  x_init = masking.make_x_init(k_x, labels.shape[0], model.seq_len, model.codebook_size, r_init)
+  ratios = gen_steps.step_ratios(schedule, steps, r_init)
+  x, _ = gen_steps.chain(step_fn, x_init, (k_noise, k_draw), key, ratios, model.mask_id)
+  last = (k_noise, k_draw) if steps == 1 else gen_steps.step_keys(key, steps - 1)[1:]
+  return step_fn(x, *last)
+
+
+def generator_sample(model, params, key, labels, *, steps: int = 1, schedule="linear", r_init=0.6, sigma=0.0,
+                     method: str = "gumbel_max"):
+  """The generator's samples at ``steps`` steps (``core.generator_steps``: step j >= 1 re-predicts the
+  previous output re-masked to the ``schedule``'s level t_j), every position drawn with ``method``
+  (the float64 methods inside ``categorical.float64_mode()``). Returns int32 [B, L]; at one step
+  the draw of ``categorical.one_step_sample``, key for key."""
+  gen_steps.check_schedule(schedule, steps)
+  if steps == 1:
+    return categorical.one_step_sample(model, params, key, labels, r_init=r_init, sigma=sigma, method=method)
+  schedule = schedule if isinstance(schedule, str) else tuple(schedule)
+  return _k_step(model, params, key, jnp.asarray(labels, jnp.int32), jnp.float32(r_init), jnp.float32(sigma),
+                 jnp.float32(1.0), steps=int(steps), schedule=schedule, method=method)
+
+
+def generator_name(steps: int) -> str:
+  """The row name of the generator at ``steps`` steps."""
+  return f"Di[M]O generator {steps}"
+
+
 def _save_sets(path: str, sets: Dict[str, dict]) -> None:
   buf = io.BytesIO()
   np.savez(buf, names=np.asarray(list(sets)), **{f"tokens_{i}": s["tokens"] for i, s in enumerate(sets.values())},
@@ -245,11 +285,13 @@ def _load_sets(path: str) -> Dict[str, dict]:
 
 
 def sample_sets(config, corpus, model, teacher_params, gen_params, *, seed: int, workdir: Optional[str] = None,
-                log=print) -> Dict[str, dict]:
+                log=print, generator_steps: Sequence[int] = (1,), generator_schedule="linear") -> Dict[str, dict]:
   """Every sample set of the table, keyed by row name: ``{"tokens", "model", "sampler", "steps", "seconds"}``:
   the real held-out text, the teacher's rows (``teacher_sets``; cached under ``workdir`` as
   ``teacher_samples-<fingerprint>.npz``, keyed by the teacher's and the sampling settings and ``seed``)
-  and the generator's one step (its ``config.evaluate.r_init`` / ``sigma``)."""
+  and the generator at each of ``generator_steps`` (``generator_sample`` with ``generator_schedule`` and
+  ``config.evaluate.r_init`` / ``sigma``; the same key at every step count; a tuple of re-masking
+  levels is cut to each count's first levels)."""
   e = config.evaluate
   n = int(e.num_samples)
   val = np.asarray(corpus.dataset.val_tokens)
@@ -267,15 +309,17 @@ def sample_sets(config, corpus, model, teacher_params, gen_params, *, seed: int,
     if path:
       _save_sets(path, teacher)
     sets.update(teacher)
-  if gen_params is not None:
+  for steps in (generator_steps if gen_params is not None else ()):
     t0 = time.time()
     with categorical.float64_mode():
-      x = categorical.one_step_sample(model, gen_params, jax.random.fold_in(jax.random.key(int(seed)), 10**6),
-                                      conditions(n), r_init=float(e.r_init), sigma=float(e.sigma),
-                                      method=e.categorical)
+      schedule = generator_schedule if isinstance(generator_schedule, str) else tuple(generator_schedule)[:steps - 1]
+      x = generator_sample(model, gen_params, jax.random.fold_in(jax.random.key(int(seed)), 10**6), conditions(n),
+                           steps=int(steps), schedule=schedule, r_init=float(e.r_init),
+                           sigma=float(e.sigma), method=e.categorical)
       x = np.asarray(jax.device_get(x))
-    sets["Di[M]O generator 1"] = {"tokens": x, "model": "generator", "sampler": "one step", "steps": 1,
-                                  "seconds": time.time() - t0}
+    sets[generator_name(int(steps))] = {"tokens": x, "model": "generator", "steps": int(steps),
+                                        "sampler": "one step" if steps == 1 else f"{steps} steps",
+                                        "seconds": time.time() - t0}
   return sets
 
 
@@ -291,21 +335,31 @@ def evaluate(config, corpus, sets: Dict[str, dict], lm, lm_params) -> List[dict]
 
 
 def summary(rows: List[dict]) -> dict:
-  """The comparison the family is judged by: the generator's gen. perplexity over the teacher's best
-  (over step counts and samplers), its entropy against the real text's, and the teacher's own one step."""
+  """The comparison the family is judged by: each generator row's gen. perplexity over the teacher's
+  best (over step counts and samplers) and its entropy against the real text's (``generators``, by
+  step count; the ``generator_*`` keys are those of the row at the most steps), and the teacher's own
+  one step."""
   real = next(r for r in rows if r["model"] == "data")
   teacher = [r for r in rows if r["model"] == "teacher"]
-  gen = next((r for r in rows if r["model"] == "generator"), None)
   best = min(teacher, key=lambda r: r["gen_ppl"])
   one = [r for r in teacher if r["steps"] == 1]
   out = {"real_gen_ppl": real["gen_ppl"], "real_entropy": real["entropy"], "teacher_best": best["name"],
          "teacher_best_gen_ppl": best["gen_ppl"],
          "teacher_one_step_gen_ppl": min(r["gen_ppl"] for r in one) if one else float("nan")}
-  if gen is not None:
-    out.update(generator_gen_ppl=gen["gen_ppl"], generator_entropy=gen["entropy"],
-               ratio_to_teacher_best=gen["gen_ppl"] / best["gen_ppl"],
-               entropy_gap_to_real=gen["entropy"] / real["entropy"] - 1.0)
+  gens = [{"name": r["name"], "steps": int(r["steps"]), "gen_ppl": r["gen_ppl"], "entropy": r["entropy"],
+           "ratio_to_teacher_best": r["gen_ppl"] / best["gen_ppl"],
+           "entropy_gap_to_real": r["entropy"] / real["entropy"] - 1.0}
+          for r in sorted((r for r in rows if r["model"] == "generator"), key=lambda r: r["steps"])]
+  if gens:
+    last = gens[-1]
+    out.update(generators=gens, generator_steps=last["steps"], generator_gen_ppl=last["gen_ppl"],
+               generator_entropy=last["entropy"], ratio_to_teacher_best=last["ratio_to_teacher_best"],
+               entropy_gap_to_real=last["entropy_gap_to_real"])
   return out
+
+
+def _steps_words(steps: int) -> str:
+  return "one step" if steps == 1 else f"{steps} steps"
 
 
 def markdown_table(rows: List[dict], summ: dict) -> str:
@@ -317,10 +371,10 @@ def markdown_table(rows: List[dict], summ: dict) -> str:
   note = (f"\nTeacher's best: {summ['teacher_best']} (gen. PPL {summ['teacher_best_gen_ppl']:.2f}); its one step: "
           f"{summ['teacher_one_step_gen_ppl']:.2f}; real held-out text: {summ['real_gen_ppl']:.2f} at entropy "
           f"{summ['real_entropy']:.3f}.")
-  if "ratio_to_teacher_best" in summ:
-    note += (f" Di[M]O one step: gen. PPL {summ['generator_gen_ppl']:.2f} = "
-             f"{summ['ratio_to_teacher_best']:.2f}x the teacher's best, entropy "
-             f"{100 * summ['entropy_gap_to_real']:+.1f}% against the real text's.")
+  for g in summ.get("generators", ()):
+    note += (f" Di[M]O {_steps_words(g['steps'])}: gen. PPL {g['gen_ppl']:.2f} = "
+             f"{g['ratio_to_teacher_best']:.2f}x the teacher's best, entropy "
+             f"{100 * g['entropy_gap_to_real']:+.1f}% against the real text's.")
   return head + "\n".join(lines) + "\n" + note + "\n"
 
 
@@ -337,11 +391,14 @@ def plot(rows: List[dict], path: str) -> None:
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"teacher, {sampler}")
     for s, g, h in pts:
       ax.annotate(f"{h:.2f}", (s, g), textcoords="offset points", xytext=(3, 4), fontsize=7)
+  gens = sorted((r for r in rows if r["model"] == "generator"), key=lambda r: r["steps"])
+  if gens:
+    ax.plot([r["steps"] for r in gens], [r["gen_ppl"] for r in gens], "r*-", markersize=14,
+            label="Di[M]O generator (" + ", ".join(str(r["steps"]) for r in gens) + " steps)")
+  for r in gens:
+    ax.annotate(f"{r['entropy']:.2f}", (r["steps"], r["gen_ppl"]), textcoords="offset points", xytext=(6, -10),
+                fontsize=8, color="r")
   for r in rows:
-    if r["model"] == "generator":
-      ax.plot([1], [r["gen_ppl"]], "r*", markersize=14, label="Di[M]O generator, 1 step")
-      ax.annotate(f"{r['entropy']:.2f}", (1, r["gen_ppl"]), textcoords="offset points", xytext=(6, -10),
-                  fontsize=8, color="r")
     if r["model"] == "data":
       ax.axhline(r["gen_ppl"], color="k", ls="--", lw=1, label=f"real held-out text (entropy {r['entropy']:.2f})")
   ax.set_xscale("log", base=2)
@@ -385,26 +442,44 @@ def write_report(outdir: str, corpus, rows: List[dict], sets: Dict[str, dict], i
 
 
 # ---------------------------------------------------------------------------- mode=evaluate and mode=sample
-def goal_line(summ: dict, ppl_factor: float = 1.5, entropy_tolerance: float = 0.02) -> str:
-  """Whether the generator meets the family's goal: gen. PPL within ``ppl_factor`` x the teacher's
-  best and unigram entropy within ``entropy_tolerance`` of the real text's."""
-  if "ratio_to_teacher_best" not in summ:
+def goal_line(summ: dict, ppl_factor: float = 1.5, entropy_tolerance: float = 0.02,
+              few_step_factor: float = 1.2) -> str:
+  """Whether each generator row meets the family's goal: gen. PPL within ``ppl_factor`` x the teacher's
+  best at one step (``few_step_factor`` x at more steps) and unigram entropy within ``entropy_tolerance``
+  of the real text's; one clause per step count."""
+  gens = summ.get("generators", ())
+  if not gens:
     return "Goal: no generator row."
-  ppl_ok = summ["ratio_to_teacher_best"] <= ppl_factor
-  ent_ok = abs(summ["entropy_gap_to_real"]) <= entropy_tolerance
-  verdict = "met" if ppl_ok and ent_ok else "not met"
-  return (f"Goal (gen. PPL within {ppl_factor}x the teacher's best, entropy within {100 * entropy_tolerance:.0f}% "
-          f"of the real text's): {verdict} (gen. PPL {summ['ratio_to_teacher_best']:.2f}x: "
-          f"{'yes' if ppl_ok else 'no'}; entropy {100 * summ['entropy_gap_to_real']:+.1f}%: "
-          f"{'yes' if ent_ok else 'no'}).")
+  clauses = []
+  for g in gens:
+    factor = ppl_factor if g["steps"] == 1 else few_step_factor
+    ppl_ok = g["ratio_to_teacher_best"] <= factor
+    ent_ok = abs(g["entropy_gap_to_real"]) <= entropy_tolerance
+    clauses.append(f"{_steps_words(g['steps'])} {'met' if ppl_ok and ent_ok else 'not met'} (gen. PPL "
+                   f"{g['ratio_to_teacher_best']:.2f}x: {'yes' if ppl_ok else 'no'}; entropy "
+                   f"{100 * g['entropy_gap_to_real']:+.1f}%: {'yes' if ent_ok else 'no'})")
+  more = f" at one step, {few_step_factor}x at more steps" if any(g["steps"] > 1 for g in gens) else ""
+  return (f"Goal (gen. PPL within {ppl_factor}x the teacher's best{more}, entropy within "
+          f"{100 * entropy_tolerance:.0f}% of the real text's): " + "; ".join(clauses) + ".")
+
+
+def _generator_plan(config, stored: dict, path: str):
+  """``settings.generator_plan`` of a generator folder at ``config.sample.generator_steps``; a bad count
+  or a broken record stops with a ``UserError`` naming the folder."""
+  try:
+    return generator_plan(stored, int(config.sample.get("generator_steps", 0)), f"the generator in {path}")
+  except ValueError as e:
+    raise UserError(str(e)) from None
 
 
 @register("text_lm")
 def evaluate_text_lm(req: Request, log=print) -> Result:
   """The evaluator ``text_lm`` (the text family's default): the teacher of ``teacher_dir`` at every
-  sampler and step count, the generator of ``<workdir>/generator`` at one step and the real held-out
-  text, judged by the reference LM (trained on the training split, cached in the workdir); writes
-  ``gen_ppl.png`` and ``samples.txt`` beside the table; ``results.json`` holds the ``summary``."""
+  sampler and step count, the generator of ``<workdir>/generator`` at 1 .. k steps (k:
+  ``config.sample.generator_steps``, 0 = the ``distill.generator_steps`` its folder records, with its
+  ``generator_schedule``) and the real held-out text, judged by the reference LM (trained on the
+  training split, cached in the workdir); writes ``gen_ppl.png`` and ``samples.txt`` beside the
+  table; ``results.json`` holds the ``summary``."""
   config, workdir = req.config, req.workdir
   corpus = load_corpus(config)
   overrides = maskgit.compute_overrides(config.model)
@@ -416,13 +491,17 @@ def evaluate_text_lm(req: Request, log=print) -> Result:
                     f"sequence length {net['seq_len']}, the config's corpus {corpus.vocab_size} and {corpus.seq_len}; "
                     "give the config.data the teacher was trained with")
   gen_dir = loaders.generator_dir(workdir)
-  gen_params = load_network(gen_dir, overrides=overrides)[1] if os.path.isdir(gen_dir) else None
-  if gen_params is None:
+  gen_params, plan = None, None
+  if os.path.isdir(gen_dir):
+    _, gen_params, gen_stored = load_network(gen_dir, overrides=overrides)
+    plan = _generator_plan(config, gen_stored, gen_dir)
+  else:
     log(f"no generator in {gen_dir}: the table has the teacher's and the real text's rows only")
   lm = build_reference_lm(config, corpus)
   lm_params, lm_info = train_reference(config, corpus, lm, workdir=workdir, log=log)
   seed = int(config.evaluate.get("seed", 0))
-  sets = sample_sets(config, corpus, model, teacher_params, gen_params, seed=seed, workdir=workdir, log=log)
+  sets = sample_sets(config, corpus, model, teacher_params, gen_params, seed=seed, workdir=workdir, log=log,
+                     generator_steps=plan.step_counts() if plan else (), generator_schedule=plan and plan.schedule)
   rows = evaluate(config, corpus, sets, lm, lm_params)
   summ = summary(rows)
   files = write_extras(req.out_dir, corpus, rows, sets) if jax.process_index() == 0 else {}
@@ -457,8 +536,10 @@ def write_text_samples(config, workdir: str) -> dict:
   e = config.evaluate
   with categorical.float64_mode():
     if kind == "generator":
-      x = categorical.one_step_sample(model, params, key, conditions(num), r_init=float(sc.get("r_init", e.r_init)),
-                                      sigma=float(sc.get("sigma", e.sigma)), method=e.categorical)
+      plan = _generator_plan(config, stored, path)
+      x = generator_sample(model, params, key, conditions(num), steps=plan.steps, schedule=plan.schedule_at(plan.steps),
+                           r_init=float(sc.get("r_init", e.r_init)), sigma=float(sc.get("sigma", e.sigma)),
+                           method=e.categorical)
     else:
       x = categorical.iterative_sample(
           conditioning.make_apply_fn(model), params, key, conditions(num), seq_len=model.seq_len,
