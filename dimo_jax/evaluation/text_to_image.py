@@ -47,7 +47,7 @@ import os
 import re
 import time
 import unicodedata
-from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,7 @@ from dimo_jax.converters import meissonic_vq as vq_conv
 from dimo_jax.core import samplers
 from dimo_jax.data import image_grids, text
 from dimo_jax.evaluation.settings import sampler_settings_from_config
+from dimo_jax.networks import conditioning
 from dimo_jax.networks.meissonic import DEFAULT_MICRO_CONDS, MeissonicConfig, MeissonicTransformer
 from dimo_jax.storage import checkpoints, loaders
 
@@ -296,17 +297,6 @@ def _padded_batches(n: int, batch_size: int):
     yield np.asarray(rows), count
 
 
-@functools.lru_cache(maxsize=32)
-def model_apply_fn(model) -> Callable:
-  """``apply_fn(params, tokens, cond, timestep, noise_sigma=0.0, rng=None)`` of a Meissonic
-  transformer, the convention of ``core.samplers``' condition samplers; cached per model, so that
-  repeated sampler calls reuse their compiled programs."""
-  def apply_fn(params, tokens, cond, timestep, noise_sigma=0.0, rng=None):
-    return model.apply({"params": params}, tokens, cond, timestep=timestep, noise_sigma=noise_sigma,
-                       rngs={} if rng is None else {"noise": rng})
-  return apply_fn
-
-
 @functools.lru_cache(maxsize=8)
 def _text_encoder(model):
   """``encode(params, ids) -> (penultimate, pooled)`` in float32, jit-compiled once per model."""
@@ -362,7 +352,7 @@ def draw_tokens(nets: Networks, settings: Settings, cond: Dict[str, np.ndarray],
   row ``b`` drawn with ``PRNGKey(seeds[b])``: the teacher's multi-step sampler with guidance
   against ``neg_cond``, or, with ``settings.generator``, the generator's one step (no guidance)."""
   tcfg = nets.transformer.config
-  apply_fn = model_apply_fn(nets.transformer)
+  apply_fn = conditioning.make_apply_fn(nets.transformer, conditions=True)
   keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
   sizes = dict(seq_len=tcfg.seq_len, mask_id=tcfg.mask_id, codebook_size=tcfg.codebook_size)
   if settings.generator:
