@@ -243,8 +243,9 @@ def load_networks(config, resolution: int = 1024, generator: str = "") -> Networ
   mc = config.meissonic
   commands.check_meissonic_paths(config, ("vqvae", "text_encoder", "tokenizer") if generator
                                  else ("transformer", "vqvae", "text_encoder", "tokenizer"))
+  attention_impl = mc.get("attention_impl", "") or None  # the text tower's and the transformer's
   text_model, text_params = clip_conv.load_clip_text(
-      mc.text_encoder, dtype=jnp.dtype(mc.get("text_dtype", "float32")))
+      mc.text_encoder, dtype=jnp.dtype(mc.get("text_dtype", "float32")), attention_impl=attention_impl)
   tokenizer = text.load_tokenizer(mc.tokenizer, max_length=text_model.config.max_positions,
                                   embedding_rows=text_model.config.vocab_size)  # ids the encoder cannot embed stop here
   if generator:
@@ -255,7 +256,7 @@ def load_networks(config, resolution: int = 1024, generator: str = "") -> Networ
   mt = generator or mc.transformer  # the transformer's folder, for the messages below
   tcfg = dataclasses.replace(tcfg, dtype=mc.get("dtype", "bfloat16"),
                              remat=mc.get("remat", "none"),
-                             attention_impl=mc.get("attention_impl", "") or None)
+                             attention_impl=attention_impl)
   vq_model, vq_params = vq_conv.load_meissonic_vq(mc.vqvae, dtype=jnp.dtype(mc.get("vq_dtype", "float32")))
   clip_cfg, vq_cfg = text_model.config, vq_model.config
   factor = vq_cfg.downsample_factor
