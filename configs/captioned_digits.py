@@ -5,6 +5,9 @@ Whole path (teacher into <workdir>/teacher when absent, distillation, the table)
   python -m dimo_jax.main --config=configs/captioned_digits.py --workdir=/tmp/captioned
 Teacher only:
   python -m dimo_jax.main --config=configs/captioned_digits.py --workdir=/tmp/cd_teacher --config.mode=teacher
+Sample grids of the generator (or, by default, the teacher) per prompt set:
+  python -m dimo_jax.main --config=configs/captioned_digits.py --workdir=/tmp/captioned --config.mode=sample \
+    --config.sample.model=generator
 """
 import ml_collections
 
@@ -99,6 +102,19 @@ def get_config():
   c.distill.ema_decay = 0.999
   c.distill.log_every = 100
   c.distill.evaluate_at_end = True
+
+  # mode=sample (dimo_jax/families/captioned_digits.py, write_samples): per_prompt samples of each prompt.
+  c.sample = ml_collections.ConfigDict()
+  c.sample.model = "teacher"  # teacher | generator
+  c.sample.checkpoint = ""  # '' = the teacher's folder (teacher.checkpoint or <workdir>/teacher), or <workdir>'s generator
+  c.sample.prompts = ""  # '' = the seen and held-out prompt sets; or a file with one caption per line
+  c.sample.per_prompt = 8
+  c.sample.steps = 16  # the teacher's sampler steps
+  c.sample.generator_steps = 0  # 0 = what the generator was trained for
+  c.sample.r_init = 0.6
+  c.sample.sigma = 0.1
+  c.sample.seed = 0
+  c.sample.output = ""  # '' = <workdir>/samples
 
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.teacher_steps = (1, 2, 4, 8, 16)

@@ -37,11 +37,10 @@ import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
 
 from configs import meissonic as meissonic_config  # noqa: E402  pylint: disable=wrong-import-position
 from dimo_jax.core import samplers as ms  # noqa: E402  pylint: disable=wrong-import-position
-from dimo_jax.evaluation import text_to_image as t2i  # noqa: E402  pylint: disable=wrong-import-position
 from dimo_jax.core import sharding  # noqa: E402  pylint: disable=wrong-import-position
 from dimo_jax.core.memory import estimated_bytes  # noqa: E402  pylint: disable=wrong-import-position
 from dimo_jax.method import dimo  # noqa: E402  pylint: disable=wrong-import-position
-from dimo_jax.networks import meissonic, meissonic_vq, text_conditioning  # noqa: E402  pylint: disable=wrong-import-position
+from dimo_jax.networks import conditioning, meissonic, meissonic_vq, text_conditioning  # noqa: E402  pylint: disable=wrong-import-position
 
 GB = 1e9
 TEXT_LEN = 77
@@ -150,7 +149,7 @@ def measure_sampling(args) -> List[Dict[str, Any]]:
   text_len = 8 if args.tiny else TEXT_LEN
   net = meissonic.MeissonicTransformer(mcfg)
   params = jax.jit(lambda k: meissonic.init_params(mcfg, k, text_len=text_len))(jax.random.key(0))
-  apply_fn = t2i.model_apply_fn(net)
+  apply_fn = conditioning.make_apply_fn(net, conditions=True)
   n = args.sample_batch
   cond = random_conditions(jax.random.key(4), (n,), mcfg, text_len)
   neg = random_conditions(jax.random.key(5), (1,), mcfg, text_len)

@@ -37,8 +37,7 @@ import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
 
 from dimo_jax.core import samplers as ms  # noqa: E402
 from dimo_jax.core.memory import estimated_bytes  # noqa: E402
-from dimo_jax.evaluation import text_to_image as t2i  # noqa: E402
-from dimo_jax.networks import clip_text, meissonic, meissonic_vq  # noqa: E402
+from dimo_jax.networks import clip_text, conditioning, meissonic, meissonic_vq  # noqa: E402
 
 GB = 1e9
 PROGRAMS = ("forward", "sampler", "vq", "clip")
@@ -87,7 +86,7 @@ def lower_forward(config: meissonic.MeissonicConfig, params, images: int):
 
 def lower_sampler(config: meissonic.MeissonicConfig, params, images: int, steps: int = 48):
   """Meissonic's whole ``steps``-step sampler with guidance against one negative prompt."""
-  apply_fn = t2i.model_apply_fn(meissonic.MeissonicTransformer(config))
+  apply_fn = conditioning.make_apply_fn(meissonic.MeissonicTransformer(config), conditions=True)
   return ms.gumbel_ramp_sampler.lower(
       apply_fn, params, _struct((2,), jnp.uint32), _cond_structs(config, images),
       _cond_structs(config, 1), seq_len=config.seq_len, mask_id=config.mask_id,

@@ -18,9 +18,12 @@ XLA_IMPLS = ("", "xla", "xla_saved")
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
-def reference(q, k, v):
-  """softmax(q k^T / sqrt(D)) v per head, written out: float32 scores, the output in q's dtype."""
+def reference(q, k, v, causal=False):
+  """softmax(q k^T / sqrt(D)) v per head, written out: float32 scores, the output in q's dtype;
+  ``causal``: the scores of later keys set to -inf."""
   s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) / np.sqrt(q.shape[-1])
+  if causal:
+    s = jnp.where(np.tril(np.ones(s.shape[-2:], bool)), s, -jnp.inf)
   e = jnp.exp(s - s.max(-1, keepdims=True))
   p = e / e.sum(-1, keepdims=True)
   return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32)).astype(q.dtype)
@@ -47,6 +50,26 @@ def test_values_and_gradients_match_the_explicit_softmax(impl, dtype):
     assert g.dtype == dtype
     g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=2 * TOL[dtype] * np.abs(r).max())
+
+
+@pytest.mark.parametrize("impl", XLA_IMPLS)
+def test_causal_values_and_gradients_match_the_explicit_softmax(impl):
+  q, k, v = _qkv(jnp.float32, t=7)
+  out = attention.attention(q, k, v, impl, causal=True)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(reference(q, k, v, causal=True)), rtol=2e-5, atol=2e-5)
+  # The first query sees only the first key: its output is v[:, 0].
+  np.testing.assert_allclose(np.asarray(out[:, 0]), np.asarray(v[:, 0]), rtol=1e-6, atol=1e-6)
+  w = jax.random.normal(jax.random.key(5), q.shape)
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * w)
+  got = jax.grad(loss(lambda *a: attention.attention(*a, impl, causal=True)), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(lambda *a: reference(*a, causal=True)), argnums=(0, 1, 2))(q, k, v)
+  for g, r in zip(got, want):
+    assert np.all(np.isfinite(np.asarray(g)))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=4e-5 * np.abs(np.asarray(r)).max())
+  # The last key reaches only the last query: its gradient is zero when that query's cotangent is.
+  w_last = w.at[:, -1].set(0.0)
+  gk = jax.grad(lambda k_: jnp.sum(attention.attention(q, k_, v, impl, causal=True) * w_last))(k)
+  assert float(jnp.max(jnp.abs(gk[:, -1]))) == 0.0
 
 
 def _residuals(fn, *args) -> str:

@@ -48,6 +48,41 @@ def test_captioned_digits_pipeline_tiny(tmp_path):
   rows = json.load(open(os.path.join(workdir, "eval", "results.json")))["rows"]
   assert [r["steps"] for r in rows] == [0, 1, 2, 1]
   assert os.path.isdir(os.path.join(workdir, "teacher")) and os.path.isdir(os.path.join(workdir, "generator"))
+  _sample_teacher_and_generator(cfg, workdir, tmp_path)
+
+
+def _sample_teacher_and_generator(cfg, workdir, tmp_path):
+  """``mode=sample`` on the finished run: the teacher's grids of the seen and held-out prompt sets,
+  then the generator's of a prompt file; the tokens decode to the grids, the index names each row."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from dimo_jax.data import image_grids  # pylint: disable=import-outside-toplevel
+  cfg.mode = "sample"
+  cfg.sample.steps, cfg.sample.per_prompt = 2, 2
+  out = main.run(cfg, workdir)
+  assert set(out["grids"]) == {"seen", "held_out"} and out["num"] == 2 * (30 + 10)
+  index = json.load(open(out["index"]))
+  assert index["model"] == "teacher" and index["steps"] == 2 and index["guidance"] == cfg.teacher.guidance
+  held = index["sets"]["held_out"]
+  assert [r["caption_id"] for r in held["rows"]] == captions.held_out_prompts().tolist()
+  assert held["rows"][0]["prompt"] == captions.caption_text(captions.held_out_prompts()[0])
+  tokens = np.load(os.path.join(out["output"], held["tokens"]))
+  assert tokens.shape == (20, 64) and tokens.min() >= 0 and tokens.max() < 17
+  grid = np.asarray(Image.open(out["grids"]["held_out"]).convert("L"))
+  assert grid.shape == (10 * 8 * 4, 2 * 8 * 4)  # a row per prompt, per_prompt columns, 4x scale
+  first = image_grids.tokens_to_images(tokens[:1], 17, (8, 8))[0]
+  np.testing.assert_allclose(grid[:32:4, :32:4] / 255.0, first, atol=1 / 255 + 1e-6)
+
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a thick slanted seven\nan upright four\n")
+  cfg.sample.model, cfg.sample.prompts, cfg.sample.output = "generator", str(prompts), str(tmp_path / "gen")
+  out = main.run(cfg, workdir)
+  index = json.load(open(out["index"]))
+  assert index["model"] == "generator" and index["steps"] == 1 and list(index["sets"]) == ["prompts"]
+  assert [r["prompt"] for r in index["sets"]["prompts"]["rows"]] == ["a thick slanted seven", "an upright four"]
+  assert np.load(os.path.join(out["output"], "prompts.npy")).shape == (4, 64)
+  prompts.write_text("a thick slanted seven\na purple seven\n")
+  with pytest.raises(ValueError, match=r"prompt 2 'a purple seven' is not a caption"):
+    main.run(cfg, workdir)
 
 
 def test_goal_note_known_answer():

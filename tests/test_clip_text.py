@@ -231,6 +231,23 @@ def test_remat_and_bfloat16_compute():
     jax.eval_shape(lambda: clip.CLIPTextModel(TINY, remat="some").init(jax.random.PRNGKey(0), ids))
 
 
+def test_attention_implementations_agree_and_a_bad_one_is_named():
+  """The tower's attention is ``networks.attention``'s: the fused-backward default, the unfused
+  ``xla_saved`` and the gradient through it agree; an unknown ``attention_impl`` fails naming it."""
+  ids = jnp.asarray(_ids(TINY, TINY.vocab_size - 1), jnp.int32)
+  base = clip.CLIPTextModel(TINY)
+  params = jax.jit(base.init)(jax.random.PRNGKey(0), ids)["params"]
+  loss = lambda model: jax.jit(jax.value_and_grad(
+      lambda p: jnp.sum(model.apply({"params": p}, ids)["pooled"] ** 2)))
+  (v_fused, g_fused), (v_saved, g_saved) = loss(base)(params), loss(clip.CLIPTextModel(TINY, attention_impl="xla_saved"))(params)
+  np.testing.assert_allclose(v_fused, v_saved, rtol=1e-5)
+  scale = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(g_saved))
+  for a, b in zip(jax.tree_util.tree_leaves(g_fused), jax.tree_util.tree_leaves(g_saved)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+  with pytest.raises(ValueError, match="attention_impl='flash'"):
+    jax.eval_shape(lambda: clip.CLIPTextModel(TINY, attention_impl="flash").init(jax.random.PRNGKey(0), ids))
+
+
 def test_layer_norm_is_exact_at_a_large_shared_offset():
   rng = np.random.default_rng(0)
   spread = 3.0

@@ -32,3 +32,22 @@ def test_every_family_names_registered_evaluators():
     assert family.evaluators, name
     for evaluator in family.evaluators:
       assert evaluator in evaluators.EVALUATORS, (name, evaluator)
+
+
+def test_meissonic_refuses_a_step_that_cannot_fit_before_any_network_runs(tmp_path, monkeypatch):
+  """The memory refusal of ``mode=distill`` comes before the CLIP tower encodes a prompt (the
+  negative prompt, a text cache): the encoder is patched to fail, and the refusal is what is seen."""
+  import family_runs as runs  # pylint: disable=import-outside-toplevel
+  from dimo_jax.evaluation import text_to_image  # pylint: disable=import-outside-toplevel
+  from dimo_jax.method import dimo  # pylint: disable=import-outside-toplevel
+  from dimo_jax.modes import distill  # pylint: disable=import-outside-toplevel
+  c = runs.meissonic_cfg(str(tmp_path), "distill", steps=1)
+  c.distill.text_cache = str(tmp_path / "cache.npz")
+
+  def encoder_runs(*args, **kwargs):
+    raise AssertionError("the text encoder ran before the memory check")
+  monkeypatch.setattr(text_to_image, "encode_prompts", encoder_runs)
+  monkeypatch.setattr(dimo, "device_bytes_limit", lambda: 1000)
+  with pytest.raises(ValueError, match="the distillation step needs about"):
+    distill.run(c, str(tmp_path / "run"))
+  assert not (tmp_path / "cache.npz").exists()

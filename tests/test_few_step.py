@@ -307,7 +307,7 @@ def test_prompt_following_samples_and_notes_at_each_step_count():
   two = pf.generator_samples(model, state.gen.params, table, ids, steps=2, **kw)
   cond = {k: v[ids[:4]] for k, v in table.items()}
   key = jax.random.fold_in(jax.random.key(3), 0)
-  want1 = samplers.one_step_cond_sampler(pf.timestep_free_apply(model), state.gen.params, key, cond,
+  want1 = samplers.one_step_cond_sampler(model.sampler_apply_fn(), state.gen.params, key, cond,
                                          seq_len=model.seq_len, mask_id=model.mask_id,
                                          codebook_size=model.codebook_size, r_init=0.6, noise_sigma=0.1)
   want2 = gs.generate(gs.model_apply_fn(model, 0.1), state.gen.params, key, cond, steps=2, seq_len=model.seq_len,

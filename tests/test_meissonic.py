@@ -15,7 +15,7 @@ import pytest
 from dimo_jax.converters import meissonic as conv
 from dimo_jax.converters.safetensors_io import save_safetensors
 from dimo_jax.core import samplers as ms
-from dimo_jax.evaluation.text_to_image import model_apply_fn
+from dimo_jax.networks import conditioning
 from dimo_jax.networks import meissonic as net
 from dimo_jax.networks import meissonic_blocks as blocks
 
@@ -499,7 +499,7 @@ def test_sampler_per_row_keys_match_a_batch_of_one():
 def test_samplers_with_tiny_model(released):
   config, params = conv.load_meissonic(released["out"])
   model = net.MeissonicTransformer(config)
-  apply_fn = model_apply_fn(model)
+  apply_fn = conditioning.make_apply_fn(model, conditions=True)
   _, cond = _inputs(TINY)
   cond.pop("micro")   # defaults to [1024, 1024, 0, 0, 6]
   neg = jax.tree_util.tree_map(lambda x: x[:1] * 0.5, cond)

@@ -18,7 +18,7 @@ from dimo_jax.core import samplers
 from dimo_jax.evaluation import prompt_suites as ps
 from dimo_jax.evaluation import text_to_image as sample_text
 from dimo_jax.modes import sample
-from dimo_jax.networks import meissonic
+from dimo_jax.networks import conditioning, meissonic
 from dimo_jax.storage import checkpoints
 
 HPS = {"anime": ["a cat on a mat", "a cat"], "concept-art": ["sat on a cat"],
@@ -150,7 +150,7 @@ def test_one_step_generator_matches_core(release, tmp_path):  # noqa: F811
   enc = sample_text.encode_prompts(nets, prompts, 3)
   cond = {**enc, "micro": np.broadcast_to(np.asarray(settings.micro_conds, np.float32), (3, 5))}
   tcfg = nets.transformer.config
-  apply_fn = sample_text.model_apply_fn(nets.transformer)
+  apply_fn = conditioning.make_apply_fn(nets.transformer, conditions=True)
   direct = [np.asarray(samplers.one_step_cond_sampler(
       apply_fn, nets.transformer_params, jax.random.PRNGKey(3 + i), {k: v[i:i + 1] for k, v in cond.items()},
       seq_len=tcfg.seq_len, mask_id=tcfg.mask_id, codebook_size=tcfg.codebook_size, r_init=0.6,

@@ -31,6 +31,7 @@ from test_sample_text import release  # noqa: F401 (fixture)
 from dimo_jax.core import samplers
 from dimo_jax.evaluation import text_to_image
 from dimo_jax.modes import evaluate, sample
+from dimo_jax.networks import conditioning
 from dimo_jax.storage import checkpoints, workdir_lock
 
 
@@ -76,7 +77,7 @@ def test_meissonic_sample_and_t2i_export(golden, release, tmp_path):  # noqa: F8
   tcfg = nets.transformer.config
   for i, row in enumerate(want["generator_rows"]):
     tokens = samplers.one_step_cond_sampler(
-        text_to_image.model_apply_fn(nets.transformer), nets.transformer_params, jax.random.PRNGKey(7 + i),
+        conditioning.make_apply_fn(nets.transformer, conditions=True), nets.transformer_params, jax.random.PRNGKey(7 + i),
         {k: v[i:i + 1] for k, v in cond.items()}, seq_len=tcfg.seq_len, mask_id=tcfg.mask_id,
         codebook_size=tcfg.codebook_size, r_init=0.5, noise_sigma=0.3, temperature=1.0,
         x_init=np.asarray([row["x_init"]], np.int32))

@@ -20,10 +20,9 @@ on networks already in memory (the end of a distillation) and writes the table.
 """
 from __future__ import annotations
 
-import functools
 import os
 import time
-from typing import Callable, Dict, Sequence
+from typing import Dict, Sequence
 
 import jax
 import numpy as np
@@ -38,17 +37,6 @@ from dimo_jax.networks import meissonic, text_conditioning
 from dimo_jax.storage import checkpoints, loaders
 
 SETS = ("seen", "held_out")
-
-
-@functools.lru_cache(maxsize=8)
-def timestep_free_apply(model) -> Callable:
-  """``apply_fn`` of ``core.samplers``' condition samplers for a ``TextTokenModel`` trained at timestep 0:
-  the sampler's step index is not fed (the captioned-digits teacher never saw another)."""
-  def apply_fn(params, tokens, cond, timestep, noise_sigma=0.0, rng=None):
-    del timestep
-    return model.apply({"params": params}, tokens, cond, noise_sigma=noise_sigma,
-                       rngs=None if rng is None else {"noise": rng})[..., : model.codebook_size]
-  return apply_fn
 
 
 def diversity_per_prompt(tokens: np.ndarray, prompt_ids: np.ndarray) -> float:
@@ -121,7 +109,7 @@ def eval_prompts(per_prompt: int) -> np.ndarray:
 
 def teacher_samples(model, params, table, prompt_ids, *, steps: int, guidance: float, temperature,
                     seed: int, batch: int = 500) -> np.ndarray:
-  apply_fn = timestep_free_apply(model)
+  apply_fn = model.sampler_apply_fn()
   neg = captions.gather(table, np.zeros((1,), np.int32))
   out = []
   for i, start in enumerate(range(0, len(prompt_ids), batch)):
@@ -139,7 +127,7 @@ def generator_samples(model, params, table, prompt_ids, *, r_init: float, sigma:
                       seed: int, batch: int = 500, steps: int = 1, schedule="linear") -> np.ndarray:
   """The generator's samples, one per prompt id: one step through ``samplers.one_step_cond_sampler``,
   ``steps`` > 1 through ``core.generator_steps.generate`` with the re-masking levels of ``schedule``."""
-  apply_fn = timestep_free_apply(model)
+  apply_fn = model.sampler_apply_fn()
   out = []
   for i, start in enumerate(range(0, len(prompt_ids), batch)):
     cond = captions.gather(table, prompt_ids[start:start + batch])

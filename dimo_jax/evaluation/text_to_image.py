@@ -47,7 +47,7 @@ import os
 import re
 import time
 import unicodedata
-from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,7 @@ from dimo_jax.converters import meissonic_vq as vq_conv
 from dimo_jax.core import samplers
 from dimo_jax.data import image_grids, text
 from dimo_jax.evaluation.settings import sampler_settings_from_config
+from dimo_jax.networks import conditioning
 from dimo_jax.networks.meissonic import DEFAULT_MICRO_CONDS, MeissonicConfig, MeissonicTransformer
 from dimo_jax.storage import checkpoints, loaders
 
@@ -242,8 +243,9 @@ def load_networks(config, resolution: int = 1024, generator: str = "") -> Networ
   mc = config.meissonic
   commands.check_meissonic_paths(config, ("vqvae", "text_encoder", "tokenizer") if generator
                                  else ("transformer", "vqvae", "text_encoder", "tokenizer"))
+  attention_impl = mc.get("attention_impl", "") or None  # the text tower's and the transformer's
   text_model, text_params = clip_conv.load_clip_text(
-      mc.text_encoder, dtype=jnp.dtype(mc.get("text_dtype", "float32")))
+      mc.text_encoder, dtype=jnp.dtype(mc.get("text_dtype", "float32")), attention_impl=attention_impl)
   tokenizer = text.load_tokenizer(mc.tokenizer, max_length=text_model.config.max_positions,
                                   embedding_rows=text_model.config.vocab_size)  # ids the encoder cannot embed stop here
   if generator:
@@ -254,7 +256,7 @@ def load_networks(config, resolution: int = 1024, generator: str = "") -> Networ
   mt = generator or mc.transformer  # the transformer's folder, for the messages below
   tcfg = dataclasses.replace(tcfg, dtype=mc.get("dtype", "bfloat16"),
                              remat=mc.get("remat", "none"),
-                             attention_impl=mc.get("attention_impl", "") or None)
+                             attention_impl=attention_impl)
   vq_model, vq_params = vq_conv.load_meissonic_vq(mc.vqvae, dtype=jnp.dtype(mc.get("vq_dtype", "float32")))
   clip_cfg, vq_cfg = text_model.config, vq_model.config
   factor = vq_cfg.downsample_factor
@@ -294,17 +296,6 @@ def _padded_batches(n: int, batch_size: int):
     count = len(rows)
     rows += [rows[-1]] * (batch_size - count)
     yield np.asarray(rows), count
-
-
-@functools.lru_cache(maxsize=32)
-def model_apply_fn(model) -> Callable:
-  """``apply_fn(params, tokens, cond, timestep, noise_sigma=0.0, rng=None)`` of a Meissonic
-  transformer, the convention of ``core.samplers``' condition samplers; cached per model, so that
-  repeated sampler calls reuse their compiled programs."""
-  def apply_fn(params, tokens, cond, timestep, noise_sigma=0.0, rng=None):
-    return model.apply({"params": params}, tokens, cond, timestep=timestep, noise_sigma=noise_sigma,
-                       rngs={} if rng is None else {"noise": rng})
-  return apply_fn
 
 
 @functools.lru_cache(maxsize=8)
@@ -362,7 +353,7 @@ def draw_tokens(nets: Networks, settings: Settings, cond: Dict[str, np.ndarray],
   row ``b`` drawn with ``PRNGKey(seeds[b])``: the teacher's multi-step sampler with guidance
   against ``neg_cond``, or, with ``settings.generator``, the generator's one step (no guidance)."""
   tcfg = nets.transformer.config
-  apply_fn = model_apply_fn(nets.transformer)
+  apply_fn = conditioning.make_apply_fn(nets.transformer, conditions=True)
   keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
   sizes = dict(seq_len=tcfg.seq_len, mask_id=tcfg.mask_id, codebook_size=tcfg.codebook_size)
   if settings.generator:

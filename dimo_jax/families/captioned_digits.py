@@ -16,16 +16,20 @@ prompt is the empty prompt (caption 0).
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from dimo_jax.core import sharding
-from dimo_jax.data import captions, image_grids
+from dimo_jax.data import captions, image_grids, text
 from dimo_jax.evaluation import prompt_following
+from dimo_jax.evaluation.settings import generator_plan, r_init_value, sampler_settings_from_config
 from dimo_jax.families import base
 from dimo_jax.method import mdm_text
 from dimo_jax.method.mdm import TeacherSettings
@@ -169,6 +173,115 @@ class CaptionedDigits(base.Family):
   def evaluate_table(self, config, workdir: str, teacher: base.Loaded, generator_params) -> Optional[str]:
     return prompt_following.evaluate_captioned(config, workdir, teacher=(teacher.model, teacher.params),
                                                generator=generator_params, data=load_captioned(config, teacher.stored))
+
+
+# ---------------------------------------------------------------------------- mode=sample
+SAMPLE_MODELS = ("teacher", "generator")
+INDEX_FILE = "index.json"
+
+
+def sample_source(config, workdir: str) -> str:
+  """The folder ``mode=sample`` reads: ``config.sample.checkpoint``, or the teacher's folder
+  (``teacher_dir``) for ``config.sample.model='teacher'`` and the workdir (its ``generator/``) for
+  ``'generator'``."""
+  sc = config.sample
+  if sc.get("checkpoint", ""):
+    return str(sc.checkpoint)
+  return teacher_dir(config, workdir) if sample_model(config) == "teacher" else workdir
+
+
+def sample_model(config) -> str:
+  kind = str(config.sample.get("model", "teacher"))
+  if kind not in SAMPLE_MODELS:
+    raise ValueError(f"config.sample.model={kind!r} is not known; choose one of {SAMPLE_MODELS}")
+  return kind
+
+
+def sample_prompt_sets(config) -> dict:
+  """``{set name: caption ids}``: the prompts of the file ``config.sample.prompts`` (one caption per
+  line, each one of ``data.captions.all_captions()``) as ``prompts``, or, when it is empty, the
+  prompts Di[M]O distils from (``seen``) and the held-out full prompts (``held_out``)."""
+  path = config.sample.get("prompts", "")
+  if not path:
+    return {"seen": captions.distill_prompts(str(config.distill.get("prompt_set", "full"))),
+            "held_out": captions.held_out_prompts()}
+  known = {c: i for i, c in enumerate(captions.all_captions()) if c}
+  ids = []
+  for n, prompt in enumerate(text.read_prompts(path), 1):
+    cid = known.get(" ".join(prompt.lower().split()))
+    if cid is None:
+      raise ValueError(f"config.sample.prompts={path}: prompt {n} {prompt!r} is not a caption of the captioned "
+                       f"digits; write captions such as {captions.caption_text(captions.full_prompt_ids()[0])!r}, "
+                       f"'an upright four' or 'a seven' (thick / thin, slanted / upright, a digit word)")
+    ids.append(cid)
+  return {"prompts": np.asarray(ids, np.int32)}
+
+
+def write_samples(config, workdir: str) -> dict:
+  """``mode=sample``: ``config.sample.per_prompt`` samples of every prompt of each prompt set
+  (``sample_prompt_sets``) from the teacher (``core.samplers.gumbel_ramp_sampler`` at
+  ``config.sample.steps`` with the teacher's guidance against the empty prompt) or the generator
+  (``config.sample.generator_steps``; 0: what it was trained for), written to
+  ``config.sample.output`` (default ``<workdir>/samples``): ``<set>.png`` (one row per prompt),
+  ``<set>.npy`` (tokens, prompt-major) and ``index.json`` (the prompts of each row, the model and
+  its settings). Set ``k`` draws from ``config.sample.seed + k``. Returns ``{"output", "index",
+  "grids", "num"}``."""
+  sc = config.sample
+  kind, source = sample_model(config), sample_source(config, workdir)
+  per_prompt = int(sc.get("per_prompt", 8))
+  if per_prompt < 1:
+    raise ValueError(f"config.sample.per_prompt must be >= 1, got {per_prompt}")
+  sets = sample_prompt_sets(config)
+  sp = sampler_settings_from_config(sc)
+  if kind == "teacher":
+    loaded = base.Loaded(*load_text_teacher(source, use_ema=bool(config.teacher.use_ema)))
+  else:
+    loaded = FAMILY.load_generator(config, source)
+  table = load_captioned(config, loaded.stored).table
+  batch = sp.batch_size or 500
+  settings = {"model": kind, "checkpoint": os.path.abspath(source), "per_prompt": per_prompt, "seed": sp.seed}
+  if kind == "teacher":
+    guidance = float(config.teacher.guidance if sp.guidance is None else sp.guidance)
+    temperature = tuple(float(t) for t in (sp.temperature or config.evaluate.teacher_temperature))
+    settings.update(steps=sp.steps, guidance=guidance, temperature=list(temperature))
+    draw = lambda ids, seed: prompt_following.teacher_samples(
+        loaded.model, loaded.params, table, ids, steps=sp.steps, guidance=guidance, temperature=temperature,
+        seed=seed, batch=batch)
+  else:
+    plan = generator_plan(loaded.stored, sp.generator_steps, f"the generator in {source}")
+    r_init = r_init_value(sp.r_init, "config.sample.r_init")[0]
+    if r_init is None:
+      raise ValueError(f"config.sample.r_init={sp.r_init!r}: sampling takes one fixed ratio, e.g. 0.6")
+    temperature = float(config.evaluate.gen_temp if sp.temperature is None else sp.temperature)
+    settings.update(steps=plan.steps, r_init=r_init, sigma=sp.sigma, temperature=temperature)
+    draw = lambda ids, seed: prompt_following.generator_samples(
+        loaded.model, loaded.params, table, ids, r_init=r_init, sigma=sp.sigma, temperature=temperature, seed=seed,
+        batch=batch, steps=plan.steps, schedule=plan.schedule_at(plan.steps))
+  out = sc.get("output", "") or os.path.join(workdir, "samples")
+  index = dict(settings, sets={})
+  grids = {}
+  for k, (name, ids) in enumerate(sets.items()):
+    rows = np.repeat(np.asarray(ids, np.int32), per_prompt)
+    tokens = draw(rows, sp.seed + k)
+    grids[name] = os.path.join(out, f"{name}.png")
+    if jax.process_index() == 0:
+      os.makedirs(out, exist_ok=True)
+      image_grids.save_image_grid(FAMILY.decode(tokens, loaded.stored), grids[name], ncols=per_prompt)
+      checkpoints.atomic_write_bytes(os.path.join(out, f"{name}.npy"), _npy_bytes(tokens.astype(np.int32)))
+    index["sets"][name] = {"grid": f"{name}.png", "tokens": f"{name}.npy", "seed": sp.seed + k,
+                           "rows": [{"caption_id": int(c), "prompt": captions.caption_text(c)} for c in ids]}
+  index_path = os.path.join(out, INDEX_FILE)
+  if jax.process_index() == 0:
+    checkpoints.atomic_write_bytes(index_path, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+  num = per_prompt * sum(len(ids) for ids in sets.values())
+  logging.info("Wrote %d samples of the %s in %s (%s) to %s", num, kind, source, ", ".join(sets), out)
+  return {"output": out, "index": index_path, "grids": grids, "num": num}
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  np.save(buf, array)
+  return buf.getvalue()
 
 
 FAMILY = CaptionedDigits()

@@ -9,12 +9,14 @@ convention (``networks.text_conditioning``: timestep 0, the micro-conditions
 embedding: with ``config.distill.text_cache`` every prompt is encoded once and cached
 (``data.prompt_cache``); without it each step's prompts go through the CLIP tower under
 ``jax.jit``. A step's prompts are a pure function of ``(seed, step)``; the negative prompt's
-condition is encoded once. The generator's ``config.json`` holds ``meissonic_config``.
+condition is encoded once. No prompt is encoded before the distillation step is compiled, so a
+step that cannot fit the device is refused before any network runs. The generator's ``config.json`` holds ``meissonic_config``.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from typing import Dict
 
 import jax
@@ -44,7 +46,12 @@ def read_distill_prompts(config):
 
 
 class PromptFile(base.ConditionSource):
-  """The prompts of a file through the CLIP tower (or its cache), with the micro-conditions."""
+  """The prompts of a file through the CLIP tower (or its cache), with the micro-conditions.
+
+  Building one reads the prompts (and an existing cache, checked against its fingerprint) and runs
+  no network: the negative prompt is encoded, and a missing cache built, at the first
+  ``step_conditions`` / ``negative``, after the distillation step has been compiled and its
+  memory checked."""
 
   def __init__(self, config, nets, text_dim: int, pooled_dim: int):
     dc = config.distill
@@ -55,16 +62,26 @@ class PromptFile(base.ConditionSource):
     self.spec = {"text": jax.ShapeDtypeStruct((text_len, text_dim), jnp.float32),
                  "pooled": jax.ShapeDtypeStruct((pooled_dim,), jnp.float32),
                  "micro": jax.ShapeDtypeStruct((self.micro.shape[0],), jnp.float32)}
-    self.neg = text_to_image.encode_prompts(nets, [dc.negative_prompt], 1)
-    self.table = None
-    if dc.get("text_cache", ""):
-      fp = prompt_cache.cache_fingerprint(dc.prompts, nets.tokenizer, params_fingerprint(nets.text_params))
-      self.table = prompt_cache.load_or_build_cache(dc.text_cache, fp, lambda: text_to_image.encode_prompts(
-          nets, self.prompts, int(config.sample.get("batch_size", 4)) * 8))
+    self.negative_prompt = dc.negative_prompt
+    self.cache_path, self.prompts_path = dc.get("text_cache", ""), dc.prompts
+    self.cache_batch = int(config.sample.get("batch_size", 4)) * 8
+    self._neg = self._table = None
+    if self.cache_path and os.path.exists(self.cache_path):
+      self._cache_table()  # an existing cache is read and checked now
+
+  def _cache_table(self):
+    """Every prompt's condition from the cache (read, or built and written, once), or None."""
+    if self._table is None and self.cache_path:
+      fp = prompt_cache.cache_fingerprint(self.prompts_path, self.nets.tokenizer,
+                                          params_fingerprint(self.nets.text_params))
+      self._table = prompt_cache.load_or_build_cache(self.cache_path, fp, lambda: text_to_image.encode_prompts(
+          self.nets, self.prompts, self.cache_batch))
+    return self._table
 
   def _conditions(self, idx):
-    if self.table is not None:
-      return {k: v[idx] for k, v in self.table.items()}
+    table = self._cache_table()
+    if table is not None:
+      return {k: v[idx] for k, v in table.items()}
     flat = np.asarray(idx).reshape(-1)
     enc = text_to_image.encode_prompts(self.nets, [self.prompts[i] for i in flat], len(flat))
     return {k: v.reshape(*np.shape(idx), *v.shape[1:]) for k, v in enc.items()}
@@ -76,7 +93,9 @@ class PromptFile(base.ConditionSource):
             "aux": _with_micro(self._conditions(aux), self.micro), "neg": self.negative()}
 
   def negative(self):
-    return _with_micro(self.neg, self.micro)
+    if self._neg is None:
+      self._neg = text_to_image.encode_prompts(self.nets, [self.negative_prompt], 1)
+    return _with_micro(self._neg, self.micro)
 
 
 class Meissonic(base.Family):

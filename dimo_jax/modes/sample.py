@@ -10,6 +10,10 @@ the tokens are grey-level images or VQGAN codes, ``<output>.png``.
 ``meissonic``: a prompt file to one PNG per prompt (``evaluation.text_to_image``), from the
 teacher's multi-step sampler or the one-step generator of ``config.sample.generator``.
 
+``captioned_digits``: every prompt of the seen and held-out prompt sets (or of the file
+``config.sample.prompts``) ``config.sample.per_prompt`` times from the teacher or the generator, one
+PNG grid and ``.npy`` per prompt set and an ``index.json`` (``families.captioned_digits.write_samples``).
+
 The sampler's settings are read once, by ``evaluation.settings.sampler_settings_from_config``.
 """
 
@@ -30,6 +34,7 @@ from dimo_jax.evaluation import text_eval, text_to_image
 from dimo_jax.evaluation.sample_sets import generator_sample_fn, teacher_sample_fn
 from dimo_jax.evaluation.settings import EvalSettings, generator_plan, r_init_value, sampler_settings_from_config
 from dimo_jax.families import base as families
+from dimo_jax.families import captioned_digits
 from dimo_jax.modes import loop
 from dimo_jax.networks import maskgit
 from dimo_jax.networks.conditioning import balanced_labels
@@ -230,18 +235,10 @@ def _run_sample_tokens(config, workdir: str) -> dict:
   raise ValueError(f"config.sample.model={kind!r} is not known; choose one of {SAMPLE_MODELS}")
 
 
-def _no_sampler(family: str):
-  def refuse(config, workdir):
-    del config, workdir
-    raise checkpoints.UserError(f"config.family={family!r} has no mode=sample; its samples are drawn by "
-                                "--config.mode=evaluate (grids in <workdir>/eval)")
-  return refuse
-
-
 SAMPLE_WRITERS = {  # family -> run(config, workdir): what mode=sample writes for it
     "classes": _run_sample_tokens,
     "meissonic": text_to_image.write_prompt_images,
-    "captioned_digits": _no_sampler("captioned_digits"),
+    "captioned_digits": captioned_digits.write_samples,
     "text": text_eval.write_text_samples,
 }
 
@@ -249,7 +246,7 @@ SAMPLE_WRITERS = {  # family -> run(config, workdir): what mode=sample writes fo
 def run_sample(config, workdir: str) -> dict:
   """``mode=sample`` for ``config.family``: writes samples; returns the written paths
   (``classes``: ``tokens``, ``labels``, ``image``; ``meissonic``: ``output``, ``images``,
-  ``index``, ``grid``) and ``num``."""
+  ``index``, ``grid``; ``captioned_digits``: ``output``, ``index``, ``grids``) and ``num``."""
   family = family_of(config)
   for path, generator in stored_runs(config, workdir, family):
     loop.check_stored_run(path, "sample", generator=generator)
@@ -283,11 +280,13 @@ def output_targets(config, workdir: str, family: str):
 def stored_runs(config, workdir: str, family: str):
   """``(folder, is_generator)`` of each stored run ``mode=sample`` reads for ``family``: the
   classes' checkpoint (or workdir), Meissonic's ``config.sample.generator`` (its teacher is a
-  converted folder, no run)."""
+  converted folder, no run), the captioned digits' teacher or generator."""
   if family == "classes":
     return [(_source(config, workdir), config.sample.get("model", "teacher") == "generator")]
   if family == "meissonic" and config.sample.get("generator", ""):
     return [(str(config.sample.generator), True)]
+  if family == "captioned_digits":
+    return [(captioned_digits.sample_source(config, workdir), captioned_digits.sample_model(config) == "generator")]
   return []
 
 

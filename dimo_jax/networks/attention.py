@@ -1,6 +1,7 @@
-"""Scaled dot-product attention without a mask, shared by the transformer families.
+"""Scaled dot-product attention, unmasked or causal, shared by the transformer families.
 
-``attention(q, k, v, implementation)`` on ``[B, S, heads, D]`` (scale ``1 / sqrt(D)``) goes through
+``attention(q, k, v, implementation, causal=False)`` on ``[B, S, heads, D]`` (scale ``1 / sqrt(D)``;
+``causal``: query ``i`` sees keys ``0..i``, the CLIP text tower's mask) goes through
 ``jax.nn.dot_product_attention``; ``implementation`` (a network's ``attention_impl``, the configs'
 ``model.attention_impl``) picks what is computed and what the backward pass keeps:
 
@@ -24,6 +25,7 @@ explicit einsum softmax, values and gradients.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -58,25 +60,30 @@ def check_implementation(implementation: Optional[str], key: str = "attention_im
   return name
 
 
-def _xla(q, k, v):
-  return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+def _xla(q, k, v, causal: bool = False):
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
 
 
-def _scores(q, k):
-  """``q k^T / sqrt(D)`` as ``[B, heads, S_q, S_k]``, accumulated in float32."""
+def _scores(q, k, causal: bool):
+  """``q k^T / sqrt(D)`` as ``[B, heads, S_q, S_k]``, accumulated in float32; with ``causal`` the
+  scores of later keys are ``-inf`` (every row keeps its diagonal, so no row is empty)."""
   s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  return s * jnp.float32(1.0 / np.sqrt(q.shape[-1]))
+  s = s * jnp.float32(1.0 / np.sqrt(q.shape[-1]))
+  if causal:
+    t_q, t_k = s.shape[-2], s.shape[-1]
+    s = jnp.where(jnp.tril(jnp.ones((t_q, t_k), bool)), s, -jnp.inf)
+  return s
 
 
-@jax.custom_vjp
-def _xla_fused(q, k, v):
-  return _xla(q, k, v)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _xla_fused(q, k, v, causal):
+  return _xla(q, k, v, causal)
 
 
-def _xla_fused_fwd(q, k, v):
+def _xla_fused_fwd(q, k, v, causal):
   """The output and what the backward pass keeps: q, k, v, the output and the float32 log-sum-exp
   of each score row (``[B, heads, S, 1]``), as a fused kernel does; no ``[B, heads, S, S]`` array."""
-  s = _scores(q, k)
+  s = _scores(q, k, causal)
   lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
   p = jnp.exp(s - lse)
   out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
@@ -84,12 +91,12 @@ def _xla_fused_fwd(q, k, v):
   return out, (q, k, v, out, lse)
 
 
-def _xla_fused_bwd(residuals, g):
+def _xla_fused_bwd(causal, residuals, g):
   """The probabilities recomputed from q, k and the log-sum-exp; then the softmax's vjp
   ``dS = P * (dP - rowsum(dO * O))`` in float32, the matrix products in the inputs' dtype."""
   q, k, v, out, lse = residuals
   f32 = jnp.float32
-  p = jnp.exp(_scores(q, k) - lse)
+  p = jnp.exp(_scores(q, k, causal) - lse)
   dv = jnp.einsum("bhqk,bqhd->bkhd", p.astype(g.dtype), g, preferred_element_type=f32)
   dp = jnp.einsum("bqhd,bkhd->bhqk", g, v, preferred_element_type=f32)
   delta = jnp.einsum("bqhd,bqhd->bhq", g.astype(f32), out.astype(f32))[..., None]
@@ -102,25 +109,27 @@ def _xla_fused_bwd(residuals, g):
 _xla_fused.defvjp(_xla_fused_fwd, _xla_fused_bwd)
 
 
-def _cudnn(q, k, v):
+def _cudnn(q, k, v, causal: bool = False):
   t = q.shape[1]
   if t % 64 == 0:
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
   pad = ((0, 0), (0, 64 - t % 64), (0, 0), (0, 0))
   lengths = jnp.full((q.shape[0],), t, jnp.int32)
   out = jax.nn.dot_product_attention(jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad),
                                      query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                     implementation="cudnn")
+                                     is_causal=causal, implementation="cudnn")
   return out[:, :t]
 
 
-def attention(q, k, v, implementation: Optional[str] = None):
+def attention(q, k, v, implementation: Optional[str] = None, causal: bool = False):
   """``softmax(q k^T / sqrt(D)) v`` per head: ``[B, S, heads, D]`` (three times) -> ``[B, S, heads, D]``.
 
-  The output has the inputs' dtype; the scores are accumulated and normalised in float32."""
+  ``causal``: query ``i`` attends to keys ``0..i`` only. The output has the inputs' dtype; the
+  scores are accumulated and normalised in float32."""
   name = check_implementation(implementation)
+  causal = bool(causal)
   if name == "cudnn":
-    return _cudnn(q, k, v)
+    return _cudnn(q, k, v, causal)
   if name == "xla_saved":
-    return _xla(q, k, v)
-  return _xla_fused(q, k, v)
+    return _xla(q, k, v, causal)
+  return _xla_fused(q, k, v, causal)

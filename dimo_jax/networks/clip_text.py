@@ -22,7 +22,9 @@ older transformers) transformers pools at ``argmax(input_ids)``, which is the fi
 
 LayerNorms compute the variance in two passes (mean of ``(x - mean)^2``), as PyTorch does, so
 activations that share a large offset keep their precision. Layers run under ``nn.scan``
-(parameters stacked on axis 0 under ``layers``) with an optional rematerialisation policy;
+(parameters stacked on axis 0 under ``layers``) with an optional rematerialisation policy
+(``attention.REMAT_POLICIES``); attention is ``networks.attention``'s, causal, with the
+``attention_impl`` switch (XLA with the fused backward by default, cuDNN);
 ``dtype`` is the computation dtype, ``param_dtype`` the storage dtype.
 """
 from __future__ import annotations
@@ -35,13 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Dtype = Any
+from dimo_jax.networks.attention import REMAT_POLICIES, attention, check_implementation
 
-REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+Dtype = Any
 
 # transformers' ``hidden_act`` names -> the activation used here.
 ACTIVATIONS: Dict[str, Callable] = {
@@ -120,8 +118,7 @@ class CLIPLayer(nn.Module):
     h = layer_norm(c.ln_eps, "layer_norm1", self.dtype, self.param_dtype)(x)
     q, k, v = (dense(c.width, name=f"{n}_proj")(h).reshape(b, t, c.heads, head_dim)
                for n in ("q", "k", "v"))
-    a = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5, is_causal=True,
-                                     implementation=self.attention_impl)
+    a = attention(q, k, v, self.attention_impl, causal=True)
     y = x + dense(c.width, name="out_proj")(a.reshape(b, t, c.width))
     h = layer_norm(c.ln_eps, "layer_norm2", self.dtype, self.param_dtype)(y)
     h = ACTIVATIONS[c.activation](dense(c.mlp_dim, name="fc1")(h))
@@ -132,7 +129,9 @@ class CLIPLayer(nn.Module):
 class CLIPTextModel(nn.Module):
   """Ids ``[B, L]`` (``L <= max_positions``) -> ``{'penultimate', 'pooled', 'last_hidden_state'}``.
 
-  No attention mask is taken: Meissonic feeds all 77 positions, pads included.
+  No attention mask is taken: Meissonic feeds all 77 positions, pads included. ``attention_impl``
+  is an implementation of ``networks.attention`` (``""``/None, ``"xla"``, ``"cudnn"``,
+  ``"xla_saved"``).
   """
   config: CLIPTextConfig = CLIPTextConfig()
   dtype: Dtype = jnp.float32
@@ -143,6 +142,7 @@ class CLIPTextModel(nn.Module):
   @nn.compact
   def __call__(self, input_ids) -> Dict[str, jax.Array]:
     c = self.config
+    check_implementation(self.attention_impl, "attention_impl")
     if input_ids.ndim != 2 or input_ids.shape[1] > c.max_positions:
       raise ValueError(f"input_ids must have shape [B, L] with L <= {c.max_positions}; got "
                        f"{input_ids.shape}.")

@@ -36,6 +36,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dimo_jax.networks.vq_blocks import (
+  Codebook,
+  Coder,
+  Downsample,
+  ResnetBlock,
+  Upsample,
+  check_level_channels,
+  conv,
+  norm_act_conv,
+)
+
 Dtype = Any
 
 
@@ -54,12 +65,8 @@ class MeissonicVQConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
-    if not self.block_out_channels:
-      raise ValueError("MeissonicVQConfig.block_out_channels must list at least one level.")
-    for c in self.block_out_channels:
-      if c % self.norm_num_groups:
-        raise ValueError(f"MeissonicVQConfig: block channels {c} are not divisible by "
-                         f"norm_num_groups = {self.norm_num_groups}.")
+    check_level_channels("MeissonicVQConfig.block_out_channels", self.block_out_channels,
+                         "norm_num_groups", self.norm_num_groups)
     if self.layers_per_block < 1:
       raise ValueError("MeissonicVQConfig.layers_per_block must be at least 1.")
 
@@ -92,62 +99,6 @@ class MeissonicVQConfig:
                num_vq_embeddings=32, norm_num_groups=4)
 
 
-def _conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype,
-          strides: int = 1, padding: Any = None) -> nn.Conv:
-  if padding is None:
-    padding = ((kernel // 2, kernel // 2),) * 2
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
-                 dtype=dtype, param_dtype=param_dtype, name=name)
-
-
-def _group_norm(groups: int, eps: float, name: str, dtype: Dtype,
-                param_dtype: Dtype) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False, dtype=dtype,
-                      param_dtype=param_dtype, name=name)
-
-
-class ResnetBlock(nn.Module):
-  """diffusers ``ResnetBlock2D`` without time embedding, output scale 1."""
-  out_channels: int
-  groups: int
-  eps: float = 1e-6
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.silu(_group_norm(self.groups, self.eps, "norm1", **kw)(x))
-    h = _conv(self.out_channels, 3, "conv1", **kw)(h)
-    h = nn.silu(_group_norm(self.groups, self.eps, "norm2", **kw)(h))
-    h = _conv(self.out_channels, 3, "conv2", **kw)(h)
-    if x.shape[-1] != self.out_channels:
-      x = _conv(self.out_channels, 1, "conv_shortcut", **kw)(x)
-    return x + h
-
-
-class Downsample(nn.Module):
-  """Zero pad (top 0, bottom 1, left 0, right 1), then a 3x3 stride-2 convolution ``conv``."""
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return _conv(x.shape[-1], 3, "conv", self.dtype, self.param_dtype, strides=2,
-                 padding=((0, 1), (0, 1)))(x)
-
-
-class Upsample(nn.Module):
-  """Nearest-neighbour x2, then a 3x3 convolution ``conv``."""
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return _conv(x.shape[-1], 3, "conv", self.dtype, self.param_dtype)(x)
-
-
 class _ResnetStack(nn.Module):
   """``resnets_0 .. resnets_{n-1}``, then an optional ``downsamplers_0`` / ``upsamplers_0``."""
   out_channels: int
@@ -162,7 +113,8 @@ class _ResnetStack(nn.Module):
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for j in range(self.num_resnets):
-      x = ResnetBlock(self.out_channels, self.groups, self.eps, name=f"resnets_{j}", **kw)(x)
+      x = ResnetBlock(self.out_channels, self.groups, self.eps, "conv_shortcut", name=f"resnets_{j}",
+                      **kw)(x)
     if self.resample == "down":
       x = Downsample(name="downsamplers_0", **kw)(x)
     elif self.resample == "up":
@@ -170,69 +122,38 @@ class _ResnetStack(nn.Module):
     return x
 
 
-class VQEncoder(nn.Module):
+class VQEncoder(Coder):
   """Images ``[B, H, W, in_channels]`` -> features ``[B, H/f, W/f, latent_channels]``."""
-  config: MeissonicVQConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     chans = c.block_out_channels
-    x = _conv(chans[0], 3, "conv_in", **kw)(x)
+    x = conv(chans[0], 3, "conv_in", **kw)(x)
     for i, ch in enumerate(chans):
       x = _ResnetStack(ch, c.layers_per_block, c.norm_num_groups, c.norm_eps,
                        "down" if i < len(chans) - 1 else None, name=f"down_blocks_{i}", **kw)(x)
     x = _ResnetStack(chans[-1], 2, c.norm_num_groups, c.norm_eps, name="mid_block", **kw)(x)
-    x = nn.silu(_group_norm(c.norm_num_groups, c.norm_eps, "conv_norm_out", **kw)(x))
-    return _conv(c.latent_channels, 3, "conv_out", **kw)(x)
+    return norm_act_conv(x, c.norm_num_groups, c.latent_channels, 3, "conv_norm_out", "conv_out",
+                         eps=c.norm_eps, **kw)
 
 
-class VQDecoder(nn.Module):
+class VQDecoder(Coder):
   """Features ``[B, h, w, latent_channels]`` -> unclipped images ``[B, h*f, w*f, out_channels]``."""
-  config: MeissonicVQConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     chans = tuple(reversed(c.block_out_channels))
-    x = _conv(chans[0], 3, "conv_in", **kw)(x)
+    x = conv(chans[0], 3, "conv_in", **kw)(x)
     x = _ResnetStack(chans[0], 2, c.norm_num_groups, c.norm_eps, name="mid_block", **kw)(x)
     for i, ch in enumerate(chans):
       x = _ResnetStack(ch, c.layers_per_block + 1, c.norm_num_groups, c.norm_eps,
                        "up" if i < len(chans) - 1 else None, name=f"up_blocks_{i}", **kw)(x)
-    x = nn.silu(_group_norm(c.norm_num_groups, c.norm_eps, "conv_norm_out", **kw)(x))
-    return _conv(c.out_channels, 3, "conv_out", **kw)(x)
-
-
-class _Codebook(nn.Module):
-  """Codebook ``embedding`` ``[num_vq_embeddings, embed_dim]`` (torch ``quantize.embedding``)."""
-  num_codes: int
-  dim: int
-  param_dtype: Dtype = jnp.float32
-
-  def setup(self):
-    limit = 1.0 / self.num_codes
-    self.embedding = self.param(
-        "embedding", lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -limit, limit),
-        (self.num_codes, self.dim), self.param_dtype)
-
-  def lookup(self, ids):
-    return jnp.take(self.embedding, ids, axis=0)
-
-  def nearest(self, z):
-    """Index of the nearest row (squared Euclidean distance, float32, first on ties)."""
-    e = self.embedding.astype(jnp.float32)
-    flat = z.astype(jnp.float32).reshape(-1, z.shape[-1])
-    dist = (jnp.sum(flat**2, axis=1, keepdims=True)
-            - 2.0 * jnp.matmul(flat, e.T, precision=jax.lax.Precision.HIGHEST)
-            + jnp.sum(e**2, axis=1)[None, :])
-    return jnp.argmin(dist, axis=-1).astype(jnp.int32).reshape(z.shape[:-1])
+    return norm_act_conv(x, c.norm_num_groups, c.out_channels, 3, "conv_norm_out", "conv_out",
+                         eps=c.norm_eps, **kw)
 
 
 class MeissonicVQModel(nn.Module):
@@ -251,7 +172,7 @@ class MeissonicVQModel(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.encoder = VQEncoder(c, **kw)
     self.quant_conv = nn.Conv(c.embed_dim, (1, 1), **kw)
-    self.quantize = _Codebook(c.num_vq_embeddings, c.embed_dim, param_dtype=self.param_dtype)
+    self.quantize = Codebook(c.num_vq_embeddings, c.embed_dim, param_dtype=self.param_dtype)
     self.post_quant_conv = nn.Conv(c.latent_channels, (1, 1), **kw)
     self.decoder = VQDecoder(c, **kw)
 

@@ -5,7 +5,7 @@ shape, so that the teacher's objective and Di[M]O's step serve both.
 own: ``variables`` are the transformer's) and exposes what ``method.dimo`` and ``method.mdm_text``
 read of a class-conditional network: ``codebook_size``, ``seq_len``, ``mask_id``, ``dropout``,
 ``clone(dropout=...)``, ``has_null_class`` (the negative prompt plays the null class),
-``init_params(key)`` and::
+``init_params(key)``, ``sampler_apply_fn()`` (the condition samplers' ``apply_fn``) and::
 
     logits = model.apply({"params": p}, tokens, cond, deterministic=True, noise_sigma=0.0,
                          rngs={"noise": key})   # [B, L, codebook_size + 1]
@@ -19,12 +19,12 @@ codes plus the mask column, which no loss or divergence ever puts mass on). The 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
-from dimo_jax.networks import meissonic
+from dimo_jax.networks import conditioning, meissonic
 
 MASK_LOGIT = -1e9
 
@@ -62,6 +62,13 @@ class TextTokenModel:
 
   def init_params(self, key):
     return meissonic.init_params(self.net.config, key, text_len=self.text_len)
+
+  def sampler_apply_fn(self) -> Callable:
+    """The condition samplers' ``apply_fn(params, tokens, cond, timestep, noise_sigma=0.0,
+    rng=None)`` (``conditioning.make_apply_fn``): the sampler's step index is not fed (the network
+    runs at its own ``timestep``, the one it was trained at) and the mask column is dropped."""
+    return conditioning.make_apply_fn(self, conditions=True, feed_timestep=False,
+                                      num_logits=self.codebook_size)
 
   def apply(self, variables: Mapping[str, Any], tokens, cond, *, deterministic: bool = True,
             noise_sigma=0.0, rngs: Optional[Mapping[str, Any]] = None):

@@ -15,18 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from dimo_jax.core.trees import flatten_paths
-from dimo_jax.networks.vqgan import (
-  _check_codes,
-  _check_images,
-  _conv,
-  _group_norm,
-  _nearest_code,
-  _swish,
-  _tokens_to_grid,
-  _upsample_nearest,
-  abstract_params,
-  format_problems,
+from dimo_jax.networks.vq_blocks import (
+  Codebook,
+  Coder,
+  ResnetBlock,
+  check_codes,
+  check_images,
+  check_level_channels,
+  conv,
+  norm_act_conv,
+  tokens_to_grid,
+  upsample_nearest,
 )
+from dimo_jax.networks.vqgan import abstract_params, format_problems
 
 Dtype = Any
 
@@ -50,12 +51,8 @@ class GoogleVQGANConfig:
   def __post_init__(self):
     object.__setattr__(self, "channel_multipliers",
                        tuple(int(m) for m in self.channel_multipliers))
-    if not self.channel_multipliers:
-      raise ValueError("GoogleVQGANConfig.channel_multipliers must list at least one level.")
-    for m in self.channel_multipliers:
-      if (self.filters * m) % self.num_groups:
-        raise ValueError(f"GoogleVQGANConfig: channels filters*mult = {self.filters * m} are not "
-                         f"divisible by num_groups = {self.num_groups}.")
+    check_level_channels("GoogleVQGANConfig.channel_multipliers",
+                         [self.filters * m for m in self.channel_multipliers], "num_groups", self.num_groups)
 
   @property
   def downsample_factor(self) -> int:
@@ -72,30 +69,18 @@ class GoogleVQGANConfig:
                codebook_size=64, image_size=16)
 
 
-class GoogleResBlock(nn.Module):
-  """Google MaskGIT residual block (bias-free convolutions).
+class GoogleResBlock(ResnetBlock):
+  """Google MaskGIT residual block: ``vq_blocks.ResnetBlock`` with bias-free convolutions.
 
   ``h = conv3(swish(gn(conv3(swish(gn(x))))))``; the output is ``x + h`` when the channel count is
   unchanged and ``h + conv1x1(h)`` (kernel ``Conv_2``, ``[1, 1, filters, filters]``) when it
   changes: the shortcut reads the main-path output, not the input. The released weights were
-  trained with this layout.
+  trained with this layout. The first field is the number of output channels (``filters``).
   """
-  filters: int
-  num_groups: int = 32
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    residual = x
-    h = _swish(_group_norm(self.num_groups, name="GroupNorm_0", **kw)(x))
-    h = _conv(self.filters, 3, "Conv_0", use_bias=False, **kw)(h)
-    h = _swish(_group_norm(self.num_groups, name="GroupNorm_1", **kw)(h))
-    h = _conv(self.filters, 3, "Conv_1", use_bias=False, **kw)(h)
-    if x.shape[-1] != self.filters:
-      residual = _conv(self.filters, 1, "Conv_2", use_bias=False, **kw)(h)
-    return h + residual
+  shortcut: str = "Conv_2"
+  names: Tuple[str, str, str, str] = ("GroupNorm_0", "Conv_0", "GroupNorm_1", "Conv_1")
+  use_bias: bool = False
+  shortcut_on_output: bool = True
 
 
 def _avg_pool_2x2_same(x):
@@ -107,78 +92,50 @@ def _avg_pool_2x2_same(x):
   return total / count
 
 
-class GoogleEncoder(nn.Module):
+def _res_blocks(x, c: GoogleVQGANConfig, filters: int, first: int, kw):
+  """``num_res_blocks`` blocks named from ``ResBlock_{first}`` on (the numbering runs through a
+  whole encoder or decoder, as Linen's auto-names did); returns ``(x, next index)``."""
+  for k in range(first, first + c.num_res_blocks):
+    x = GoogleResBlock(filters, c.num_groups, name=f"ResBlock_{k}", **kw)(x)
+  return x, first + c.num_res_blocks
+
+
+class GoogleEncoder(Coder):
   """Images in ``[0, 1]`` -> features ``[B, H/f, W/f, embedding_dim]``; Linen auto-names."""
-  config: GoogleVQGANConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = _conv(c.filters, 3, "Conv_0", use_bias=False, **kw)(x)
+    kw = self.kw
+    x = conv(c.filters, 3, "Conv_0", use_bias=False, **kw)(x)
     block = 0
     levels = len(c.channel_multipliers)
-    filters = c.filters
     for i, mult in enumerate(c.channel_multipliers):
-      filters = c.filters * mult
-      for _ in range(c.num_res_blocks):
-        x = GoogleResBlock(filters, c.num_groups, name=f"ResBlock_{block}", **kw)(x)
-        block += 1
+      x, block = _res_blocks(x, c, c.filters * mult, block, kw)
       if i < levels - 1:
         x = _avg_pool_2x2_same(x)
-    for _ in range(c.num_res_blocks):
-      x = GoogleResBlock(filters, c.num_groups, name=f"ResBlock_{block}", **kw)(x)
-      block += 1
-    x = _swish(_group_norm(c.num_groups, name="GroupNorm_0", **kw)(x))
-    return _conv(c.embedding_dim, 1, "Conv_1", **kw)(x)
+    x, block = _res_blocks(x, c, c.filters * c.channel_multipliers[-1], block, kw)
+    return norm_act_conv(x, c.num_groups, c.embedding_dim, 1, "GroupNorm_0", "Conv_1", **kw)
 
 
-class GoogleDecoder(nn.Module):
+class GoogleDecoder(Coder):
   """Features ``[B, h, w, embedding_dim]`` -> images ``[B, h*f, w*f, 3]`` (unclipped)."""
-  config: GoogleVQGANConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.kw
     filters = c.filters * c.channel_multipliers[-1]
-    x = _conv(filters, 3, "Conv_0", **kw)(x)
-    block, conv = 0, 1
-    for _ in range(c.num_res_blocks):
-      x = GoogleResBlock(filters, c.num_groups, name=f"ResBlock_{block}", **kw)(x)
-      block += 1
+    x = conv(filters, 3, "Conv_0", **kw)(x)
+    x, block = _res_blocks(x, c, filters, 0, kw)
+    conv_index = 1
     for i in reversed(range(len(c.channel_multipliers))):
       filters = c.filters * c.channel_multipliers[i]
-      for _ in range(c.num_res_blocks):
-        x = GoogleResBlock(filters, c.num_groups, name=f"ResBlock_{block}", **kw)(x)
-        block += 1
+      x, block = _res_blocks(x, c, filters, block, kw)
       if i > 0:
-        x = _conv(filters, 3, f"Conv_{conv}", **kw)(_upsample_nearest(x))
-        conv += 1
-    x = _swish(_group_norm(c.num_groups, name="GroupNorm_0", **kw)(x))
-    return _conv(c.output_dim, 3, f"Conv_{conv}", **kw)(x)
-
-
-class _GoogleQuantizer(nn.Module):
-  """Codebook parameter ``codebook`` ``[codebook_size, embedding_dim]``."""
-  num_codes: int
-  dim: int
-  param_dtype: Dtype = jnp.float32
-
-  def setup(self):
-    self.codebook = self.param(
-        "codebook", nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
-        (self.num_codes, self.dim), self.param_dtype)
-
-  def nearest(self, z):
-    return _nearest_code(z, self.codebook)
-
-  def lookup(self, codes):
-    return jnp.take(self.codebook, codes, axis=0)
+        x = conv(filters, 3, f"Conv_{conv_index}", **kw)(upsample_nearest(x))
+        conv_index += 1
+    return norm_act_conv(x, c.num_groups, c.output_dim, 3, "GroupNorm_0", f"Conv_{conv_index}", **kw)
 
 
 class GoogleVQGAN(nn.Module):
@@ -195,7 +152,9 @@ class GoogleVQGAN(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.encoder = GoogleEncoder(c, **kw)
     self.decoder = GoogleDecoder(c, **kw)
-    self.quantizer = _GoogleQuantizer(c.codebook_size, c.embedding_dim, param_dtype=self.param_dtype)
+    self.quantizer = Codebook(c.codebook_size, c.embedding_dim, "codebook",
+                              nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
+                              param_dtype=self.param_dtype)
 
   def __call__(self, images):
     """Reconstruction through the codebook: ``(images_rec, codes)``."""
@@ -204,7 +163,7 @@ class GoogleVQGAN(nn.Module):
 
   def encode_features(self, images):
     """Pre-quantisation features ``[B, h, w, embedding_dim]``."""
-    _check_images(images, 3)
+    check_images(images, 3)
     return self.encoder(images.astype(self.dtype))
 
   def encode(self, images):
@@ -213,12 +172,12 @@ class GoogleVQGAN(nn.Module):
 
   def decode_codes(self, codes):
     """Codes ``[B, h, w]`` -> images ``[B, h*f, w*f, 3]``, nominally in ``[0, 1]`` (unclipped)."""
-    _check_codes(codes)
+    check_codes(codes)
     return self.decoder(self.quantizer.lookup(codes).astype(self.dtype))
 
   def decode_tokens(self, tokens):
     """Tokens ``[B, h*w]`` (clamped to valid codes) -> float32 images clipped to ``[0, 1]``."""
-    x = self.decode_codes(_tokens_to_grid(tokens, self.config.codebook_size))
+    x = self.decode_codes(tokens_to_grid(tokens, self.config.codebook_size))
     return jnp.clip(x.astype(jnp.float32), 0.0, 1.0)
 
 
