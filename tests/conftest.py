@@ -1,4 +1,8 @@
 import os
+import resource
+import time
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -47,9 +51,29 @@ def pytest_configure(config):
                                      "(-m 'not slow'); listed in tests/slow_tests.txt")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
+  """With ``DIMO_TEST_CPU_LOG=<file>`` set, appends ``<cpu seconds> <wall seconds> <node id>`` per test:
+  the CPU time of the test's process (every thread) plus that of the subprocesses it waited for,
+  which, unlike wall time, a loaded host barely changes (``tests/mark_slow.py`` reads the file)."""
+  path = os.environ.get("DIMO_TEST_CPU_LOG")
+  if not path:
+    yield
+    return
+
+  def children():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+  c0, t0, w0 = children(), time.process_time(), time.time()
+  yield
+  cpu = time.process_time() - t0 + children() - c0
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(f"{cpu:.3f} {time.time() - w0:.3f} {item.nodeid}\n")
+
+
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
   """Marks ``slow`` every test whose id (without parameters) or file is in ``slow_tests.txt``."""
-  import pytest  # pylint: disable=import-outside-toplevel
   slow = _slow_ids()
   for item in items:
     node = item.nodeid.split("[", 1)[0]
