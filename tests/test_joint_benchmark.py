@@ -88,6 +88,9 @@ def test_benchmark_tiny(tmp_path):
   for k in ("floor", "teacher_best", "teacher_one_confidence", "generator"):
     assert 0 <= r[k] <= 1
   assert r["ratio"] == pytest.approx(r["generator"] / r["teacher_best"])
+  teacher = json.load(open(os.path.join(str(tmp_path), r["joint"], "teacher_rows.json")))
+  for wall, cpu in ((r["distill_seconds"], r["distill_cpu_seconds"]), (teacher["seconds"], teacher["cpu_seconds"])):
+    assert 0 < cpu <= wall * os.cpu_count() + 1  # the child's own user + system time, at most every core busy
   table = open(os.path.join(str(tmp_path), "table.md")).read()
   assert "sum_rule_v3_l3_s1" in table and "within 1.5x" in table and "k2, 2 steps: 1 joints" in table
   with open(os.path.join(str(tmp_path), "results.jsonl")) as f:
