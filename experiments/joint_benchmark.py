@@ -175,7 +175,7 @@ def _teacher_log(log_path: str) -> dict:
   m = re.findall(r"Teacher training finished at step (\d+)", text)
   if m:
     out["teacher_steps"] = int(m[-1])
-  out["structure_warnings"] = len(re.findall(r"breaks structure", text))
+  out["structure_warnings"] = len(re.findall(r"samples breaks? structure", text))  # mode=teacher's warning lines
   return out
 
 

@@ -113,6 +113,17 @@ def test_variant_keys_the_config_lacks_go_through_a_config_file(tmp_path):
     bench._variant_config(str(tmp_path / "bad.py"), {"steps": {"nested": 1}})
 
 
+def test_teacher_log_counts_the_structure_warnings(tmp_path):
+  bench = load_script("joint_benchmark.py")
+  warn = ("08:51:43 WARNING: the teacher's samples break structure the data always holds: x{} = f(other positions) "
+          "holds in all 4500 training sequences, and 40.1% of 1923 samples (ancestral, 5 steps) break it\n")
+  log = tmp_path / "teacher.log"
+  log.write_text(warn.format(0) + warn.format(3) + "08:51:44 Teacher training finished at step 3500 after 218.0s: {}\n")
+  assert bench._teacher_log(str(log)) == {"teacher_steps": 3500, "structure_warnings": 2}
+  log.write_text("Teacher training finished at step 4000 after 1.0s\n")
+  assert bench._teacher_log(str(log)) == {"teacher_steps": 4000, "structure_warnings": 0}
+
+
 def test_table_lists_each_step_count_and_older_rows():
   bench = load_script("joint_benchmark.py")
   base = dict(joint="j", vocab_size=3, seq_len=2, support=9, floor=0.01, data_floor=0.02, teacher_one_confidence=0.5,
