@@ -79,9 +79,11 @@ def get_config():
   c.distill.steps = 400  # plateaus by ~200 steps on digits (docs/proofs.md, section 7)
   c.distill.batch_size = 64  # global
   c.distill.r_init = "fix_0.6"  # 'fix_R' | 'random_LO_HI' | a number
-  # k-step generator (core/generator_steps.py): 1 is Di[M]O's one-step generator. Nothing was measured
-  # at k > 1 on the digits; on the copy / permutation joints 2 steps lowered the sample's TV by 9-13%
-  # but made its one-step samples worse and stayed 3x off the teacher (docs/proofs.md, section 10).
+  # k-step generator (core/generator_steps.py): 1 is Di[M]O's one-step generator. On the digits a 2-step
+  # generator scored FD-pixel 172.1 at 2 steps and 149.2 at 1 step against the one-step generator's 143.3
+  # (teacher's best 143.2); on the copy / permutation joints 2 steps lowered the sample's TV by 9-13% but
+  # made its one-step samples worse and stayed 3x off the teacher, on the Markov joints 2 steps were worse
+  # than the one-step generator (docs/proofs.md, section 10).
   c.distill.generator_steps = 1
   c.distill.generator_schedule = "linear"  # re-masking levels of steps 2..k: a masking schedule or k-1 ratios
   c.distill.sigma = 0.1  # embedding noise on the generator's visual tokens

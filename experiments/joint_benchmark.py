@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -58,11 +59,12 @@ SAMPLERS = ("confidence", "ancestral")
 TOKENS_CONFIG = os.path.join(ROOT, "configs", "tokens.py")
 
 
-def _cli(mode: str, workdir: str, data: str, extra, log_path: str, config: str = TOKENS_CONFIG) -> float:
-  """Runs ``python -m dimo_jax.main`` with ``configs/tokens.py`` (or ``config``); returns the wall time."""
+def _cli(mode: str, workdir: str, data: str, extra, log_path: str, config: str = TOKENS_CONFIG) -> tuple:
+  """Runs ``python -m dimo_jax.main`` with ``configs/tokens.py`` (or ``config``); returns ``(wall, cpu)``
+  seconds, the CPU time being the child's user + system time (the comparable number on a loaded host)."""
   cmd = [sys.executable, "-m", "dimo_jax.main", "--config=" + config,
          f"--workdir={workdir}", f"--config.mode={mode}", f"--config.data.path={data}", *extra]
-  start = time.time()
+  start, before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
   with open(log_path, "w") as log:
     log.write(" ".join(cmd) + "\n")
     log.flush()
@@ -71,7 +73,8 @@ def _cli(mode: str, workdir: str, data: str, extra, log_path: str, config: str =
     with open(log_path) as f:
       tail = f.read()[-3000:]
     raise RuntimeError(f"{mode} failed (exit {proc.returncode}), log {log_path}:\n{tail}")
-  return time.time() - start
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return time.time() - start, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def _override(key: str, value) -> str:
@@ -172,7 +175,7 @@ def _teacher_log(log_path: str) -> dict:
   m = re.findall(r"Teacher training finished at step (\d+)", text)
   if m:
     out["teacher_steps"] = int(m[-1])
-  out["structure_warnings"] = len(re.findall(r"breaks structure", text))
+  out["structure_warnings"] = len(re.findall(r"samples breaks? structure", text))  # mode=teacher's warning lines
   return out
 
 
@@ -191,9 +194,9 @@ def run_joint(seed: int, args, variants) -> list:
       teacher = json.load(f)
   else:
     log = os.path.join(folder, "teacher.log")
-    seconds = _cli("teacher", teacher_dir, data, args.teacher_args, log)
+    seconds, cpu = _cli("teacher", teacher_dir, data, args.teacher_args, log)
     rows = _teacher_rows(teacher_dir, joint, args.num_samples, seed)
-    teacher = dict(rows=rows, seconds=seconds, **_teacher_log(log))
+    teacher = dict(rows=rows, seconds=seconds, cpu_seconds=cpu, **_teacher_log(log))
     with open(teacher_json, "w") as f:
       json.dump(teacher, f)
   floor = joints.sampling_floor(joint, args.num_samples, seed=seed + 7)
@@ -215,7 +218,7 @@ def run_joint(seed: int, args, variants) -> list:
     config = _variant_config(os.path.join(folder, f"config_{vname}.py"), new_keys) if new_keys else TOKENS_CONFIG
     extra = [f"--config.teacher.checkpoint={teacher_dir}", "--config.distill.evaluate_at_end=False",
              *args.distill_args, *flags]
-    seconds = _cli("distill", workdir, data, extra, log, config)
+    seconds, cpu = _cli("distill", workdir, data, extra, log, config)
     by_steps = _generator_rows(workdir, joint, args.num_samples, seed, args.generator_steps)
     gen = by_steps.get("1") or next(iter(by_steps.values()))
     row = dict(joint=name, seed=seed, variant=vname, vocab_size=joint.vocab_size, seq_len=joint.seq_len,
@@ -229,6 +232,7 @@ def run_joint(seed: int, args, variants) -> list:
                by_steps={k: dict(v, ratio=v["tv"] / max(best["tv"], 1e-12)) for k, v in by_steps.items()},
                generator_distinct=gen["distinct"], generator_top_share=gen["top_share"],
                collapsed=bool(gen["top_share"] > max(0.5, 2 * truth_top)), distill_seconds=seconds,
+               distill_cpu_seconds=cpu,
                **_log_stats(log))
     with open(out_json, "w") as f:
       json.dump(row, f)

@@ -88,6 +88,9 @@ def test_benchmark_tiny(tmp_path):
   for k in ("floor", "teacher_best", "teacher_one_confidence", "generator"):
     assert 0 <= r[k] <= 1
   assert r["ratio"] == pytest.approx(r["generator"] / r["teacher_best"])
+  teacher = json.load(open(os.path.join(str(tmp_path), r["joint"], "teacher_rows.json")))
+  for wall, cpu in ((r["distill_seconds"], r["distill_cpu_seconds"]), (teacher["seconds"], teacher["cpu_seconds"])):
+    assert 0 < cpu <= wall * os.cpu_count() + 1  # the child's own user + system time, at most every core busy
   table = open(os.path.join(str(tmp_path), "table.md")).read()
   assert "sum_rule_v3_l3_s1" in table and "within 1.5x" in table and "k2, 2 steps: 1 joints" in table
   with open(os.path.join(str(tmp_path), "results.jsonl")) as f:
@@ -108,6 +111,17 @@ def test_variant_keys_the_config_lacks_go_through_a_config_file(tmp_path):
     bench._variant_config(str(tmp_path / "bad.py"), {"a.b": 1})
   with pytest.raises(ValueError, match="variant key 'steps'"):
     bench._variant_config(str(tmp_path / "bad.py"), {"steps": {"nested": 1}})
+
+
+def test_teacher_log_counts_the_structure_warnings(tmp_path):
+  bench = load_script("joint_benchmark.py")
+  warn = ("08:51:43 WARNING: the teacher's samples break structure the data always holds: x{} = f(other positions) "
+          "holds in all 4500 training sequences, and 40.1% of 1923 samples (ancestral, 5 steps) break it\n")
+  log = tmp_path / "teacher.log"
+  log.write_text(warn.format(0) + warn.format(3) + "08:51:44 Teacher training finished at step 3500 after 218.0s: {}\n")
+  assert bench._teacher_log(str(log)) == {"teacher_steps": 3500, "structure_warnings": 2}
+  log.write_text("Teacher training finished at step 4000 after 1.0s\n")
+  assert bench._teacher_log(str(log)) == {"teacher_steps": 4000, "structure_warnings": 0}
 
 
 def test_table_lists_each_step_count_and_older_rows():
