@@ -166,8 +166,9 @@ def test_distance_to_data_names_the_gap_and_the_next_budget():
                                                                   "trained": 2500})
   assert far["far"] and far["next_budget"] == "--config.train.budget=10min"
   assert "57.0% of its samples break" in far["advice"] and "width 96, depth 3, 2500 of 4000 steps" in far["advice"]
-  loose = tm.distance_to_data(dict(base, val_nll_bound=0.80), budget_flops=None)
+  loose = tm.distance_to_data(dict(base, val_nll_bound=0.80), budget_flops=None, sizes={"steps": 3000})
   assert loose["far"] and "0.200 nats/token above" in loose["advice"]
+  assert loose["next_budget"] == "--config.train.steps=6000"  # every size given: no budget to raise
   # Few repeated sequences: the plug-in entropy is too low to compare, no gap is claimed.
   rare = dict(base, val_nll_bound=0.80, baselines=dict(base["baselines"], repeat_fraction=0.1))
   assert tm.distance_to_data(rare)["gap"] is None and not tm.distance_to_data(rare)["far"]

@@ -299,7 +299,8 @@ def distance_to_data(report: dict, *, tolerance: float = 0.01, budget_flops: Opt
   """How far a teacher is from its data, from ``teacher_report``'s fields: ``gap`` (bound minus
   plug-in entropy, nats per token; None without the bound or when fewer than half the sequences
   repeat), ``worst_broken`` (the largest share of samples breaking one rule), ``far`` and, when
-  far, ``next_budget`` and ``advice`` (one line naming what is off and the flag to try)."""
+  far, ``next_budget`` (the flag to try: twice ``budget_flops``, or twice the steps without a
+  budget) and ``advice`` (one line naming what is off and that flag)."""
   b = report["baselines"]
   bound = report.get("val_nll_bound")
   gap = None if bound is None or b["repeat_fraction"] < 0.5 else float(bound - b["plugin"])
@@ -312,12 +313,16 @@ def distance_to_data(report: dict, *, tolerance: float = 0.01, budget_flops: Opt
   out = {"gap": gap, "worst_broken": worst, "far": bool(reasons), "tolerance": tolerance,
          "gap_tolerance": GAP_TOLERANCE, "budget_flops": budget_flops, "sizes": dict(sizes or {})}
   if reasons:
-    flag = teacher_size.next_budget(budget_flops)
     had = sizes or {}
     was = (f" (this run: width {had.get('width')}, depth {had.get('depth')}, {had.get('trained')} of "
            f"{had.get('steps')} steps)") if had else ""
+    if budget_flops is not None:
+      flag = teacher_size.next_budget(budget_flops)
+      todo = (f"Train it again with twice the budget, {flag}, which sizes a larger model and more steps (or set "
+              f"--config.model.width / --config.train.steps)")
+    else:  # every size was given: the budget sizes nothing
+      flag = f"--config.train.steps={2 * int(had['steps'])}" if had.get("steps") else "--config.train.steps"
+      todo = f"Train it again longer ({flag}) or with a larger --config.model.width / --config.model.depth"
     out["next_budget"] = flag
-    out["advice"] = (f"The teacher is far from its data: {'; '.join(reasons)}{was}. Train it again with twice the "
-                     f"budget, {flag}, which sizes a larger model and more steps (or set --config.model.width / "
-                     f"--config.train.steps).")
+    out["advice"] = f"The teacher is far from its data: {'; '.join(reasons)}{was}. {todo}."
   return out
