@@ -97,8 +97,9 @@ def table(results: list) -> str:
   for r in results:
     broken = "-" if r["worst_broken"] is None else f"{r['worst_broken']:.1%}"
     gap = "-" if r["gap"] is None else f"{r['gap']:.3f}"
+    name = r["joint"] + (" " + r["tag"] if r.get("tag") else "")
     lines.append(
-        f"| {r['joint']}{' ' + r['tag'] if r.get('tag') else ''} | {r['vocab_size'] ** r['seq_len']} ({r['support']}) | "
+        f"| {name} | {r['vocab_size'] ** r['seq_len']} ({r['support']}) | "
         f"{r['width']} x {r['depth']} ({r.get('teacher_steps')} / {r['steps_budget']}) | {r['floor']:.4f} | "
         f"{r['teacher_best']:.4f} ({r['teacher_best_row']}) | {r['ratio']:.2f}x | {broken} | {gap} | "
         f"{r['cpu_minutes']:.1f} | {r['wall_minutes']:.1f} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |")
