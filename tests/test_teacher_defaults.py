@@ -214,7 +214,8 @@ def test_teacher_benchmark_table_and_goal_line():
              teacher_steps=4075, steps_budget=4075, floor=0.028, teacher_best=0.137, teacher_best_row="ancestral 6",
              ratio=0.137 / 0.028, worst_broken=0.131, gap=0.029, cpu_minutes=5.8, wall_minutes=18.9, load=[11.8, 14.8])
   text = bench.table([row, dict(row, joint="sorted_v5_l6_s1", ratio=1.5, worst_broken=None, gap=None, cpu_minutes=16)])
-  assert "| weighted_sum_v3_l6_s0 | 729 (243) | 96 x 3 (4075 / 4075) | 0.0280 | 0.1370 (ancestral 6) | 4.89x | 13.1% |" in text
+  assert ("| weighted_sum_v3_l6_s0 | 729 (243) | 96 x 3 (4075 / 4075) | 0.0280 | 0.1370 (ancestral 6) | 4.89x | "
+          "13.1% |") in text
   assert "| sorted_v5_l6_s1 |" in text and "| - | - |" in text
   assert "2 joints: median ratio 3.20x, worst 4.89x, 1/2 within 3x of the floor" in text
   assert "1/2 within 15." in text
