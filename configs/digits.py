@@ -67,6 +67,9 @@ def get_config():
   c.train.checkpoint_every = 1000
   c.train.sample_every = 2000
   c.train.keep_checkpoints = 2
+  c.train.budget = ""  # sizes model / steps left at 0 ("5min" or FLOPs "2e13"); "": every size given
+  c.train.plateau_window = 0  # early stop on the validation loss's noise (0: off; configs/tokens.py sets it)
+  c.train.plateau_k = 2.0
 
   # ---------------------------------------------------------------- teacher used by distill / sample
   c.teacher = ml_collections.ConfigDict()

@@ -7,7 +7,7 @@ Distill:  python -m dimo_jax.main --config=configs/tokens.py --workdir=/tmp/tok_
 Sample:   python -m dimo_jax.main --config=configs/tokens.py --workdir=/tmp/tok_teacher \
             --config.mode=sample --config.sample.num=16
 Set --config.data.image_shape='(H, W)' when the tokens are grey-level images (PNG grids).
-The defaults (a 64 x 2 transformer) train on a 2-core CPU.
+The teacher is sized to the data within --config.train.budget (default 5min on a 2-core CPU).
 """
 import importlib.util
 import os
@@ -38,24 +38,32 @@ def get_config():
   c.data.num_classes = 0  # 0: max label + 1 with labels, unconditional without
   c.data.image_shape = config_dict.placeholder(tuple)  # None, or (H, W) for grey-level images
 
-  c.model.width = 64
-  c.model.depth = 2
-  c.model.heads = 4
-  c.model.mlp_dim = 256
+  # 0: sized to the data (N sequences, length L, V values) within train.budget
+  # (dimo_jax/method/teacher_size.py; one log line says what was chosen); a value you set wins.
+  c.model.width = 0
+  c.model.depth = 0
+  c.model.heads = 0
+  c.model.mlp_dim = 0
   c.model.dropout = 0.0
 
-  # Teacher: a budget that the validation loss ends early. Every eval_every steps the EMA
-  # parameters' validation loss is measured; after `patience` evaluations without a relative
-  # improvement of `min_delta` training stops and the best EMA parameters are kept (saved as the
-  # final checkpoint). The samples are then checked against structure the data always holds.
-  c.train.steps = 4000
-  c.train.batch_size = 64
+  # Teacher: trained until the validation bound stops improving by more than its noise. Every
+  # eval_every steps the EMA parameters' validation loss is measured with its standard error (the
+  # spread of its per-batch losses); when the best of the last `plateau_window` evaluations is not
+  # below the earlier best by more than `plateau_k` standard errors, or the steps the budget pays
+  # for are spent, training stops and the best EMA parameters are kept (saved as the final
+  # checkpoint). The samples are then checked against structure the data always holds, and the
+  # report says how far the teacher is from the data and which budget to try next.
+  c.train.budget = "5min"  # wall-clock minutes on a 2-core CPU ("5min") or FLOPs ("2e13")
+  c.train.steps = 0  # 0: what the budget pays for
+  c.train.batch_size = 128
   c.train.warmup_steps = 100
   c.train.ema_decay = 0.995
   c.train.log_every = 250
   c.train.eval_every = 250
-  c.train.patience = 4  # evaluations without improvement before stopping (0: run all steps)
-  c.train.min_delta = 1e-3  # relative improvement that counts
+  c.train.plateau_window = 6  # evaluations compared with the earlier best (0: the patience rule)
+  c.train.plateau_k = 2.0  # standard errors of the validation loss a gain must exceed
+  c.train.patience = 0  # with plateau_window 0: evaluations without a relative gain of min_delta
+  c.train.min_delta = 1e-3
   c.train.structure_samples = 2000  # teacher samples checked against the data's structure (0: off)
   c.train.checkpoint_every = 500
   c.train.sample_every = 0  # no image grids unless image_shape is set

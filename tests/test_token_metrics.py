@@ -154,3 +154,21 @@ def test_evaluate_unconditional_tokens(tmp_path, monkeypatch):
   assert results["token_data"]["rules"] and results["token_data"]["enumerable"]
   table = open(os.path.join(str(tmp_path / "distill"), "eval", "table.md")).read()
   assert "TV-pair" in table and "unigram entropy" in table
+
+
+def test_distance_to_data_names_the_gap_and_the_next_budget():
+  base = {"baselines": {"plugin": 0.60, "unigram": 0.95, "repeat_fraction": 0.9}, "val_nll_bound": 0.62,
+          "structure": [{"rule": "x5 = f(other positions)", "broken": 0.004}]}
+  near = tm.distance_to_data(base, budget_flops=7.5e12, sizes={"width": 96, "depth": 3, "steps": 4000, "trained": 2500})
+  assert near["far"] is False and near["gap"] == pytest.approx(0.02) and "next_budget" not in near
+  broken = dict(base, structure=[{"rule": "x5 = f(other positions)", "broken": 0.57}])
+  far = tm.distance_to_data(broken, budget_flops=7.5e12, sizes={"width": 96, "depth": 3, "steps": 4000,
+                                                                  "trained": 2500})
+  assert far["far"] and far["next_budget"] == "--config.train.budget=10min"
+  assert "57.0% of its samples break" in far["advice"] and "width 96, depth 3, 2500 of 4000 steps" in far["advice"]
+  loose = tm.distance_to_data(dict(base, val_nll_bound=0.80), budget_flops=None, sizes={"steps": 3000})
+  assert loose["far"] and "0.200 nats/token above" in loose["advice"]
+  assert loose["next_budget"] == "--config.train.steps=6000"  # every size given: no budget to raise
+  # Few repeated sequences: the plug-in entropy is too low to compare, no gap is claimed.
+  rare = dict(base, val_nll_bound=0.80, baselines=dict(base["baselines"], repeat_fraction=0.1))
+  assert tm.distance_to_data(rare)["gap"] is None and not tm.distance_to_data(rare)["far"]

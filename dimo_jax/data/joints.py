@@ -4,6 +4,10 @@
   exact conditionals as a network: ``networks.exact.ExactConditionalTeacher``).
 - ``markov_mixture``: a mixture of Markov chains over V values and L positions, whose
   dependence between positions parallel sampling cannot capture.
+- ``weighted_sum``, ``sorted_values``, ``count_code``, ``balanced``: joints with global constraints
+  (the last position a weighted sum of all the others, non-decreasing sequences under a permuted
+  order of the values, the last position the count of one value, fixed counts of every value),
+  drawn by ``draw_global_joint`` at the sizes of ``GLOBAL_SIZES``.
 - ``tv_distance``: the exact total-variation distance of a sample to an enumerable joint;
   ``sampling_floor`` the same for an i.i.d. sample of the truth; ``diversity`` and
   ``position_entropy`` summarise how spread a sample is.
@@ -212,6 +216,76 @@ def copy_permutation(vocab_size: int = 4, seq_len: int = 6, num_chains: int = 2,
   return _normalised(support, probs, vocab_size)
 
 
+def _head(vocab_size: int, seq_len: int, rng: np.random.Generator, num_chains: int = 2,
+          concentration: float = 0.5) -> Joint:
+  """A Markov-chain mixture (order 1) with parameters from ``rng``: the free part of a constrained joint."""
+  return markov_order_mixture(vocab_size, seq_len, num_chains, 1, concentration, int(rng.integers(2**31)))
+
+
+def _constrained(vocab_size: int, seq_len: int, num_chains: int, concentration: float, seed: int, rule):
+  """The last position fixed by ``rule(head_rows, rng) -> values`` of the first ``seq_len - 1``
+  positions, which follow a Markov-chain mixture."""
+  _check_positive(vocab_size=vocab_size, num_chains=num_chains)
+  if seq_len < 3:
+    raise ValueError(f"seq_len must be >= 3, got {seq_len}")
+  _check_enumerable(vocab_size, seq_len)
+  rng = np.random.default_rng(seed)
+  last = rule(rng)
+  head = _head(vocab_size, seq_len - 1, rng, num_chains, concentration)
+  support = _all_sequences(vocab_size, seq_len)
+  ok = support[:, -1] == last(support[:, :-1])
+  return _normalised(support, np.where(ok, head.probs[head.index(support[:, :-1])], 0.0), vocab_size)
+
+
+def weighted_sum(vocab_size: int = 3, seq_len: int = 7, num_chains: int = 2, concentration: float = 0.5,
+                 seed: int = 0) -> Joint:
+  """The last position is sum_i a_i x_i modulo ``vocab_size`` over all the others, with seeded
+  weights a_i in [1, V) (a check digit): one position fixed by every other one."""
+  def rule(rng):
+    weights = rng.integers(1, max(vocab_size, 2), size=seq_len - 1)
+    return lambda head: (head * weights).sum(1) % vocab_size
+  return _constrained(vocab_size, seq_len, num_chains, concentration, seed, rule)
+
+
+def count_code(vocab_size: int = 4, seq_len: int = 7, num_chains: int = 2, concentration: float = 0.5,
+               seed: int = 0) -> Joint:
+  """The last position holds how many of the others equal a seeded value, modulo ``vocab_size``."""
+  def rule(rng):
+    value = int(rng.integers(vocab_size))
+    return lambda head: (head == value).sum(1) % vocab_size
+  return _constrained(vocab_size, seq_len, num_chains, concentration, seed, rule)
+
+
+def sorted_values(vocab_size: int = 4, seq_len: int = 7, num_chains: int = 2, concentration: float = 0.5,
+                  seed: int = 0) -> Joint:
+  """Sequences of a Markov-chain mixture sorted into non-decreasing order under a seeded
+  permutation of the values (a global order): the law of the sorted sequence, summed exactly."""
+  _check_positive(vocab_size=vocab_size, seq_len=seq_len, num_chains=num_chains)
+  _check_enumerable(vocab_size, seq_len)
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(vocab_size)  # order[k]: the value ranked k
+  rank = np.argsort(order)
+  base = _head(vocab_size, seq_len, rng, num_chains, concentration)
+  sorted_rows = order[np.sort(rank[base.support], axis=1)]
+  weights = vocab_size ** np.arange(seq_len - 1, -1, -1)
+  probs = np.bincount(sorted_rows.astype(np.int64) @ weights, weights=base.probs, minlength=len(base.probs))
+  return _normalised(base.support, probs, vocab_size)
+
+
+def balanced(vocab_size: int = 3, seq_len: int = 6, num_chains: int = 2, concentration: float = 0.5,
+             seed: int = 0) -> Joint:
+  """A Markov-chain mixture conditioned on fixed counts of every value (a seeded composition of
+  ``seq_len`` with every value at least once when ``seq_len >= vocab_size``)."""
+  _check_positive(vocab_size=vocab_size, seq_len=seq_len, num_chains=num_chains)
+  _check_enumerable(vocab_size, seq_len)
+  rng = np.random.default_rng(seed)
+  counts = np.ones(vocab_size, np.int64) if seq_len >= vocab_size else np.zeros(vocab_size, np.int64)
+  counts += np.bincount(rng.integers(vocab_size, size=seq_len - int(counts.sum())), minlength=vocab_size)
+  base = _head(vocab_size, seq_len, rng, num_chains, concentration)
+  ok = np.all(np.stack([(base.support == v).sum(1) for v in range(vocab_size)], 1) == counts, axis=1)
+  return _normalised(base.support, np.where(ok, base.probs, 0.0), vocab_size)
+
+
 FAMILIES = ("markov1", "markov2", "markov3", "hmm", "sum_rule", "copy_permutation")
 # (vocab_size, seq_len) pairs the benchmark draws from: every one has at most 5 ** 6 sequences.
 SIZES = ((3, 6), (3, 7), (3, 8), (4, 5), (4, 6), (5, 5))
@@ -234,6 +308,22 @@ def draw_joint(seed: int, family: str = "", vocab_size: int = 0, seq_len: int = 
     joint = sum_rule(vocab_size, seq_len, 2, 0.5, sub)
   elif family == "copy_permutation":
     joint = copy_permutation(vocab_size, seq_len, 2, 0.5, sub)
+  elif family in GLOBAL:
+    joint = GLOBAL[family](vocab_size, seq_len, 2, 0.5, sub)
   else:
-    raise ValueError(f"unknown joint family {family!r}; choose one of {FAMILIES}")
+    raise ValueError(f"unknown joint family {family!r}; choose one of {FAMILIES + tuple(GLOBAL)}")
   return f"{family}_v{vocab_size}_l{seq_len}_s{seed}", joint
+
+
+# Joints with global constraints, at the sizes of a user's small token table (L 6 to 8, V 3 to 5).
+GLOBAL = {"weighted_sum": weighted_sum, "sorted": sorted_values, "count": count_code, "balanced": balanced}
+GLOBAL_FAMILIES = tuple(GLOBAL) + ("markov1",)
+GLOBAL_SIZES = ((3, 6), (3, 7), (3, 8), (4, 6), (4, 7), (5, 6))
+
+
+def draw_global_joint(seed: int, family: str = ""):
+  """``draw_joint`` over ``GLOBAL_FAMILIES`` (cycled by seed unless given) at a size drawn from
+  ``GLOBAL_SIZES``. Returns (name, Joint)."""
+  family = family or GLOBAL_FAMILIES[int(seed) % len(GLOBAL_FAMILIES)]
+  v, l = GLOBAL_SIZES[int(np.random.default_rng([int(seed), 11]).integers(len(GLOBAL_SIZES)))]
+  return draw_joint(seed, family, v, l)

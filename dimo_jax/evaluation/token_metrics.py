@@ -14,8 +14,9 @@ Every function takes integer token arrays ``[N, L]`` with values in ``[0, vocab_
   another position or of all the others in the data, and the share of samples that break them.
 
 ``token_scores`` gathers them for one sample set against a reference set; ``teacher_report``
-is what ``mode=teacher`` logs at the end (the bound per token next to the baselines, and the
-structure its samples break).
+is what ``mode=teacher`` logs at the end (the bound per token next to the baselines, the
+structure its samples break, and ``distance_to_data``: whether it is far from the data and the
+budget to train with next).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from dimo_jax.core import samplers
-from dimo_jax.method import mdm
+from dimo_jax.method import mdm, teacher_size
 
 ENUMERABLE = 10**6  # vocab_size ** L up to which the exact sequence TV is reported
 MAX_PAIRS = 2000  # pairs of positions scored (a fixed random subset beyond this)
@@ -236,14 +237,24 @@ def token_scores(samples: np.ndarray, reference: np.ndarray, vocab_size: int,
 
 
 # ---------------------------------------------------------------------------- the teacher's report
+GAP_TOLERANCE = 0.05  # nats per token of bound above the plug-in entropy that count as far from the data
+
+
 def teacher_report(apply_fn, params, train_tokens: np.ndarray, val_tokens: np.ndarray, *, vocab_size: int,
                    mask_id: int, null_label: int, key, num_samples: int = 2000, batch_size: int = 500,
-                   tolerance: float = 0.01) -> dict:
+                   tolerance: float = 0.01, budget_flops: Optional[float] = None,
+                   sizes: Optional[dict] = None) -> dict:
   """The teacher's bound on the validation tokens (nats per token, ``mdm.nll_bound``) next to
   what a model of the data would need (``entropy_baselines`` of the training tokens), and the
   structure of the training data (``find_structure``) checked on ``num_samples`` ancestral
   samples at one token per step. ``warnings`` lists every rule broken by more than
-  ``tolerance`` of the samples (also logged)."""
+  ``tolerance`` of the samples (also logged).
+
+  ``gap`` is the bound minus the plug-in entropy (``None`` when fewer than half the training
+  sequences repeat: the plug-in is then too low to compare). ``far`` is true when a rule breaks
+  or the gap exceeds ``GAP_TOLERANCE``; then ``next_budget`` is the flag to train with next
+  (twice ``budget_flops``: ``method.teacher_size.next_budget``), logged with the sizes the run
+  had (``sizes``, kept in the report)."""
   train_tokens = np.asarray(train_tokens, np.int32)
   val = np.asarray(val_tokens, np.int32)
   k_nll, k_sample = jax.random.split(key)
@@ -277,4 +288,41 @@ def teacher_report(apply_fn, params, train_tokens: np.ndarray, val_tokens: np.nd
                "sequence entropy %.4f nats/token (%d distinct of %d, %.0f%% of sequences repeat).",
                f"{out['val_nll_bound']:.4f}" if "val_nll_bound" in out else "-", b["unigram"], b["plugin"],
                b["distinct"], b["num"], 100 * b["repeat_fraction"])
+  out.update(distance_to_data(out, tolerance=tolerance, budget_flops=budget_flops, sizes=sizes))
+  if out["far"]:
+    logging.warning("%s", out["advice"])
+  return out
+
+
+def distance_to_data(report: dict, *, tolerance: float = 0.01, budget_flops: Optional[float] = None,
+                     sizes: Optional[dict] = None) -> dict:
+  """How far a teacher is from its data, from ``teacher_report``'s fields: ``gap`` (bound minus
+  plug-in entropy, nats per token; None without the bound or when fewer than half the sequences
+  repeat), ``worst_broken`` (the largest share of samples breaking one rule), ``far`` and, when
+  far, ``next_budget`` (the flag to try: twice ``budget_flops``, or twice the steps without a
+  budget) and ``advice`` (one line naming what is off and that flag)."""
+  b = report["baselines"]
+  bound = report.get("val_nll_bound")
+  gap = None if bound is None or b["repeat_fraction"] < 0.5 else float(bound - b["plugin"])
+  worst = max((c["broken"] for c in report.get("structure", [])), default=None)
+  reasons = []
+  if worst is not None and worst > tolerance:
+    reasons.append(f"{worst:.1%} of its samples break a rule every training sequence holds")
+  if gap is not None and gap > GAP_TOLERANCE:
+    reasons.append(f"its bound is {gap:.3f} nats/token above the data's plug-in entropy {b['plugin']:.3f}")
+  out = {"gap": gap, "worst_broken": worst, "far": bool(reasons), "tolerance": tolerance,
+         "gap_tolerance": GAP_TOLERANCE, "budget_flops": budget_flops, "sizes": dict(sizes or {})}
+  if reasons:
+    had = sizes or {}
+    was = (f" (this run: width {had.get('width')}, depth {had.get('depth')}, {had.get('trained')} of "
+           f"{had.get('steps')} steps)") if had else ""
+    if budget_flops is not None:
+      flag = teacher_size.next_budget(budget_flops)
+      todo = (f"Train it again with twice the budget, {flag}, which sizes a larger model and more steps (or set "
+              f"--config.model.width / --config.train.steps)")
+    else:  # every size was given: the budget sizes nothing
+      flag = f"--config.train.steps={2 * int(had['steps'])}" if had.get("steps") else "--config.train.steps"
+      todo = f"Train it again longer ({flag}) or with a larger --config.model.width / --config.model.depth"
+    out["next_budget"] = flag
+    out["advice"] = f"The teacher is far from its data: {'; '.join(reasons)}{was}. {todo}."
   return out

@@ -8,10 +8,13 @@ Di[M]O draws them uniformly inside its step, and guidance's negative condition i
 """
 from __future__ import annotations
 
+import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from dimo_jax.core import samplers, sharding
 from dimo_jax.core.sharding import global_batch, host_array
@@ -20,6 +23,7 @@ from dimo_jax.data import batching, datasets, image_grids
 from dimo_jax.evaluation import token_metrics
 from dimo_jax.evaluation.settings import sampler_settings_from_config
 from dimo_jax.families import base
+from dimo_jax.method import teacher_size
 from dimo_jax.method.mdm import TeacherSettings, compile_teacher, evaluate_val_loss
 from dimo_jax.networks import maskgit
 from dimo_jax.networks.conditioning import make_apply_fn, null_labels, sample_label_grid
@@ -33,6 +37,47 @@ def dataset_info(ds) -> dict:
   return {"name": ds.name, "vocab_size": int(ds.vocab_size), "seq_len": int(ds.seq_len),
           "num_classes": int(ds.num_classes),
           "image_shape": None if ds.image_shape is None else [int(s) for s in ds.image_shape]}
+
+
+SIZED_FIELDS = (("model", "width"), ("model", "depth"), ("model", "heads"), ("model", "mlp_dim"), ("train", "steps"))
+
+
+def sized_config(config, ds):
+  """``config`` with the teacher's sizes left at 0 (``SIZED_FIELDS``) chosen from the data ``ds``
+  and ``config.train.budget`` (``method.teacher_size.choose``; the user's values are kept), the
+  choice logged in one line; ``config`` itself when nothing is left at 0."""
+  values = {f"{a}.{b}": int(config[a].get(b, 0) or 0) for a, b in SIZED_FIELDS}
+  if all(values.values()):
+    return config
+  budget = teacher_size.parse_budget(config.train.get("budget", ""))
+  chosen = teacher_size.choose(ds.num_train, ds.seq_len, ds.vocab_size, batch=int(config.train.batch_size),
+                               budget_flops=budget, num_classes=ds.num_classes,
+                               **{k.split(".")[1]: v for k, v in values.items()})
+  logging.info("Teacher sized to the data: %s.", chosen["why"])
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for a, b in SIZED_FIELDS:
+      config[a][b] = int(chosen[b])
+  return config
+
+
+def stored_report_warning(teacher_path: str) -> Optional[str]:
+  """The warning ``mode=distill`` gives before distilling the teacher in ``teacher_path`` when its
+  ``teacher_report.json`` says its samples break structure the data always holds; None otherwise
+  (no report, a converted checkpoint, or no broken rule)."""
+  if not teacher_path or not os.path.isdir(teacher_path):
+    return None
+  report = checkpoints.read_config(teacher_path, REPORT_FILE)
+  if not isinstance(report, dict):
+    return None
+  broken = [c for c in report.get("structure", []) if c.get("broken", 0.0) > report.get("tolerance", 0.01)]
+  if not broken:
+    return None
+  worst = max(broken, key=lambda c: c["broken"])
+  advice = report.get("next_budget") or teacher_size.next_budget(report.get("budget_flops"))
+  return (f"the teacher in {teacher_path} breaks structure its data always holds ({worst['rule']} in "
+          f"{worst['broken']:.1%} of its samples, {len(broken)} rule(s) in all: {REPORT_FILE}); its generator will "
+          f"break it too. Retrain the teacher with more budget ({advice}) before distilling.")
 
 
 def save_grid(images, path: str, **kwargs) -> str:
@@ -71,6 +116,11 @@ class Classes(base.Family):
   evaluators = ("image_sets", "token_tv")
 
   # -------------------------------------------------------------- mode=teacher
+  def sized_teacher_config(self, config):
+    """``sized_config`` on the data ``config.data`` names (read by ``data.datasets``)."""
+    fields = [int(config[a].get(b, 0) or 0) for a, b in SIZED_FIELDS]
+    return config if all(fields) else sized_config(config, datasets.load_dataset(config.data))
+
   def teacher_run(self, config, workdir: str, mesh) -> base.TeacherRun:
     tc = config.train
     ds = datasets.load_dataset(config.data)
@@ -118,7 +168,8 @@ class Classes(base.Family):
       report = token_metrics.teacher_report(
           apply_fn, state.ema_params, ds.train_tokens, ds.val_tokens, vocab_size=ds.vocab_size, mask_id=mask_id,
           null_label=null_label, key=jax.random.fold_in(jax.random.key(seed), 5),
-          num_samples=int(tc.structure_samples))
+          num_samples=int(tc.structure_samples), budget_flops=teacher_size.parse_budget(tc.get("budget", "")),
+          sizes={"width": model.width, "depth": model.depth, "steps": int(tc.steps), "trained": int(step)})
       if proc == 0:
         checkpoints.write_config(workdir, report, filename=REPORT_FILE)
       return {"val_nll_bound": report.get("val_nll_bound"), "structure_warnings": len(report["warnings"])}
@@ -128,6 +179,12 @@ class Classes(base.Family):
     return base.TeacherRun(model=model, fns=fns, run_config=dict(base.config_dict(config), dataset=dataset_info(ds)),
                            batches=batches, describe=describe, validate=validate,
                            samples=samples if ds.image_shape is not None else None, finish=finish)
+
+  # -------------------------------------------------------------- mode=distill
+  def prepare_distill(self, config, workdir: str) -> None:
+    warning = stored_report_warning(str(config.teacher.get("checkpoint", "") or ""))
+    if warning:
+      logging.warning("%s", warning)
 
   # -------------------------------------------------------------- networks
   def load_teacher(self, config, workdir: str) -> base.Loaded:

@@ -80,15 +80,17 @@ def evaluate_val_loss(apply_fn, params, tokens, labels, *, mask_id: int, null_la
   Batch i is masked with ``fold_in(key, i)`` (the last batch is padded; padding does not
   count), so equal keys give comparable numbers. ``val_loss``: cross-entropy per masked token
   (``loss_on='masked'``, unsmoothed by default) or per token (``'all'``); ``val_acc``: argmax
-  accuracy on masked tokens. ``labels`` None means unconditional (the null class).
+  accuracy on masked tokens; ``val_loss_se``: the loss's standard error from the spread of the
+  per-batch losses; ``val_batches``: the per-batch losses and their token weights (lists, for
+  ``Plateau``'s paired comparison). ``labels`` None means unconditional (the null class).
   """
   tokens = np.asarray(tokens, np.int32)
   n = tokens.shape[0]
   if n == 0:
-    return {"val_loss": float("nan"), "val_acc": float("nan")}
+    return {"val_loss": float("nan"), "val_acc": float("nan"), "val_loss_se": float("nan")}
   labels = null_labels(n, null_label) if labels is None else np.asarray(labels, np.int32)
   batch_size = int(min(batch_size, n))
-  totals = None
+  totals, per_batch = None, []
   for i, start in enumerate(range(0, n, batch_size)):
     tok = tokens[start:start + batch_size]
     lab = labels[start:start + batch_size]
@@ -102,36 +104,98 @@ def evaluate_val_loss(apply_fn, params, tokens, labels, *, mask_id: int, null_la
                       schedule=schedule, exact=bool(exact), loss_on=loss_on,
                       label_smoothing=float(label_smoothing))
     totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+    per_batch.append((out["loss_sum"], out["weight"]))
   totals = jax.device_get(totals)
+  sums, weights = (np.asarray(x, np.float64) for x in zip(*jax.device_get(per_batch)))
   return {"val_loss": float(totals["loss_sum"] / max(totals["weight"], 1.0)),
-          "val_acc": float(totals["correct"] / max(totals["masked"], 1.0))}
+          "val_acc": float(totals["correct"] / max(totals["masked"], 1.0)),
+          "val_loss_se": standard_error(sums / np.maximum(weights, 1e-12), weights),
+          "val_batches": ((sums / np.maximum(weights, 1e-12)).tolist(), weights.tolist())}
+
+
+def standard_error(values: np.ndarray, weights: np.ndarray) -> float:
+  """Standard error of the weighted mean of per-batch ``values`` (weighted by ``weights``, e.g.
+  the tokens each batch scores) from their spread; 0 with fewer than two weighted batches."""
+  values, weights = np.asarray(values, np.float64), np.asarray(weights, np.float64)
+  keep = weights > 0
+  values, weights = values[keep], weights[keep]
+  if len(weights) < 2:
+    return 0.0
+  w = weights / weights.sum()
+  var = np.sum(w * (values - np.sum(w * values)) ** 2) * len(w) / (len(w) - 1)
+  return float(np.sqrt(var * np.sum(w ** 2)))
 
 
 # ---------------------------------------------------------------------------- early stopping
 @dataclasses.dataclass
 class Plateau:
-  """Stops training when the validation loss has not improved for ``patience`` evaluations.
+  """Stops training when the validation loss stops improving.
 
-  An evaluation improves when its loss is below ``best * (1 - min_delta)``; ``update`` returns
-  whether it did (the caller keeps those parameters as the best). ``patience`` 0 never stops.
+  Two rules. The noise rule (``window`` > 0): after each evaluation, the best of the last
+  ``window`` evaluations is compared with the best before them; when its gain is not more than
+  ``k`` standard errors, training stops, and a curve that keeps gaining more than its noise runs
+  on. With the per-batch losses of each evaluation (``batches``: values and weights, the same
+  masked batches every time, as ``evaluate_val_loss`` scores them) the gain and its standard error
+  are those of the paired per-batch differences; without them, ``se`` (the evaluation's own
+  standard error) is the noise. The relative rule (``patience`` > 0, ``window`` 0): ``patience``
+  evaluations without a loss below ``best * (1 - min_delta)`` stop it. Both 0: never stops.
+  ``update`` returns whether the loss is the best so far (the caller keeps those parameters).
   """
   patience: int = 0
   min_delta: float = 1e-3
+  window: int = 0
+  k: float = 2.0
   best: float = float("inf")
   best_step: int = -1
   waited: int = 0
+  history: list = dataclasses.field(default_factory=list)  # (loss, se, batch values, batch weights)
+  gain: float = float("nan")
+  noise: float = float("nan")
 
-  def update(self, step: int, loss: float) -> bool:
-    first = not np.isfinite(self.best)
-    if np.isfinite(loss) and (first or loss < self.best * (1.0 - self.min_delta)):
-      self.best, self.best_step, self.waited = float(loss), int(step), 0
+  def update(self, step: int, loss: float, se: float = 0.0, batches=None) -> bool:
+    loss = float(loss)
+    values, weights = (None, None) if batches is None else (np.asarray(b, np.float64) for b in batches)
+    self.history.append((loss if np.isfinite(loss) else float("inf"), float(se) if np.isfinite(se) else 0.0,
+                         values, weights))
+    if self.window > 0:
+      if np.isfinite(loss) and loss < self.best:
+        self.best, self.best_step = loss, int(step)
+        return True
+      return False
+    if np.isfinite(loss) and (not np.isfinite(self.best) or loss < self.best * (1.0 - self.min_delta)):
+      self.best, self.best_step, self.waited = loss, int(step), 0
       return True
     self.waited += 1
     return False
 
   @property
   def stop(self) -> bool:
-    return self.patience > 0 and self.waited >= self.patience
+    if self.window <= 0:
+      return self.patience > 0 and self.waited >= self.patience
+    if len(self.history) <= self.window:
+      return False
+    losses = [h[0] for h in self.history]
+    split = len(losses) - self.window
+    e = int(np.argmin(losses[:split]))
+    r = split + int(np.argmin(losses[split:]))
+    if not np.isfinite(losses[e]):
+      return False
+    _, se_r, values_r, weights = self.history[r]
+    values_e = self.history[e][2]
+    if values_r is not None and values_e is not None and values_r.shape == values_e.shape:
+      diff = values_e - values_r
+      w = weights / max(weights.sum(), 1e-12)
+      self.gain, self.noise = float(np.sum(w * diff)), standard_error(diff, weights)
+    else:
+      self.gain, self.noise = losses[e] - losses[r], se_r
+    return not self.gain > self.k * self.noise
+
+  def reason(self) -> str:
+    """Why it stopped, for the log."""
+    if self.window > 0:
+      return (f"the best of the last {self.window} evaluations gained {self.gain:.5f} on the earlier best, not more "
+              f"than {self.k:g} standard errors ({self.k * self.noise:.5f})")
+    return f"validation loss not improved by {self.min_delta:g} for {self.patience} evaluations"
 
 
 # ---------------------------------------------------------------------------- the train step

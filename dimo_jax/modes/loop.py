@@ -436,11 +436,17 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   steps without a final checkpoint, as if the run were killed. With ``validate`` (the classes)
   the validation loss of the EMA parameters is logged every ``config.train.eval_every`` steps and
   ``config.train.patience`` evaluations without a relative gain of ``min_delta`` stop the run
-  with the best EMA parameters. Returns ``step``, ``train_loss`` (mean of the last logging
-  window), the validation metrics at the end, ``val_loss_initial`` and ``preempted``."""
+  with the best EMA parameters (or, with ``config.train.plateau_window``, ``method.mdm.Plateau``'s
+  rule on the noise of the validation loss). A family with ``sized_teacher_config`` first fills the
+  model sizes and step count left at 0 from its data and ``config.train.budget``. Returns
+  ``step``, ``train_loss`` (mean of the last logging window), the validation metrics at the end,
+  ``val_loss_initial`` and ``preempted``."""
+  family = families.get_family(config)
+  sized = getattr(family, "sized_teacher_config", None)  # a family that sizes its teacher to the data
+  config = sized(config) if sized else config
   steps, stop_after, workdir = loop_setup(config.train, "train", workdir, stop_after)
   with workdir_lock(workdir):
-    return _teacher_loop(config, workdir, families.get_family(config), steps, stop_after)
+    return _teacher_loop(config, workdir, family, steps, stop_after)
 
 
 def _teacher_loop(config, workdir: str, family, steps: int, stop_after: Optional[int]) -> dict:
@@ -473,9 +479,10 @@ def _teacher_loop(config, workdir: str, family, steps: int, stop_after: Optional
                  int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))), steps, int(tc.batch_size))
 
     def validate():
-      val = run.validate(state)
+      val = dict(run.validate(state))
+      batches = val.pop("val_batches", None)  # per-batch losses: the plateau rule's paired noise
       writer.write_scalars(step, {f"val/{k[4:]}": v for k, v in val.items()})
-      return val
+      return dict(val, batches=batches) if batches is not None else val
 
     def write_samples():
       path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
@@ -483,9 +490,11 @@ def _teacher_loop(config, workdir: str, family, steps: int, stop_after: Optional
       if proc == 0:
         logging.info("Wrote %s", path)
 
-    # Early stopping (config.train.patience > 0): the best EMA parameters are kept and saved as the
-    # final checkpoint; a marker file keeps a rerun from training past them.
-    plateau = Plateau(int(tc.get("patience", 0) or 0), float(tc.get("min_delta", 1e-3) or 0.0))
+    # Early stopping (config.train.plateau_window > 0: the noise rule; else patience > 0): the best
+    # EMA parameters are kept and saved as the final checkpoint; a marker file keeps a rerun from
+    # training past them.
+    plateau = Plateau(int(tc.get("patience", 0) or 0), float(tc.get("min_delta", 1e-3) or 0.0),
+                      window=int(tc.get("plateau_window", 0) or 0), k=float(tc.get("plateau_k", 2.0)))
     marker = os.path.join(workdir, EARLY_STOP_FILE)
     stopped = bool(start and os.path.exists(marker))
     best_ema = None
@@ -504,12 +513,12 @@ def _teacher_loop(config, workdir: str, family, steps: int, stop_after: Optional
         ckpt.save(step, state, force=step == steps or guard.requested)
         if eval_every and step % eval_every == 0 and step != steps:
           val = validate()
-          if plateau.update(step, val["val_loss"]) and plateau.patience:
+          if plateau.update(step, val["val_loss"], val.get("val_loss_se", 0.0), val.get("batches")) and (
+              plateau.patience or plateau.window):
             best_ema = jax.device_get(state.ema_params)
           if plateau.stop and best_ema is not None:
-            logging.info("Validation loss not improved by %g for %d evaluations (best %.5f at step %d): stopping "
-                         "at step %d with the best EMA parameters.", plateau.min_delta, plateau.patience,
-                         plateau.best, plateau.best_step, step)
+            logging.info("%s (best %.5f at step %d): stopping at step %d with the best EMA parameters.",
+                         plateau.reason().capitalize(), plateau.best, plateau.best_step, step)
             state = state.replace(ema_params=jax.tree_util.tree_map(
                 lambda b, a: jax.device_put(b, a.sharding), best_ema, state.ema_params))
             stopped = True
@@ -530,7 +539,7 @@ def _teacher_loop(config, workdir: str, family, steps: int, stop_after: Optional
       ckpt.save(step, state, force=True)
       ckpt.wait()
       if run.validate:
-        final.update(validate())
+        final.update({k: v for k, v in validate().items() if k != "batches"})
       if run.finish:
         final.update(run.finish(state, step, final))
       if sample_every and step % sample_every:
