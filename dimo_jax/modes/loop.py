@@ -196,7 +196,10 @@ def loop_setup(section, name: str, workdir: str, stop_after: Optional[int]):
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
   """Holds ``<workdir>/run.lock`` (``storage.workdir_lock.WorkdirLock``) for the body: a second run on the
-  same workdir stops at once with ``WorkdirInUse``. Process 0 holds it for all processes."""
+  same workdir stops at once with ``WorkdirInUse``. Process 0 holds it for all processes; after a
+  body that finished normally, every process waits until process 0 has released it, so that what a
+  process does next (``mode=evaluate`` at the end of a distillation checks the lock) never finds its
+  own run's lock still held."""
   lock = run_lock.WorkdirLock(workdir)
   error = None
   if jax.process_index() == 0:
@@ -222,6 +225,9 @@ def workdir_lock(workdir: str):
   finally:
     if jax.process_index() == 0:
       lock.release()
+  if jax.process_count() > 1:  # not after an error: a process that died would leave the others waiting
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(f"released {workdir}")
 
 
 def check_stored_run(path: str, reader: str, *, generator: bool = True) -> None:
