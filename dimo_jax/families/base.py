@@ -131,6 +131,11 @@ class Family:
   def prepare_distill(self, config, workdir: str) -> None:
     """Checks a distillation makes before any network loads (e.g. reading a prompt file)."""
 
+  def sized_teacher_config(self, config):
+    """``config`` for ``mode=teacher`` with what the family sizes from its data filled in (model
+    sizes and step count left at 0, within ``config.train.budget``); unchanged by default."""
+    return config
+
   def teacher_to_train(self, config, workdir: str) -> Optional[str]:
     """The folder where ``mode=distill`` first trains the teacher it distils (``mode=teacher``'s
     loop on the same config), or None when the teacher is given."""

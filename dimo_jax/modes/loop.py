@@ -443,13 +443,12 @@ def train_teacher(config, workdir: str, *, stop_after: Optional[int] = None) -> 
   the validation loss of the EMA parameters is logged every ``config.train.eval_every`` steps and
   ``config.train.patience`` evaluations without a relative gain of ``min_delta`` stop the run
   with the best EMA parameters (or, with ``config.train.plateau_window``, ``method.mdm.Plateau``'s
-  rule on the noise of the validation loss). A family with ``sized_teacher_config`` first fills the
+  rule on the noise of the validation loss). The family's ``sized_teacher_config`` first fills the
   model sizes and step count left at 0 from its data and ``config.train.budget``. Returns
   ``step``, ``train_loss`` (mean of the last logging window), the validation metrics at the end,
   ``val_loss_initial`` and ``preempted``."""
   family = families.get_family(config)
-  sized = getattr(family, "sized_teacher_config", None)  # a family that sizes its teacher to the data
-  config = sized(config) if sized else config
+  config = family.sized_teacher_config(config)
   steps, stop_after, workdir = loop_setup(config.train, "train", workdir, stop_after)
   with workdir_lock(workdir):
     return _teacher_loop(config, workdir, family, steps, stop_after)
