@@ -7,7 +7,7 @@ Distill:  python -m dimo_jax.main --config=configs/tokens.py --workdir=/tmp/tok_
 Sample:   python -m dimo_jax.main --config=configs/tokens.py --workdir=/tmp/tok_teacher \
             --config.mode=sample --config.sample.num=16
 Set --config.data.image_shape='(H, W)' when the tokens are grey-level images (PNG grids).
-The teacher is sized to the data within --config.train.budget (default 5min on a 2-core CPU).
+The teacher is sized to the data within --config.train.budget (default 10min on a 2-core CPU).
 """
 import importlib.util
 import os
@@ -53,10 +53,14 @@ def get_config():
   # for are spent, training stops and the best EMA parameters are kept (saved as the final
   # checkpoint). The samples are then checked against structure the data always holds, and the
   # report says how far the teacher is from the data and which budget to try next.
-  c.train.budget = "5min"  # wall-clock minutes on a 2-core CPU ("5min") or FLOPs ("2e13")
+  c.train.budget = "10min"  # wall-clock minutes on a 2-core CPU ("10min") or FLOPs ("2e13")
   c.train.steps = 0  # 0: what the budget pays for
   c.train.batch_size = 128
   c.train.warmup_steps = 100
+  # Uniform mask ratios with independent masking: every number of masked positions 0..L equally
+  # often, as the L-step sampler asks for them (arccos trains the nearly-unmasked states, where a
+  # position fixed by the others is decided, several times less often).
+  c.train.mask_schedule = "linear"
   c.train.ema_decay = 0.995
   c.train.log_every = 250
   c.train.eval_every = 250

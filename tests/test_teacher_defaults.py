@@ -63,7 +63,7 @@ def test_choose_keeps_the_users_values():
 
 def test_next_budget_doubles():
   assert ts.next_budget(FIVE_MIN) == "--config.train.budget=10min"
-  assert ts.next_budget(None) == "--config.train.budget=10min"
+  assert ts.next_budget(None) == f"--config.train.budget={2 * ts.DEFAULT_MINUTES}min"
 
 
 # ---------------------------------------------------------------------------- the noise rule

@@ -5,8 +5,10 @@ count chosen from the data (N sequences of length L over V values) within a comp
 at ``FLOPS_PER_SECOND``, what a 2-core CPU sustains on these small transformers) or FLOPs
 (``"2e13"``). ``choose`` picks the largest model of ``LADDER`` that (a) has no more parameters
 than ``PARAMS_PER_TOKEN`` times the training tokens (a small table gets a small model) and (b)
-still trains ``MIN_STEPS`` steps within the budget; the step count is what the budget then pays
-for. Values the user gave (non-zero) are kept. Pure Python.
+still trains ``MIN_STEPS`` steps within the budget (or ``MAX_EPOCHS`` passes over the data, when
+that is fewer steps); the step count is what the budget then pays for. Steps come before width: on
+constraint-heavy data the same budget spent on twice the steps of a smaller model learned more
+(docs/proofs.md, section 11). Values the user gave (non-zero) are kept. Pure Python.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from typing import Dict, Optional
 
 FLOPS_PER_SECOND = 25e9  # a 2-core CPU on a width-64..256 transformer, training step (docs/proofs.md, section 11)
 PARAMS_PER_TOKEN = 4.0  # at most this many parameters per training token
-MIN_STEPS = 3000  # a model that cannot train this long within the budget is too large for it
+MIN_STEPS = 6000  # a model that cannot train this long within the budget is too large for it
+# (or as long as MAX_EPOCHS passes allow, when that is shorter)
 MAX_EPOCHS = 100  # a small table is not passed over more often than this
 # (width, depth): the candidates, smallest first; heads = width // 64 (at least 4), mlp = 4 * width.
 LADDER = ((32, 2), (64, 2), (96, 3), (128, 3), (192, 4), (256, 4), (384, 6), (512, 8), (768, 12), (1024, 16))
@@ -86,6 +89,7 @@ def choose(num_train: int, seq_len: int, vocab_size: int, *, batch: int, budget_
                      f"{BUDGET_HELP}, or set the values")
   cap = PARAMS_PER_TOKEN * num_train * seq_len
   max_steps = max(1, MAX_EPOCHS * num_train // batch)
+  min_steps = 1 if steps else min(MIN_STEPS, max_steps)
 
   def candidate(w, d):
     w, d = width or w, depth or d
@@ -101,7 +105,7 @@ def choose(num_train: int, seq_len: int, vocab_size: int, *, batch: int, budget_
   options = [candidate(w, d) for w, d in LADDER]
   fits = [c for c in options
           if (budget_flops is None or c["flops"] <= budget_flops * (1 + 1e-9))
-          and c["steps"] >= (1 if steps else MIN_STEPS) and c["params"] <= max(cap, options[0]["params"])]
+          and c["steps"] >= min_steps and c["params"] <= max(cap, options[0]["params"])]
   chosen = dict(fits[-1] if fits else options[0])
   if chosen["steps"] < 1:
     raise ValueError(f"config.train.budget allows no step of the smallest model ({chosen['width']} x "
@@ -118,7 +122,11 @@ def choose(num_train: int, seq_len: int, vocab_size: int, *, batch: int, budget_
   return chosen
 
 
+DEFAULT_MINUTES = 10  # configs/tokens.py's train.budget
+
+
 def next_budget(budget_flops: Optional[float], factor: float = 2.0) -> str:
-  """The ``config.train.budget`` flag to try next: ``factor`` times the last one, in minutes."""
-  flops = (budget_flops or 5 * 60 * FLOPS_PER_SECOND) * factor
+  """The ``config.train.budget`` flag to try next: ``factor`` times the last one (or the default
+  budget), in minutes."""
+  flops = (budget_flops or DEFAULT_MINUTES * 60 * FLOPS_PER_SECOND) * factor
   return f"--config.train.budget={max(1, round(minutes(flops)))}min"
