@@ -58,8 +58,8 @@ def get_config():
   c.train.batch_size = 128
   c.train.warmup_steps = 100
   # Uniform mask ratios with independent masking: every number of masked positions 0..L equally
-  # often, as the L-step sampler asks for them (arccos trains the nearly-unmasked states, where a
-  # position fixed by the others is decided, several times less often).
+  # often, as the L-step sampler asks for them (arccos draws the states with one masked position,
+  # where a position fixed by all the others is decided, about 40% less often; docs/proofs.md, section 11).
   c.train.mask_schedule = "linear"
   c.train.ema_decay = 0.995
   c.train.log_every = 250

@@ -98,6 +98,19 @@ def test_bernoulli_mask_rate():
   np.testing.assert_allclose(np.asarray(m).mean(1), [0.0, 0.25, 0.5, 1.0], atol=0.02)
 
 
+def test_linear_schedule_with_independent_masking_draws_every_count_equally():
+  # int_0^1 C(L, k) r^k (1 - r)^(L - k) dr = 1 / (L + 1): each number of masked positions 0..L
+  # equally often, as an L-step sampler visits them; arccos draws one masked position ~40% rarer.
+  seq_len, n = 6, 60000
+  tokens = jnp.zeros((n, seq_len), jnp.int32)
+  counts = {}
+  for schedule in ("linear", "arccos"):
+    _, mask, _ = masking.forward_mask(jax.random.key(11), tokens, 9, schedule, exact=False)
+    counts[schedule] = np.bincount(np.asarray(mask).sum(1), minlength=seq_len + 1) / n
+  np.testing.assert_allclose(counts["linear"], 1.0 / (seq_len + 1), atol=0.01)
+  assert counts["arccos"][1] < 0.7 * counts["linear"][1]
+
+
 @pytest.mark.parametrize("r_init,n_masks", [(0.6, 154), (1.0, 256), (0.0, 0)])
 def test_x_init(r_init, n_masks):
   x = masking.make_x_init(jax.random.key(4), 6, 256, 1024, r_init)

@@ -48,6 +48,19 @@ def test_choose_grows_with_the_data_and_respects_the_budget():
   assert "300000 training sequences of length 7 over 4 values" in big["why"]
 
 
+def test_choose_puts_steps_before_width():
+  ten = 2 * FIVE_MIN
+  # 50,000 sequences: the largest model that still trains MIN_STEPS steps, not the largest that fits.
+  c = ts.choose(50000, 6, 3, batch=128, budget_flops=ten)
+  assert c["steps"] >= ts.MIN_STEPS and c["flops"] <= ten * (1 + 1e-9)
+  width, depth = ts.LADDER[[w for w, _ in ts.LADDER].index(c["width"]) + 1]  # the next rung
+  assert ts.choose(50000, 6, 3, batch=128, budget_flops=ten, width=width, depth=depth)["steps"] < ts.MIN_STEPS
+  # A small table: MAX_EPOCHS passes are fewer than MIN_STEPS; the model is not shrunk for it.
+  small = ts.choose(4500, 7, 3, batch=128, budget_flops=ten)
+  assert small["steps"] == ts.MAX_EPOCHS * 4500 // 128 < ts.MIN_STEPS
+  assert small["width"] > ts.LADDER[0][0]
+
+
 def test_choose_keeps_the_users_values():
   c = ts.choose(50000, 7, 4, batch=128, budget_flops=FIVE_MIN, width=48, heads=3)
   assert c["width"] == 48 and c["heads"] == 3 and c["flops"] <= FIVE_MIN * (1 + 1e-9)
