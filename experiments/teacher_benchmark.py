@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 
 import numpy as np
@@ -38,11 +37,6 @@ import joint_benchmark as jb  # noqa: E402  pylint: disable=wrong-import-positio
 from dimo_jax.data import joints  # noqa: E402  pylint: disable=wrong-import-position
 
 GOAL = 3.0  # the teacher's best TV within this multiple of the floor
-
-
-def _children_cpu() -> float:
-  r = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return r.ru_utime + r.ru_stime
 
 
 def _val_fraction() -> float:
@@ -64,10 +58,14 @@ def run_joint(seed: int, args) -> dict:
   if not os.path.exists(data):
     np.save(data, joint.sample(np.random.default_rng([seed, 1]), total))
   teacher_dir, log = os.path.join(folder, "teacher"), os.path.join(folder, "teacher.log")
-  load_before, cpu_before = os.getloadavg()[0], _children_cpu()
-  wall = jb._cli("teacher", teacher_dir, data, args.teacher_args, log)  # pylint: disable=protected-access
-  cpu, load_after = _children_cpu() - cpu_before, os.getloadavg()[0]
-  rows = jb._teacher_rows(teacher_dir, joint, args.num_samples, seed)  # pylint: disable=protected-access
+  run = _train(teacher_dir, data, log, args)
+  scores_json = os.path.join(folder, "scores.json")
+  if os.path.exists(scores_json):
+    with open(scores_json) as f:
+      rows = json.load(f)
+  else:
+    rows = jb._teacher_rows(teacher_dir, joint, args.num_samples, seed)  # pylint: disable=protected-access
+    _write_json(scores_json, rows)
   with open(os.path.join(teacher_dir, "teacher_report.json")) as f:
     report = json.load(f)
   with open(os.path.join(teacher_dir, "config.json")) as f:
@@ -77,16 +75,63 @@ def run_joint(seed: int, args) -> dict:
   row = dict(joint=name, seed=seed, tag=args.tag, vocab_size=joint.vocab_size, seq_len=joint.seq_len,
              support=int((joint.probs > 0).sum()), train_size=args.train_size, floor=floor,
              teacher_best=best["tv"], teacher_best_row=f"{best['sampler']} {best['steps']}",
-             ratio=best["tv"] / floor, rows=rows, wall_minutes=wall / 60, cpu_minutes=cpu / 60,
-             load=[load_before, load_after], width=stored["model"]["width"], depth=stored["model"]["depth"],
+             ratio=best["tv"] / floor, rows=rows, wall_minutes=run["wall"] / 60,
+             cpu_minutes=None if run["cpu"] is None else run["cpu"] / 60, cpu_source=run["source"],
+             load=run["load"], width=stored["model"]["width"], depth=stored["model"]["depth"],
              steps_budget=stored["train"]["steps"], worst_broken=report.get("worst_broken"),
              gap=report.get("gap"), bound=report.get("val_nll_bound"), plugin=report["baselines"]["plugin"],
              far=report.get("far"), next_budget=report.get("next_budget"), teacher_args=" ".join(args.teacher_args),
              **jb._teacher_log(log))  # pylint: disable=protected-access
-  with open(row_json + ".tmp", "w") as f:
-    json.dump(row, f)
-  os.replace(row_json + ".tmp", row_json)
+  _write_json(row_json, row)
   return row
+
+
+def _write_json(path: str, value) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f)
+  os.replace(path + ".tmp", path)
+
+
+def _log_span(log: str) -> float:
+  """Seconds between the first and the last timestamped line of a teacher log."""
+  import datetime  # pylint: disable=import-outside-toplevel
+  stamps = []
+  with open(log) as f:
+    for line in f:
+      try:
+        stamps.append(datetime.datetime.strptime(line[:8], "%H:%M:%S"))
+      except ValueError:
+        continue
+  return (stamps[-1] - stamps[0]).total_seconds() % 86400 if len(stamps) > 1 else float("nan")
+
+
+def _train(teacher_dir: str, data: str, log: str, args) -> dict:
+  """Trains the teacher once; its wall and CPU seconds and the load are kept in ``teacher_run.json``
+  next to it. A teacher finished by a run that did not record them takes its CPU seconds from
+  ``--cpu_watch`` (a poller's ``{workdir: {"cpu": seconds}}`` of /proc times) and its wall time from
+  the log's first and last timestamps."""
+  path = os.path.join(os.path.dirname(teacher_dir), "teacher_run.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  if os.path.exists(os.path.join(teacher_dir, "teacher_report.json")):
+    watched = {}
+    if args.cpu_watch and os.path.exists(args.cpu_watch):
+      with open(args.cpu_watch) as f:
+        watched = json.load(f)
+    entry = watched.get(teacher_dir)
+    run = dict(wall=_log_span(log), cpu=entry["cpu"] if entry else None, load=[None, None],
+               source="poller" if entry else "not recorded")
+  else:
+    load_before = os.getloadavg()[0]
+    wall, cpu = jb._cli("teacher", teacher_dir, data, args.teacher_args, log)  # pylint: disable=protected-access
+    run = dict(wall=wall, cpu=cpu, load=[load_before, os.getloadavg()[0]], source="process")
+  _write_json(path, run)
+  return run
+
+
+def _num(value, fmt: str) -> str:
+  return "-" if value is None or value != value else format(value, fmt)
 
 
 def table(results: list) -> str:
@@ -102,10 +147,11 @@ def table(results: list) -> str:
         f"| {name} | {r['vocab_size'] ** r['seq_len']} ({r['support']}) | "
         f"{r['width']} x {r['depth']} ({r.get('teacher_steps')} / {r['steps_budget']}) | {r['floor']:.4f} | "
         f"{r['teacher_best']:.4f} ({r['teacher_best_row']}) | {r['ratio']:.2f}x | {broken} | {gap} | "
-        f"{r['cpu_minutes']:.1f} | {r['wall_minutes']:.1f} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |")
+        f"{_num(r['cpu_minutes'], '.1f')} | {_num(r['wall_minutes'], '.1f')} | {_num(r['load'][0], '.1f')} / "
+        f"{_num(r['load'][1], '.1f')} |")
   if results:
     ratios = np.array([r["ratio"] for r in results])
-    cpu = np.array([r["cpu_minutes"] for r in results])
+    cpu = np.array([r["cpu_minutes"] for r in results if r["cpu_minutes"] is not None] or [np.nan])
     lines += ["", f"- {len(ratios)} joints: median ratio {np.median(ratios):.2f}x, worst {ratios.max():.2f}x, "
                   f"{int((ratios <= GOAL).sum())}/{len(ratios)} within {GOAL:g}x of the floor; CPU minutes "
                   f"{cpu.min():.1f} to {cpu.max():.1f}, {int((cpu <= 15).sum())}/{len(cpu)} within 15."]
@@ -121,6 +167,7 @@ def main(argv=None):
   p.add_argument("--num_samples", type=int, default=20000, help="samples per scored row and the floor")
   p.add_argument("--teacher_args", default="", help="extra teacher flags (space separated)")
   p.add_argument("--tag", default="", help="a name for runs with --teacher_args (its own folders)")
+  p.add_argument("--cpu_watch", default="", help="CPU seconds of teachers trained without this script's record")
   p.add_argument("--render", action="store_true", help="only print the table of <out>/results.jsonl")
   args = p.parse_args(argv)
   path = os.path.join(args.out, "results.jsonl")
