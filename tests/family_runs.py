@@ -54,6 +54,7 @@ def classes_config(folder, mode="teacher", steps=4):
   c.model.attention_impl = ATTENTION
   _cadence(c.train, steps)
   c.train.batch_size, c.train.warmup_steps, c.train.eval_every = 8, 1, 0
+  c.train.mask_schedule = "arccos"  # the masking the golden fingerprints were recorded with
   _cadence(c.distill, steps)
   c.distill.batch_size, c.distill.warmup_steps, c.distill.aux_updates = 8, 1, 1
   c.distill.sample_every, c.distill.evaluate_at_end = 0, False
