@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import joint_benchmark as jb  # noqa: E402  pylint: disable=wrong-import-position
 from dimo_jax.data import joints  # noqa: E402  pylint: disable=wrong-import-position
+from dimo_jax.storage import checkpoints  # noqa: E402  pylint: disable=wrong-import-position
 
 GOAL = 3.0  # the teacher's best TV within this multiple of the floor
 
@@ -87,9 +88,7 @@ def run_joint(seed: int, args) -> dict:
 
 
 def _write_json(path: str, value) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f)
-  os.replace(path + ".tmp", path)
+  checkpoints.write_config(os.path.dirname(path), value, filename=os.path.basename(path))
 
 
 def _log_span(log: str) -> float:
